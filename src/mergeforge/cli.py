@@ -1,0 +1,170 @@
+"""The ``mergeforge`` command: parse, validate, call the library. No computation here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from mergeforge import __version__
+from mergeforge.errors import MergeforgeError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from mergeforge.config import parse_size
+    from mergeforge.engine import run_merge
+
+    res = run_merge(
+        args.config,
+        args.out,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=False if args.no_progress else None,
+        shard_size=parse_size(args.shard_size, "--shard-size") if args.shard_size else None,
+    )
+    print(
+        f"wrote {res.out} ({res.method}): {res.tensors} tensors, {res.bytes_written / 1e9:.3f} GB "
+        f"in {res.seconds:.1f} s, peak RSS {res.peak_rss_bytes / 2**30:.2f} GiB"
+    )
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from mergeforge.engine import prepare
+
+    plan = prepare(args.config)
+    for w in plan.warnings:
+        print(f"warning: {w}")
+    merged = sum(j.call is not None for j in plan.jobs)
+    print(
+        f"ok: {plan.method.name} over {len(plan.models)} model(s); {len(plan.jobs)} output tensors "
+        f"({merged} merged, {len(plan.jobs) - merged} copied), {plan.total_bytes / 1e9:.3f} GB"
+    )
+    for ck in plan.checkpoints:
+        ck.close()
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from mergeforge.methods import all_methods, get_method
+
+    con = _console()
+    methods = [get_method(args.name)] if args.name else list(all_methods())
+    table = Table(title="mergeforge merge methods", show_lines=True)
+    for col in ("method", "summary", "reference", "base", "shared parameters", "per-model"):
+        table.add_column(col, overflow="fold")
+    for m in methods:
+        f = m.param_fields()
+        fmt = lambda d: "\n".join(f"{k.rstrip('_')}={v!r}" for k, v in d.items()) or "-"  # noqa: E731
+        table.add_row(m.name, m.summary, m.reference, m.base, fmt(f["shared"]), fmt(f["per_model"]))
+    con.print(table)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from mergeforge.checkpoint import inspect_checkpoint
+
+    infos = inspect_checkpoint(args.path)
+    con = _console()
+    table = Table(title=str(args.path))
+    for col in ("tensor", "shape", "dtype", "MB", "file"):
+        table.add_column(col, overflow="fold")
+    total = 0
+    dtypes: dict[str, int] = {}
+    for i in infos:
+        total += i.numel
+        key = str(i.dtype).removeprefix("torch.")
+        dtypes[key] = dtypes.get(key, 0) + i.numel
+        if args.all or len(infos) <= 60 or i in infos[:30] or i in infos[-10:]:
+            table.add_row(i.name, str(list(i.shape)), key, f"{i.nbytes / 1e6:.2f}",
+                          os.path.basename(i.file))  # fmt: skip
+    con.print(table)
+    if len(infos) > 60 and not args.all:
+        con.print(f"({len(infos) - 40} tensors not shown; --all shows every tensor)")
+    nbytes = sum(i.nbytes for i in infos)
+    con.print(
+        f"{len(infos)} tensors, {total:,} parameters, {nbytes / 1e9:.3f} GB; dtypes: "
+        + ", ".join(f"{k} {v:,}" for k, v in dtypes.items())
+    )
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from mergeforge.quickstart import run_quickstart
+
+    run_quickstart(out_dir=args.out, cache_dir=args.cache)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mergeforge",
+        description="Merge, fuse and measure neural networks. `mergeforge merge CONFIG OUT`.",
+    )
+    p.add_argument("--version", action="version", version=f"mergeforge {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("merge", help="merge models as a (mergekit-compatible) YAML describes")
+    m.add_argument("config", help="YAML config (mergekit format, plus mergeforge extras)")
+    m.add_argument("out", help="output folder (written atomically)")
+    m.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu or cuda")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
+    m.add_argument("--shard-size", help="output shard size, e.g. 5GB (default from config)")
+    m.set_defaults(fn=cmd_merge)
+
+    v = sub.add_parser("validate", help="check a config and its inputs without merging")
+    v.add_argument("config")
+    v.set_defaults(fn=cmd_validate)
+
+    me = sub.add_parser("methods", help="list merge methods, references and parameters")
+    me.add_argument("name", nargs="?", help="show one method")
+    me.set_defaults(fn=cmd_methods)
+
+    i = sub.add_parser("inspect", help="tensors, shapes, dtypes and sizes of a checkpoint")
+    i.add_argument("path")
+    i.add_argument("--all", action="store_true", help="list every tensor")
+    i.set_defaults(fn=cmd_inspect)
+
+    q = sub.add_parser(
+        "quickstart", help="build a small real base + experts (MiniLM) and merge them"
+    )
+    q.add_argument("--out", default="mergeforge-quickstart", help="where merged models go")
+    q.add_argument("--cache", default=None, help="cache folder for the base and experts")
+    q.set_defaults(fn=cmd_quickstart)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return args.fn(args)
+    except MergeforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written at the output path", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

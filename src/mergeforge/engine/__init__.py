@@ -1,0 +1,238 @@
+"""The streaming merge engine.
+
+Data flow: ``config`` -> open checkpoints (headers only) -> :func:`build_plan` (validate
+everything, one job per output tensor) -> optional statistics passes -> stream jobs through
+the method, one tensor at a time -> atomic sharded writer. See ``plan.py`` and ``execute.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from mergeforge.config import MergeConfig, load_config
+from mergeforge.engine.execute import Loader, Progress, merge_one, run_statistics, stream_jobs
+from mergeforge.engine.plan import MergePlan, build_plan, output_config
+from mergeforge.errors import CheckpointError, ConfigError
+
+log = logging.getLogger("mergeforge")
+
+__all__ = ["run_merge", "prepare", "MergeResult", "build_plan", "MergePlan"]
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    out: Path
+    method: str
+    tensors: int
+    bytes_written: int
+    seconds: float
+    peak_rss_bytes: int
+    warnings: tuple[str, ...] = ()
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but no CUDA GPU is available to torch")
+    if dev.type not in {"cpu", "cuda", "mps"}:
+        raise ConfigError(f"unsupported device {str(dev)!r}; use cpu or cuda")
+    return dev
+
+
+def _resolve_path(cfg: MergeConfig, spec: str) -> str:
+    """Relative model paths are taken against the YAML's folder when they exist there."""
+    if cfg.root is None or os.path.isabs(spec) or os.path.exists(spec):
+        return spec
+    cand = cfg.root / spec
+    return str(cand) if cand.exists() else spec
+
+
+def prepare(config: str | Path | Mapping[str, Any] | MergeConfig) -> MergePlan:
+    """Parse, open (headers only) and validate: everything that can fail before heavy work."""
+    from mergeforge.checkpoint import open_checkpoint
+
+    cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    models = cfg.referenced_models()
+    cks = []
+    try:
+        for m in models:
+            cks.append(open_checkpoint(_resolve_path(cfg, m)))
+        return build_plan(cfg, models, cks)
+    except BaseException:
+        for ck in cks:
+            ck.close()
+        raise
+
+
+def _side_files(plan: MergePlan, writer) -> None:
+    from mergeforge.checkpoint import SIDE_FILES
+
+    ref = plan.checkpoints[plan.reference]
+    cfg_json = output_config(plan)
+    if cfg_json is not None:
+        writer.write_text("config.json", json.dumps(cfg_json, indent=2, sort_keys=True) + "\n")
+    if ref.folder is None:
+        return
+    folder = Path(ref.folder)
+    for name in SIDE_FILES:
+        if name == "config.json":
+            continue
+        p = folder / name
+        if p.is_file():
+            writer.copy_file(p, name)
+
+
+def _model_card(plan: MergePlan, seconds: float) -> str:
+    from mergeforge import __version__
+
+    m = plan.method
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [mergeforge, merge]",
+        "---",
+        "# Merged model",
+        "",
+        f"Made with mergeforge {__version__} using **{m.name}** ({m.reference}).",
+        "",
+        f"- base model: `{plan.config.base_model}`" if plan.config.base_model else "- no base",
+        "- inputs:",
+        *[f"  - `{x}`" for x in plan.models],
+        f"- tensors: {len(plan.jobs)}, {plan.total_bytes / 1e9:.3f} GB; merge time {seconds:.1f} s",
+        "",
+        "## Configuration",
+        "",
+        "```yaml",
+        plan.config.to_yaml().rstrip(),
+        "```",
+        "",
+        "The fully resolved parameters are in `mergeforge_resolved.yml`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _resolved(plan: MergePlan) -> str:
+    """The method's parameters with every default filled in (for the first merged tensor of
+    each distinct setting), so the output folder says exactly what was run."""
+    seen, rows = set(), []
+    for j in plan.jobs:
+        if j.call is None:
+            continue
+        key = (repr(j.call.params), repr(j.call.model_params))
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append(
+            {
+                "first_tensor": j.out_name,
+                "parameters": _asdict(j.call.params),
+                "model_parameters": {
+                    plan.models[r.model]: _asdict(p)
+                    for r, p in zip(j.inputs, j.call.model_params, strict=True)
+                },
+            }
+        )
+    doc = {
+        "merge_method": plan.method.name,
+        "models": plan.models,
+        "base_model": plan.config.base_model,
+        "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
+        "seed": plan.config.seed,
+        "settings": rows[:50],
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def _asdict(obj) -> dict:
+    import dataclasses
+
+    return {f.name.rstrip("_"): getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def run_merge(
+    config: str | Path | Mapping[str, Any] | MergeConfig,
+    out: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    shard_size: int | None = None,
+) -> MergeResult:
+    """Merge as the config says and write a Hugging Face-loadable folder at ``out``, atomically.
+
+    ``progress``: ``None`` = a bar on a terminal, log lines otherwise; ``False`` = silent.
+    """
+    from mergeforge.checkpoint import ShardedWriter
+
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output path {str(out)!r} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(
+            f"output folder {str(out)!r} exists and is not empty; pass --overwrite (overwrite=True) "
+            "to replace it, or choose another folder"
+        )
+    plan = prepare(config)
+    for w in plan.warnings:
+        log.warning(w)
+    specs = [(j.out_name, j.shape, j.out_dtype) for j in plan.jobs]
+    meta = {"format": "pt", "mergeforge_method": plan.method.name}
+    loader = Loader(plan, dev)
+    bar = Progress(plan.total_bytes, len(plan.jobs), progress) if progress is not False else None
+    say = bar.message if bar is not None else (lambda _m: None)
+    try:
+        stat_plan = run_statistics(plan, loader, say)
+        with (
+            ShardedWriter(
+                out, specs, max_shard_bytes=shard_size or plan.config.out_shard_size,
+                metadata=meta, overwrite=overwrite,
+            ) as writer,
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="mergeforge-read") as reads,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeforge-write") as wpool,
+        ):  # fmt: skip
+            writes = []
+            for job, (base, tensors) in stream_jobs(plan, loader, reads):
+                if job.call is None:
+                    result = base
+                else:
+                    result = merge_one(job, base, tensors, plan, stat_plan, dev)
+                result = result.to("cpu", job.out_dtype).contiguous()
+                del base, tensors
+                writes.append(wpool.submit(writer.write, job.out_name, result))
+                while len(writes) > 2:
+                    writes.pop(0).result()
+                if bar is not None:
+                    bar.advance(job)
+            for w in writes:
+                w.result()
+            _side_files(plan, writer)
+            seconds = time.perf_counter() - t0
+            writer.write_text("mergeforge_config.yml", plan.config.to_yaml())
+            writer.write_text("mergeforge_resolved.yml", _resolved(plan))
+            writer.write_text("README.md", _model_card(plan, seconds))
+            writer.commit()
+    finally:
+        if bar is not None:
+            bar.close()
+        for ck in plan.checkpoints:
+            ck.close()
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return MergeResult(
+        out=out, method=plan.method.name, tensors=len(plan.jobs), bytes_written=plan.total_bytes,
+        seconds=seconds, peak_rss_bytes=peak, warnings=tuple(plan.warnings),
+    )  # fmt: skip

@@ -1,0 +1,174 @@
+"""The streaming executor: one output tensor at a time, reads prefetched, writes in the background.
+
+Memory: at most ``PREFETCH + 2`` jobs are alive at once (being read, being merged, being
+written), each holding its inputs and its output, so peak memory is
+O(number of inputs x largest tensor), independent of the model's size. Reads (``preadv``) and
+writes (``pwrite``) release the GIL, so two worker threads overlap I/O with the arithmetic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+from torch import Tensor
+
+from mergeforge.engine.plan import Job, MergePlan, Ref
+from mergeforge.errors import ValidationError
+from mergeforge.methods.base import TensorContext
+
+log = logging.getLogger("mergeforge")
+
+PREFETCH = 2
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    h = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+class Loader:
+    """Reads a job's inputs, checks them and puts them on the compute device/dtype."""
+
+    def __init__(self, plan: MergePlan, device: torch.device):
+        self.plan, self.device = plan, device
+
+    def tensor(self, ref: Ref, dtype: torch.dtype | None) -> Tensor:
+        ck = self.plan.checkpoints[ref.model]
+        t = ck.get(ref.name)
+        if self.plan.config.check_finite and t.is_floating_point():
+            if not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise ValidationError(
+                    f"non-finite values: tensor {ref.name!r} in {self.plan.models[ref.model]} "
+                    f"({ck.info(ref.name).file}) has {bad} NaN/Inf entries. The checkpoint is "
+                    "corrupt or diverged; fix it, or set 'check_finite: false' to merge anyway."
+                )
+        if dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)
+        if t.device != self.device:
+            t = t.to(self.device, non_blocking=True)
+        return t
+
+    def job(self, job: Job) -> tuple[Tensor | None, list[Tensor]]:
+        dt = self.plan.compute_dtype if job.call is not None else None
+        base = self.tensor(job.base, dt) if job.base is not None and job.call is not None else None
+        if job.call is None:  # copied unchanged
+            src = job.base or job.inputs[0]
+            return self.tensor(src, None), []
+        return base, [self.tensor(r, dt) for r in job.inputs]
+
+
+def run_statistics(plan: MergePlan, loader: Loader, progress: Callable[[str], None]):
+    """Two-phase methods: feed every merged tensor to the method's statistic, pass by pass."""
+    if plan.method.statistic is None:
+        return None
+    jobs = [j for j in plan.jobs if j.call is not None]
+    if not jobs:
+        return None
+    stat = plan.method.statistic(jobs[0].call.params)
+    for p in range(stat.passes):
+        progress(f"statistics pass {p + 1}/{stat.passes} for {plan.method.name}")
+        for job in jobs:
+            base, tensors = loader.job(job)
+            stat.observe(p, job.out_name, base, tensors, job.call.params, job.call.model_params)
+        stat.end_pass(p)
+    return stat.result()
+
+
+def merge_one(job: Job, base, tensors, plan: MergePlan, stat_plan, device) -> Tensor:
+    call = job.call
+    assert call is not None
+    gen = None
+    if call.method.stochastic:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(tensor_seed(plan.config.seed, job.out_name))
+    ctx = TensorContext(
+        key=job.out_name,
+        generator=gen,
+        plan=stat_plan,
+        model_names=tuple(plan.models[r.model] for r in job.inputs),
+    )
+    out = call.method.fn(base, tensors, call.params, call.model_params, ctx)
+    if tuple(out.shape) != job.shape:
+        raise RuntimeError(
+            f"method {call.method.name!r} returned shape {list(out.shape)} for {job.out_name!r}, "
+            f"expected {list(job.shape)} (a bug in the method)"
+        )
+    return out
+
+
+def stream_jobs(
+    plan: MergePlan, loader: Loader, pool: ThreadPoolExecutor
+) -> Iterator[tuple[Job, tuple[Tensor | None, list[Tensor]]]]:
+    """Yield (job, loaded inputs) in order with up to PREFETCH reads in flight."""
+    pending: deque[tuple[Job, Future]] = deque()
+    it = iter(plan.jobs)
+    for job in it:
+        pending.append((job, pool.submit(loader.job, job)))
+        if len(pending) > PREFETCH:
+            break
+    while pending:
+        job, fut = pending.popleft()
+        nxt = next(it, None)
+        if nxt is not None:
+            pending.append((nxt, pool.submit(loader.job, nxt)))
+        yield job, fut.result()
+
+
+class Progress:
+    """A rich progress bar on a terminal (tensors, bytes, ETA); plain log lines otherwise."""
+
+    def __init__(self, total_bytes: int, n: int, enabled: bool | None):
+        self.total, self.n = total_bytes, n
+        self.done_bytes, self.done = 0, 0
+        self.t0 = time.perf_counter()
+        self.tty = sys.stderr.isatty() if enabled is None else enabled
+        self._bar = None
+        self._next_log = 0.1
+        if self.tty:
+            from rich.progress import (
+                BarColumn, DownloadColumn, MofNCompleteColumn, Progress as RichProgress,
+                TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+            )  # fmt: skip
+
+            self._bar = RichProgress(
+                TextColumn("[bold]merging"), BarColumn(), DownloadColumn(),
+                TransferSpeedColumn(), TimeRemainingColumn(), TextColumn("{task.description}"),
+                transient=False,
+            )  # fmt: skip
+            self._bar.start()
+            self._task = self._bar.add_task("", total=total_bytes)
+            self._mofn = MofNCompleteColumn
+
+    def message(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.console.print(text)
+        else:
+            log.info(text)
+
+    def advance(self, job: Job) -> None:
+        self.done += 1
+        self.done_bytes += job.nbytes
+        if self._bar is not None:
+            self._bar.update(
+                self._task, completed=self.done_bytes, description=f"{self.done}/{self.n} tensors"
+            )
+        elif self.total and self.done_bytes / self.total >= self._next_log:
+            el = time.perf_counter() - self.t0
+            frac = self.done_bytes / self.total
+            log.info(
+                "merged %d/%d tensors, %.1f/%.1f GB, %.0f%%, eta %.0fs", self.done, self.n,
+                self.done_bytes / 1e9, self.total / 1e9, 100 * frac, el * (1 - frac) / frac,
+            )  # fmt: skip
+            self._next_log = min(1.0, (int(frac * 10) + 1) / 10)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

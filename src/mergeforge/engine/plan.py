@@ -1,0 +1,408 @@
+"""Planning: turn a config plus opened checkpoints into one job per output tensor.
+
+Everything that can be checked without reading tensor data is checked here, before any heavy
+work: the method and its parameters, base-model rules, every input tensor's presence, shape
+and dtype, architectures and vocabularies. Each error names the file/model and tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergeforge.checkpoint import Checkpoint
+from mergeforge.config import MergeConfig, evaluate_setting
+from mergeforge.engine.layout import NUM_LAYERS_KEYS, Layout, infer_layout
+from mergeforge.errors import ConfigError, ValidationError
+from mergeforge.methods import Method, get_method
+from mergeforge.methods.base import MethodCall
+
+DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+    "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Ref:
+    """One input tensor: model index into ``MergePlan.models`` and tensor name there."""
+
+    model: int
+    name: str
+
+
+@dataclass(frozen=True)
+class Job:
+    out_name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    base: Ref | None
+    inputs: tuple[Ref, ...]
+    call: MethodCall | None
+    """``None`` means copy ``base`` (or the first input) unchanged (excluded/non-float)."""
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.out_dtype).element_size()
+
+
+@dataclass
+class MergePlan:
+    config: MergeConfig
+    method: Method
+    models: list[str]
+    checkpoints: list[Checkpoint]
+    jobs: list[Job]
+    compute_dtype: torch.dtype
+    num_out_layers: int | None
+    reference: int
+    """Index of the model whose config.json/tokenizer the output takes (base, else first)."""
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(j.nbytes for j in self.jobs)
+
+
+# ----------------------------------------------------------------------------------------------
+# parameters
+
+
+def _field_map(cls: type) -> dict[str, str]:
+    """YAML key -> dataclass field (``lambda`` -> ``lambda_``)."""
+    return {f.name.rstrip("_"): f.name for f in dataclasses.fields(cls)}
+
+
+def check_parameter_names(method: Method, cfg: MergeConfig) -> list[str]:
+    """Unknown parameter names are errors (with a suggestion); shared parameters given per model
+    are ignored by mergekit, so we warn rather than refuse."""
+    shared, per_model = _field_map(method.params), _field_map(method.model_params)
+    known = sorted(set(shared) | set(per_model))
+    warnings: list[str] = []
+    blocks: list[tuple[str, Mapping[str, Any], bool]] = [("parameters", cfg.parameters, False)]
+    blocks += [(f"models[{i}].parameters", m.parameters, True) for i, m in enumerate(cfg.models)]
+    for i, sl in enumerate(cfg.slices):
+        blocks.append((f"slices[{i}].parameters", sl.parameters, False))
+        blocks += [
+            (f"slices[{i}].sources[{j}].parameters", s.parameters, True)
+            for j, s in enumerate(sl.sources)
+        ]
+    for where, block, is_model in blocks:
+        for key in block:
+            if key not in shared and key not in per_model:
+                hint = difflib.get_close_matches(key, known, n=1)
+                raise ConfigError(
+                    f"{where}: unknown parameter {key!r} for merge method {method.name!r}."
+                    + (f" Did you mean {hint[0]!r}?" if hint else "")
+                    + f" Its parameters: {', '.join(known) or '(none)'}"
+                    " (see `mergeforge methods " + method.name + "`)."
+                )
+            if is_model and key in shared and key not in per_model:
+                warnings.append(
+                    f"{where}: {key!r} is a shared parameter of {method.name!r}; a per-model value"
+                    " is ignored (as in mergekit). Put it under the top-level 'parameters:'."
+                )
+    return warnings
+
+
+class ParamResolver:
+    """Resolve and build (cached) parameter dataclasses for one tensor."""
+
+    def __init__(self, method: Method):
+        self.method = method
+        self._shared = _field_map(method.params)
+        self._model = _field_map(method.model_params)
+        self._cache: dict[tuple, Any] = {}
+
+    def _build(self, cls: type, fmap: dict[str, str], values: dict[str, Any], where: str) -> Any:
+        key = (cls, tuple(sorted(values.items())))
+        hit = self._cache.get(key)
+        if hit is None:
+            try:
+                hit = cls(**{fmap[k]: v for k, v in values.items()})
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+            except TypeError as e:
+                raise ConfigError(f"{where}: {e}") from None
+            self._cache[key] = hit
+        return hit
+
+    @staticmethod
+    def _resolve(names, scopes: Sequence[Mapping[str, Any]], tensor: str, t: float) -> dict:
+        out: dict[str, Any] = {}
+        for name in names:
+            for scope in scopes:
+                if name in scope:
+                    v = evaluate_setting(scope[name], tensor, t)
+                    if v is not None:
+                        out[name] = v
+                        break
+        return out
+
+    def call(
+        self,
+        tensor: str,
+        t: float,
+        shared_scopes: Sequence[Mapping[str, Any]],
+        model_scopes: Sequence[Sequence[Mapping[str, Any]]],
+        where: str,
+    ) -> MethodCall:
+        shared = self._resolve(self._shared, shared_scopes, tensor, t)
+        per_model = tuple(
+            self._build(
+                self.method.model_params,
+                self._model,
+                self._resolve(self._model, scopes, tensor, t),
+                f"{where} (tensor {tensor})",
+            )
+            for scopes in model_scopes
+        )
+        params = self._build(self.method.params, self._shared, shared, f"{where} (tensor {tensor})")
+        return MethodCall(self.method, params, per_model)
+
+
+# ----------------------------------------------------------------------------------------------
+# checks on opened checkpoints
+
+
+def _config_of(ck: Checkpoint) -> Mapping[str, Any]:
+    return ck.config or {}
+
+
+def check_compatible(models: list[str], cks: list[Checkpoint], ref: int, allow_vocab: bool):
+    """Same architecture family and the same vocabulary, judged from config.json/tokenizer."""
+    rc = _config_of(cks[ref])
+    for i, ck in enumerate(cks):
+        c = _config_of(ck)
+        if not c or not rc or i == ref:
+            continue
+        a, b = rc.get("model_type"), c.get("model_type")
+        if a and b and a != b:
+            raise ValidationError(
+                f"different architectures: {models[ref]} is {a!r} but {models[i]} is {b!r} "
+                "(config.json model_type). Only models of one architecture can be merged."
+            )
+        va, vb = rc.get("vocab_size"), c.get("vocab_size")
+        if va and vb and va != vb and not allow_vocab:
+            raise ValidationError(
+                f"vocabularies differ: {models[ref]} has vocab_size {va} but {models[i]} has "
+                f"{vb} (config.json). Merge models that share a tokenizer (mergekit's vocabulary "
+                "union is not supported yet), or set 'allow_vocab_mismatch: true' if the rows "
+                "really correspond."
+            )
+    if allow_vocab:
+        return
+    ref_vocab = _tokenizer_vocab(cks[ref])
+    if ref_vocab is None:
+        return
+    for i, ck in enumerate(cks):
+        if i == ref:
+            continue
+        v = _tokenizer_vocab(ck)
+        if v is not None and v != ref_vocab:
+            diff = sorted(set(v.items()) ^ set(ref_vocab.items()), key=str)[:3]
+            raise ValidationError(
+                f"tokenizers differ: {models[i]}/tokenizer.json maps tokens differently from "
+                f"{models[ref]} (e.g. {diff}). Embedding rows would not line up. Merge models "
+                "with the same tokenizer, or set 'allow_vocab_mismatch: true'."
+            )
+
+
+def _tokenizer_vocab(ck: Checkpoint) -> dict | None:
+    if ck.folder is None:
+        return None
+    p = Path(ck.folder) / "tokenizer.json"
+    if not p.is_file():
+        return None
+    try:
+        model = json.loads(p.read_text()).get("model", {})
+    except (OSError, ValueError):
+        return None
+    vocab = model.get("vocab")
+    if isinstance(vocab, list):  # unigram: [[piece, score], ...]
+        vocab = {str(x[0]) if isinstance(x, list) else str(x): i for i, x in enumerate(vocab)}
+    return vocab if isinstance(vocab, dict) else None
+
+
+def _input_info(models, cks, keysets, ref: Ref, out_name: str, where: str, shape=None):
+    """The TensorInfo of one input, or a ValidationError naming model, file and tensor."""
+    if ref.name not in keysets[ref.model]:
+        close = difflib.get_close_matches(ref.name, keysets[ref.model], n=1)
+        raise ValidationError(
+            f"missing tensor: {models[ref.model]} has no tensor {ref.name!r} "
+            f"(needed for output {out_name!r}, {where})."
+            + (f" Closest name there: {close[0]!r}." if close else "")
+            + " Check that all models share one architecture and layer count."
+        )
+    info = cks[ref.model].info(ref.name)
+    if shape is not None and tuple(info.shape) != tuple(shape):
+        raise ValidationError(
+            f"shape mismatch for tensor {ref.name!r}: {models[ref.model]} ({info.file}) has "
+            f"{list(info.shape)} but the reference model has {list(shape)}. Models with different "
+            "sizes (hidden size, vocabulary) cannot be merged element-wise."
+        )
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# the planner
+
+
+def build_plan(cfg: MergeConfig, models: list[str], cks: list[Checkpoint]) -> MergePlan:
+    method = get_method(cfg.merge_method)
+    warnings = check_parameter_names(method, cfg)
+    index = {m: i for i, m in enumerate(models)}
+    base = index[cfg.base_model] if cfg.base_model else None
+    if method.base == "required" and base is None and not any(s.base_model for s in cfg.slices):
+        raise ConfigError(
+            f"merge method {method.name!r} needs 'base_model:' (the model the task vectors are "
+            "taken against)"
+        )
+    ref = base if base is not None else index[(cfg.models or cfg.slices[0].sources)[0].model]
+    check_compatible(models, cks, ref, cfg.allow_vocab_mismatch)
+
+    compute = DTYPE_NAMES[cfg.dtype] if cfg.dtype else torch.float32
+    out_dt = DTYPE_NAMES.get(cfg.out_dtype or cfg.dtype or "", None)
+    resolver = ParamResolver(method)
+    excl = [re.compile(p) for p in cfg.exclude]
+    ref_ck = cks[ref]
+    layout = infer_layout(ref_ck.keys())
+
+    jobs: list[Job] = []
+    keysets = [set(ck.keys()) for ck in cks]
+
+    def add(out_name, in_name_for, sources, slice_params, slice_base, t, where, layer=None):
+        """sources: list of (model index, per-model params); in_name_for(model) -> input name."""
+        b = index[slice_base] if slice_base else base
+        if method.base == "none":
+            b_ref = None
+            non_base = list(sources)
+        else:
+            non_base = [(m, p) for m, p in sources if m != b]
+            b_ref = Ref(b, in_name_for(b)) if b is not None else None
+        if len(non_base) < method.min_models or (
+            method.max_models is not None and len(non_base) > method.max_models
+        ):
+            want = (
+                f"exactly {method.min_models}"
+                if method.max_models == method.min_models
+                else f"at least {method.min_models}"
+                + (f" and at most {method.max_models}" if method.max_models else "")
+            )
+            raise ConfigError(
+                f"{where}: merge method {method.name!r} takes {want} model(s) besides the base; "
+                f"got {len(non_base)}."
+            )
+        refs = tuple(Ref(m, in_name_for(m)) for m, _ in non_base)
+        all_refs = (*([b_ref] if b_ref else []), *refs)
+        info = _input_info(models, cks, keysets, all_refs[0], out_name, where)
+        infos = [_input_info(models, cks, keysets, r, out_name, where, info.shape) for r in all_refs]
+        dt = out_dt or info.dtype
+        floating = all(i.dtype.is_floating_point for i in infos)
+        if not floating or any(p.search(out_name) for p in excl):
+            jobs.append(Job(out_name, tuple(info.shape), info.dtype if not floating else dt,
+                            b_ref or refs[0], refs, None))  # fmt: skip
+            return
+        call = resolver.call(
+            out_name,
+            t,
+            shared_scopes=[slice_params, cfg.parameters],
+            model_scopes=[[p, slice_params, cfg.parameters] for _, p in non_base],
+            where=where,
+        )
+        jobs.append(Job(out_name, tuple(info.shape), dt, b_ref, refs, call))
+
+    num_out_layers = None
+    if cfg.models:
+        sources = [(index[m.model], m.parameters) for m in cfg.models]
+        if base is not None and method.base != "none" and base not in [s[0] for s in sources]:
+            sources.append((base, {}))
+        if method.base == "none" and base is not None and base not in [s[0] for s in sources]:
+            warnings.append(
+                f"base_model is not used by {method.name!r} unless listed under models:"
+            )
+        for name in ref_ck.keys():
+            add(name, lambda m, n=name: n, sources, {}, None, layout.t(name), "models")
+    else:
+        num_out_layers = _plan_slices(cfg, models, cks, index, layout, ref_ck, add)
+
+    return MergePlan(
+        config=cfg, method=method, models=models, checkpoints=cks, jobs=jobs,
+        compute_dtype=compute, num_out_layers=num_out_layers, reference=ref, warnings=warnings,
+    )  # fmt: skip
+
+
+def _plan_slices(cfg, models, cks, index, layout: Layout, ref_ck, add) -> int:
+    """mergekit slices: output layers are numbered consecutively across slices; embeddings come
+    from the first slice's sources, final norm/head from the last slice's; t runs 0..1 within
+    each slice."""
+    if layout.prefix is None:
+        raise ConfigError("slices: the reference model has no numbered layers to slice")
+    per_layer = sorted({s[1] for n in ref_ck.keys() if (s := layout.split(n)) and s[0] == 0})
+    non_layer = [n for n in ref_ck.keys() if layout.split(n) is None]
+    pre = [n for n in non_layer if Layout.is_pre(n)]
+    post = [n for n in non_layer if not Layout.is_pre(n)]
+
+    def srcs(sl):
+        return [(index[s.model], s.parameters) for s in sl.sources]
+
+    first, last = cfg.slices[0], cfg.slices[-1]
+    for n in pre:
+        add(n, lambda m, n=n: n, srcs(first), first.parameters, first.base_model, 0.0, "slices[0]")
+    out_layer = 0
+    for si, sl in enumerate(cfg.slices):
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
+        if len(lengths) != 1:
+            raise ConfigError(f"slices[{si}]: all sources must span the same number of layers")
+        n = lengths.pop()
+        for s in sl.sources:
+            have = infer_layout(cks[index[s.model]].keys()).num_layers
+            if s.layer_range[1] > have:
+                raise ConfigError(
+                    f"slices[{si}]: layer_range {list(s.layer_range)} is past the end of "
+                    f"{s.model}, which has {have} layers"
+                )
+        starts = {index[s.model]: s.layer_range[0] for s in sl.sources}
+        for k in range(n):
+            t = k / (n - 1) if n > 1 else 1.0
+            for rest in per_layer:
+                def name_for(m, k=k, rest=rest):
+                    return layout.name(starts.get(m, starts[next(iter(starts))]) + k, rest)
+
+                add(layout.name(out_layer, rest), name_for, srcs(sl), sl.parameters,
+                    sl.base_model, t, f"slices[{si}]")  # fmt: skip
+            out_layer += 1
+    for n in post:
+        add(n, lambda m, n=n: n, srcs(last), last.parameters, last.base_model, 0.0, "slices[-1]")
+    return out_layer
+
+
+def output_config(plan: MergePlan) -> dict | None:
+    """config.json for the output: the reference model's, with the layer count and dtype set."""
+    c = plan.checkpoints[plan.reference].config
+    if not c:
+        return None
+    out = dict(c)
+    if plan.num_out_layers is not None:
+        for k in NUM_LAYERS_KEYS:
+            if k in out:
+                out[k] = plan.num_out_layers
+    dts = {j.out_dtype for j in plan.jobs if j.out_dtype.is_floating_point}
+    if len(dts) == 1:
+        name = str(next(iter(dts))).removeprefix("torch.")
+        for k in ("torch_dtype", "dtype"):
+            if k in out:
+                out[k] = name
+    return out

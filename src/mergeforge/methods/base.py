@@ -1,0 +1,164 @@
+"""The method contract and the one registry.
+
+A merge method is a *pure tensor function* plus two frozen parameter dataclasses:
+
+* ``params``: parameters shared by all inputs (mergekit's "shared" scope: ``lambda``,
+  ``normalize``, ``t`` …);
+* ``model_params``: parameters given per input model (mergekit's "non-base" scope:
+  ``weight``, ``density`` …).
+
+The engine resolves every parameter to a plain scalar for the tensor at hand (gradients over
+depth, ``filter:`` conditions, per-model overrides) *before* calling the method, so a method
+never sees YAML, never opens a file and never mutates its inputs.
+
+Signature of ``Method.fn``::
+
+    fn(base: Tensor | None, tensors: Sequence[Tensor], params: P,
+       model_params: Sequence[M], ctx: TensorContext) -> Tensor
+
+``base`` is the base model's tensor (``None`` for methods without a base), ``tensors`` are the
+other inputs in config order, all already in the compute dtype and on the compute device.
+The return value has the shape of the inputs; the engine casts it to the output dtype.
+
+Methods that need a statistics pass over the whole model first (model-wide top-k, RegMean
+Grams, curvature statistics) declare ``statistic``: a factory of :class:`Statistic` objects
+that the engine feeds tensor by tensor (possibly in several passes) before merging; the
+finished statistic is given to ``fn`` as ``ctx.plan``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor
+
+BasePolicy = Literal["required", "optional", "none"]
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """For methods with no parameters in a scope."""
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """What a method may know about the tensor it merges, besides the tensors themselves."""
+
+    key: str
+    """Output tensor name, e.g. ``model.layers.3.mlp.up_proj.weight``."""
+    generator: torch.Generator | None = None
+    """Seeded RNG for stochastic methods (DARE, DELLA). Seeded per tensor by the engine from
+    the config ``seed`` and the tensor name, so results do not depend on tensor order."""
+    plan: Any = None
+    """Result of the method's statistics pass for this merge (``None`` if it has none)."""
+    model_names: tuple[str, ...] = ()
+    """Names of the non-base inputs, for error messages."""
+
+
+class Statistic(Protocol):
+    """A whole-model statistics pass (two-phase methods: ``fit`` then ``apply``).
+
+    The engine calls ``observe`` for every tensor the method will merge, ``passes`` times in
+    a row (``end_pass`` after each), then hands ``result()`` to the method as ``ctx.plan``.
+    Memory held by a statistic must not grow with the model size beyond what it documents.
+    """
+
+    passes: int
+
+    def observe(
+        self,
+        pass_index: int,
+        key: str,
+        base: Tensor | None,
+        tensors: Sequence[Tensor],
+        params: Any,
+        model_params: Sequence[Any],
+    ) -> None: ...
+
+    def end_pass(self, pass_index: int) -> None: ...
+
+    def result(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable[..., Tensor]
+    summary: str
+    reference: str
+    """Paper (arXiv id / URL) the method follows."""
+    params: type = NoParams
+    model_params: type = NoParams
+    base: BasePolicy = "required"
+    min_models: int = 1
+    """Minimum number of non-base inputs."""
+    max_models: int | None = None
+    stochastic: bool = False
+    symmetric: bool = True
+    """Permuting the non-base inputs (with their model params) leaves the result unchanged."""
+    idempotent: bool = True
+    """Merging N identical copies of the base returns the base (or the copy when no base)."""
+    statistic: Callable[[Any], Statistic] | None = None
+    """Factory ``(params) -> Statistic`` when the method needs a statistics pass."""
+    aliases: tuple[str, ...] = ()
+    notes: str = ""
+
+    def param_fields(self) -> dict[str, dict[str, Any]]:
+        """``{"shared": {name: default}, "per_model": {name: default}}`` for docs and CLI."""
+        out: dict[str, dict[str, Any]] = {}
+        for scope, cls in (("shared", self.params), ("per_model", self.model_params)):
+            out[scope] = {}
+            for f in dataclasses.fields(cls):
+                if f.default is not dataclasses.MISSING:
+                    out[scope][f.name] = f.default
+                elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                    out[scope][f.name] = f.default_factory()  # type: ignore[misc]
+                else:
+                    out[scope][f.name] = "required"
+        return out
+
+
+_REGISTRY: dict[str, Method] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(method: Method) -> Method:
+    """Register a method once; duplicate names are a programming error."""
+    for name in (method.name, *method.aliases):
+        if name in _REGISTRY or name in _ALIASES:
+            raise ValueError(f"merge method {name!r} is already registered")
+    _REGISTRY[method.name] = method
+    for alias in method.aliases:
+        _ALIASES[alias] = method.name
+    return method
+
+
+def get_method(name: str) -> Method:
+    from mergeforge.errors import ConfigError
+
+    name = _ALIASES.get(name, name)
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ConfigError(
+            f"unknown merge method {name!r}. Known methods: {known}. "
+            "Run `mergeforge methods` for their parameters."
+        ) from None
+
+
+def all_methods() -> tuple[Method, ...]:
+    return tuple(_REGISTRY[k] for k in sorted(_REGISTRY))
+
+
+@dataclass(frozen=True)
+class MethodCall:
+    """A fully resolved call for one output tensor (built by the engine's planner)."""
+
+    method: Method
+    params: Any
+    model_params: tuple[Any, ...] = field(default_factory=tuple)
