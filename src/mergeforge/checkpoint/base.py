@@ -69,6 +69,13 @@ class Checkpoint:
     def keys(self) -> list[str]:
         return self.source.keys()
 
+    @property
+    def side_files(self) -> list[Path]:
+        """Files of ``folder`` a merged output should carry (``SIDE_FILES`` that exist)."""
+        from mergeforge.checkpoint.hf import side_files
+
+        return side_files(self.folder) if self.folder is not None else []
+
     def info(self, name: str) -> TensorInfo:
         return self.source.info(name)
 

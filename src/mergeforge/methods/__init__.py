@@ -1,0 +1,19 @@
+"""Merge methods: one pure tensor function plus frozen parameter records per method.
+
+Importing this package registers every method (see :mod:`.base` for the contract).
+"""
+
+from __future__ import annotations
+
+from mergeforge.methods import (  # noqa: F401  (imported to register their methods)
+    emr,
+    linear,
+    model_stock,
+    passthrough,
+    slerp,
+    task_arithmetic,
+    ties,
+)
+from mergeforge.methods.base import Method, TensorContext, all_methods, get_method
+
+__all__ = ["Method", "TensorContext", "all_methods", "get_method"]

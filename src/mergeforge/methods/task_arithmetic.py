@@ -1,0 +1,137 @@
+"""Generalized task arithmetic, and its members without sign consensus.
+
+One function, :func:`generalized_task_arithmetic`, is the whole family:
+
+    τ_i = sparsify(θ_i − θ₀) · w_i  →  [elect_sign → keep agreeing entries]  →  (disjoint) sum
+    →  [÷ Σ w_i of the entries kept, when normalize]  →  θ = θ₀ + λ·τ_m
+
+Task arithmetic (2212.04089) has no sparsifier and no consensus; DARE, breadcrumbs and DELLA
+plug in a sparsifier (:mod:`mergeforge.methods.sparsify`); the TIES members
+(:mod:`mergeforge.methods.ties`) add the consensus step (:mod:`mergeforge.methods.consensus`).
+Step order and numerics are mergekit's ``GeneralizedTaskArithmeticMerge``: weights multiply the
+task vectors after sparsification and rescaling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from mergeforge.methods import params as P
+from mergeforge.methods.base import Method, TensorContext, register
+from mergeforge.methods.consensus import agrees, disjoint_mean, elect_sign
+from mergeforge.methods.sparsify import (
+    NAMED_STREAMS,
+    Sparsifier,
+    della_magprune,
+    magnitude_outliers,
+    model_generators,
+    random,
+    sparsify,
+)
+
+
+def generalized_task_arithmetic(
+    base: Tensor,
+    tensors: Sequence[Tensor],
+    model_params: Sequence[P.WeightParams],
+    ctx: TensorContext,
+    *,
+    sparsifiers: Sequence[Sparsifier | None],
+    rescale_norm: str | None,
+    consensus: str | None,
+    normalize: bool,
+    lambda_: float,
+) -> Tensor:
+    """Merge the N experts ``tensors`` (each of the shape S of ``base``) into one tensor S.
+
+    ``sparsifiers[i]`` sparsifies model i's task vector (None: keep it dense); ``consensus``
+    is an :func:`elect_sign` method or None (plain weighted sum).
+    """
+    gens = model_generators(ctx, len(tensors), base.device)
+    deltas = []
+    for x, mp, sparsifier, gen in zip(tensors, model_params, sparsifiers, gens, strict=True):
+        delta = x - base
+        if sparsifier is not None:
+            delta = sparsify(delta, sparsifier, mp, rescale_norm=rescale_norm, generator=gen)
+        deltas.append(delta)
+    stacked = torch.stack(deltas)  # (N, *S)
+    del deltas
+    weights = torch.tensor([mp.weight for mp in model_params], dtype=base.dtype)
+    weights = weights.to(base.device).view(-1, *([1] * base.dim()))  # (N, 1, …, 1)
+    stacked = stacked * weights
+    mask = agrees(stacked, elect_sign(stacked, consensus)) if consensus else None
+    merged = disjoint_mean(stacked, weights, mask, normalize=normalize)
+    if lambda_ != 1:
+        merged = merged * lambda_
+    return base + merged
+
+
+def task_arithmetic(base, tensors, params, model_params, ctx):
+    return generalized_task_arithmetic(
+        base, tensors, model_params, ctx, sparsifiers=[None] * len(tensors), rescale_norm=None,
+        consensus=None, normalize=params.normalize, lambda_=params.lambda_,
+    )  # fmt: skip
+
+
+def sparse_fn(sparsifier: Sparsifier, *, consensus: bool):
+    """The ``Method.fn`` of one sparse member: its sparsifier and whether signs are elected."""
+
+    def fn(base, tensors, params, model_params, ctx):
+        return generalized_task_arithmetic(
+            base, tensors, model_params, ctx, sparsifiers=[sparsifier] * len(tensors),
+            rescale_norm=params.rescale_norm if params.rescale else None,
+            consensus=params.consensus_method if consensus else None,
+            normalize=params.normalize, lambda_=params.lambda_,
+        )  # fmt: skip
+
+    return fn
+
+
+_DELTA = "θ = θ₀ + λ·Σ w_i·τ_i"
+register(
+    Method(
+        name="task_arithmetic",
+        fn=task_arithmetic,
+        summary=f"Task arithmetic: {_DELTA}; negative weights subtract (forgetting).",
+        reference="https://arxiv.org/abs/2212.04089",
+        params=P.TaskArithmeticParams,
+        model_params=P.WeightParams,
+    )
+)
+register(
+    Method(
+        name="dare_linear",
+        fn=sparse_fn(random, consensus=False),
+        summary=f"DARE: drop task-vector entries at random (keep density), rescale; {_DELTA}.",
+        reference="https://arxiv.org/abs/2311.03099",
+        params=P.DareLinearParams,
+        model_params=P.SparseModelParams,
+        stochastic=True,
+        notes=NAMED_STREAMS,
+    )
+)
+register(
+    Method(
+        name="breadcrumbs",
+        fn=sparse_fn(magnitude_outliers, consensus=False),
+        summary=f"Model Breadcrumbs: drop the largest (gamma) and smallest entries; {_DELTA}.",
+        reference="https://arxiv.org/abs/2312.06795",
+        params=P.SparseParams,
+        model_params=P.BreadcrumbsModelParams,
+    )
+)
+register(
+    Method(
+        name="della_linear",
+        fn=sparse_fn(della_magprune, consensus=False),
+        summary=f"DELLA MagPrune (rank-based keep probability), rescale; {_DELTA}.",
+        reference="https://arxiv.org/abs/2406.11617",
+        params=P.DareLinearParams,
+        model_params=P.DellaModelParams,
+        stochastic=True,
+        notes=NAMED_STREAMS,
+    )
+)

@@ -1,0 +1,100 @@
+"""The TIES members of generalized task arithmetic: sparsify → elect sign → disjoint mean.
+
+TIES (2306.01708) trims by magnitude; DARE-TIES (2311.03099) drops at random; breadcrumbs-TIES
+(2312.06795) drops outliers and small entries; DELLA (2406.11617) drops with rank-based
+probabilities. All four are :func:`generalized_task_arithmetic` with a different sparsifier
+(:mod:`.sparsify`) and sign consensus (:mod:`.consensus`). Shapes: each input has the shape of
+``base``; so does the result.
+"""
+
+from __future__ import annotations
+
+from mergeforge.methods import params as P
+from mergeforge.methods.base import Method, register
+from mergeforge.methods.sparsify import (
+    NAMED_STREAMS,
+    della_magprune,
+    magnitude,
+    magnitude_outliers,
+    random,
+)
+from mergeforge.methods.stats import ModelTopK, NoStatistic, keep_at_least
+from mergeforge.methods.task_arithmetic import generalized_task_arithmetic, sparse_fn
+
+
+def ties(base, tensors, params, model_params, ctx):
+    """TIES; with ``topk_scope: model`` the trim keeps each task vector's top ``density`` over
+    the whole model, using the thresholds of the :class:`ModelTopK` pass (``ctx.plan``)."""
+    if params.topk_scope == "tensor":
+        sparsifiers = [magnitude] * len(tensors)
+    else:
+        if ctx.plan is None or len(ctx.plan) != len(tensors):
+            raise RuntimeError(
+                f"ties with topk_scope: model needs the thresholds of its statistics pass in "
+                f"ctx.plan (one per model) for {ctx.key!r}; run the method's statistic first"
+            )
+        # a model with density 0 or 1 has no threshold, and sparsify never asks for one
+        sparsifiers = [keep_at_least(t) if t is not None else magnitude for t in ctx.plan]
+    return generalized_task_arithmetic(
+        base,
+        tensors,
+        model_params,
+        ctx,
+        sparsifiers=sparsifiers,
+        rescale_norm=params.rescale_norm if params.rescale else None,
+        consensus=params.consensus_method,
+        normalize=params.normalize,
+        lambda_=params.lambda_,
+    )
+
+
+def _ties_statistic(params: P.TiesParams):
+    return ModelTopK() if params.topk_scope == "model" else NoStatistic()
+
+
+_STEPS = "elect sign, disjoint mean, θ = θ₀ + λ·τ_m"
+register(
+    Method(
+        name="ties",
+        fn=ties,
+        summary=f"TIES: trim to the top density of |τ| (per tensor or whole model), {_STEPS}.",
+        reference="https://arxiv.org/abs/2306.01708",
+        params=P.TiesParams,
+        model_params=P.SparseModelParams,
+        statistic=_ties_statistic,
+    )
+)
+register(
+    Method(
+        name="dare_ties",
+        fn=sparse_fn(random, consensus=True),
+        summary=f"DARE-TIES: random drop (keep density), rescale, {_STEPS}.",
+        reference="https://arxiv.org/abs/2311.03099",
+        params=P.DareTiesParams,
+        model_params=P.SparseModelParams,
+        stochastic=True,
+        notes=NAMED_STREAMS,
+    )
+)
+register(
+    Method(
+        name="breadcrumbs_ties",
+        fn=sparse_fn(magnitude_outliers, consensus=True),
+        summary=f"Model Breadcrumbs with TIES: drop outliers and small entries, {_STEPS}.",
+        reference="https://arxiv.org/abs/2312.06795",
+        params=P.SparseTiesParams,
+        model_params=P.BreadcrumbsModelParams,
+    )
+)
+register(
+    Method(
+        name="della",
+        fn=sparse_fn(della_magprune, consensus=True),
+        summary=f"DELLA: rank-based random drop (MagPrune), rescale, {_STEPS}.",
+        reference="https://arxiv.org/abs/2406.11617",
+        params=P.DellaParams,
+        model_params=P.DellaModelParams,
+        stochastic=True,
+        notes=NAMED_STREAMS,
+    )
+)

@@ -1,0 +1,78 @@
+"""Parameter records: bad values fail at construction, naming the parameter and the valid range;
+the registry holds every method with its paper and mergekit's names."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import mergeforge.methods as methods
+from mergeforge.errors import ConfigError
+from mergeforge.methods import get_method
+
+BAD = [
+    ("ties", "per_model", {"density": 1.5}, "'density' = 1.5 .*\\[0.0, 1.0\\]"),
+    ("ties", "per_model", {"density": -0.1}, "'density'"),
+    ("ties", "per_model", {"weight": math.nan}, "'weight' = nan .*finite"),
+    ("ties", "per_model", {"weight": True}, "'weight'"),
+    ("ties", "shared", {"lambda_": "big"}, "'lambda' = 'big'"),
+    ("ties", "shared", {"topk_scope": "layer"}, "'topk_scope' = 'layer' .*tensor, model"),
+    ("ties", "shared", {"consensus_method": "total"}, "'consensus_method' .*sum, count"),
+    ("ties", "shared", {"normalize": "yes"}, "'normalize' = 'yes' .*true or false"),
+    ("dare_ties", "shared", {"rescale_norm": "l3"}, "'rescale_norm' .*inverse_prob"),
+    ("breadcrumbs", "per_model", {"gamma": 2.0}, "'gamma' = 2.0"),
+    ("della", "per_model", {"density": 0.9, "epsilon": 0.15}, "'epsilon' = 0.15 .*density"),
+    ("della", "per_model", {"density": 0.1, "epsilon": 0.1}, "'epsilon'"),
+    ("emr", "shared", {"task": -1}, "'task' = -1"),
+    ("emr", "shared", {"task": 1.5}, "'task'"),
+    ("emr", "shared", {"scale_scope": "layer"}, "'scale_scope'"),
+    ("slerp", "shared", {"t": math.inf}, "'t' = inf"),
+    ("model_stock", "shared", {"filter_wise": 1}, "'filter_wise'"),
+    ("passthrough", "per_model", {"scale": "x"}, "'scale'"),
+    ("linear", "shared", {"normalize": None}, "'normalize'"),
+]
+
+
+@pytest.mark.parametrize(("name", "scope", "values", "message"), BAD)
+def test_bad_values_name_the_parameter(name, scope, values, message):
+    m = get_method(name)
+    cls = m.params if scope == "shared" else m.model_params
+    with pytest.raises(ConfigError, match=message):
+        cls(**values)
+
+
+def test_good_edge_values():
+    get_method("ties").model_params(density=0.0, weight=-2)  # YAML ints are fine
+    get_method("della").model_params(density=1.0, epsilon=0.5)  # full density: no window
+    get_method("della").model_params(density=0.5, epsilon=0.0)
+    get_method("emr").params(task=0)
+
+
+def test_slerp_needs_t():
+    with pytest.raises(TypeError):
+        get_method("slerp").params()
+
+
+def test_registry():
+    names = {m.name for m in methods.all_methods()}
+    assert names == {
+        "linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+        "breadcrumbs_ties", "della", "della_linear", "model_stock", "emr", "passthrough",
+    }  # fmt: skip
+    for m in methods.all_methods():
+        assert m.reference.startswith("https://") and m.summary, m.name
+    stochastic = {m.name for m in methods.all_methods() if m.stochastic}
+    assert stochastic == {"dare_ties", "dare_linear", "della", "della_linear"}
+    assert {m.name for m in methods.all_methods() if m.base == "none"} == {"linear", "passthrough"}
+    assert get_method("slerp").max_models == 1 and get_method("model_stock").min_models == 2
+    with pytest.raises(ConfigError, match="unknown merge method 'tie'"):
+        get_method("tie")
+
+
+def test_linear_weights_summing_to_zero():
+    import torch
+    from methods_helpers import merge_tensor
+
+    with pytest.raises(ConfigError, match="sum to 0"):
+        merge_tensor("linear", None, [torch.ones(2)] * 2, {}, [{"weight": 1}, {"weight": -1}])
