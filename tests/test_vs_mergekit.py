@@ -226,3 +226,49 @@ def test_dare_ties_seeded_and_kept_fraction(llama_family, tmp_path):
         out[k].numel() for k in theirs
     )
     assert abs(frac(a) - frac(theirs)) < 0.02
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_passthrough_slices_same_as_mergekit(tiny_families, tmp_path, arch):
+    """Frankenmerge: layers 0-1 of expert 0, then layers 1-2 of expert 1 (4 output layers)."""
+    fam = tiny_families[arch]
+    e0, e1 = str(fam["experts"][0]), str(fam["experts"][1])
+    cfg = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": e0, "layer_range": [0, 2]}]},
+            {"sources": [{"model": e1, "layer_range": [1, 3]}]},
+        ],
+        "dtype": "float32",
+    }
+    theirs = run_mergekit(cfg, tmp_path / "mk")
+    ours = run_ours(cfg, tmp_path / "mf")
+    assert set(theirs) <= set(ours), set(theirs) - set(ours)
+    for k in theirs:
+        assert torch.equal(ours[k], theirs[k]), k
+    import json
+
+    n_layers = json.loads((tmp_path / "mf" / "config.json").read_text())
+    assert n_layers.get("num_hidden_layers", n_layers.get("n_layer")) == 4
+
+
+def test_slices_with_merge_method_same_as_mergekit(llama_family, tmp_path):
+    base = str(llama_family["base"])
+    e = [str(p) for p in llama_family["experts"]]
+    cfg = {
+        "merge_method": "ties",
+        "base_model": base,
+        "slices": [
+            {"sources": [{"model": base, "layer_range": [0, 3]},
+                         {"model": e[0], "layer_range": [0, 3],
+                          "parameters": {"density": [0.3, 0.9], "weight": 1.0}},
+                         {"model": e[1], "layer_range": [0, 3],
+                          "parameters": {"density": 0.5, "weight": 0.5}}],
+             "parameters": {"lambda": 0.9}},
+        ],
+        "dtype": "float32",
+    }  # fmt: skip
+    theirs = run_mergekit(cfg, tmp_path / "mk")
+    ours = run_ours(cfg, tmp_path / "mf")
+    worst = max((ours[k] - theirs[k]).abs().max().item() for k in theirs)
+    assert worst <= 1e-6

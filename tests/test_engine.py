@@ -1,0 +1,149 @@
+"""End-to-end engine behaviour: loads with transformers, exclusions, EMR task models, dtypes,
+side files, layout inference, bounded prefetch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+import mergeforge
+from mergeforge.config import load_config
+from mergeforge.engine import prepare
+from mergeforge.engine.layout import infer_layout
+from mergeforge.errors import ConfigError
+from tests.test_vs_mergekit import load_dir
+
+
+def test_output_loads_with_transformers_and_matches_hand_merge(llama_family, tmp_path):
+    base, e = llama_family["base"], llama_family["experts"]
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in e[:2]],
+        "out_dtype": "bfloat16",
+        "out_shard_size": "20KB",  # force several shards
+    }
+    res = mergeforge.merge(cfg, tmp_path / "out", progress=False)
+    assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 3
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.dtype == torch.bfloat16
+    b = load_dir(Path(base))
+    x = [load_dir(Path(m)) for m in e[:2]]
+    k = "model.layers.1.self_attn.o_proj.weight"
+    want = (b[k] + 0.5 * (x[0][k] - b[k]) + 0.5 * (x[1][k] - b[k])).to(torch.bfloat16)
+    assert torch.equal(model.state_dict()[k], want)
+    assert res.tensors == len(b)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.isfinite(model(ids).logits.float()).all()
+
+
+def test_exclude_keeps_base_and_tokenizer_side_files(llama_family, tmp_path):
+    base = llama_family["base"]
+    (Path(base) / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(base),
+        "models": [{"model": str(m), "parameters": {"density": 0.5}}
+                   for m in llama_family["experts"]],
+        "exclude": ["embed_tokens", r"layers\.0\."],
+        "tokenizer_source": "base",
+    }  # fmt: skip
+    mergeforge.merge(cfg, tmp_path / "out", progress=False)
+    out, b = load_dir(tmp_path / "out"), load_dir(Path(base))
+    assert torch.equal(out["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
+    assert torch.equal(out["model.layers.0.mlp.up_proj.weight"], b["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(out["model.layers.1.mlp.up_proj.weight"],
+                           b["model.layers.1.mlp.up_proj.weight"])  # fmt: skip
+    assert (tmp_path / "out" / "tokenizer_config.json").is_file()
+    resolved = (tmp_path / "out" / "mergeforge_resolved.yml").read_text()
+    assert "density: 0.5" in resolved and "lambda: 1.0" in resolved
+
+
+def test_emr_writes_task_model(llama_family, tmp_path):
+    """EMR with ``task: t`` writes θ0 + λ_t M_t ⊙ τ_uni (λ_t over the whole model)."""
+    base, e = llama_family["base"], llama_family["experts"]
+    cfg = {"merge_method": "emr", "base_model": str(base),
+           "models": [{"model": str(m)} for m in e], "parameters": {"task": 1}}  # fmt: skip
+    mergeforge.merge(cfg, tmp_path / "out", progress=False)
+    out, b = load_dir(tmp_path / "out"), load_dir(Path(base))
+    taus = [{k: v - b[k] for k, v in load_dir(Path(m)).items()} for m in e]
+    keys = sorted(b)
+    uni, masks = {}, {}
+    for k in keys:
+        stack = torch.stack([t[k] for t in taus])
+        sign = torch.where(stack.sum(0) > 0, 1.0, -1.0)
+        agree = (stack * sign) > 0
+        uni[k] = sign * torch.where(agree, stack.abs(), torch.zeros_like(stack)).amax(0)
+        masks[k] = (taus[1][k] * uni[k]) > 0
+    lam = sum(taus[1][k].abs().sum() for k in keys) / sum(
+        (masks[k] * uni[k]).abs().sum() for k in keys
+    )
+    for k in keys:
+        want = b[k] + lam * masks[k] * uni[k]
+        assert torch.allclose(out[k], want, atol=1e-6), k
+
+
+def test_two_phase_ties_model_scope(llama_family, tmp_path):
+    """topk_scope: model keeps the top-density fraction of |τ| over the whole model."""
+    base, e0 = llama_family["base"], llama_family["experts"][0]
+    cfg = {"merge_method": "ties", "base_model": str(base),
+           "models": [{"model": str(e0), "parameters": {"density": 0.25}}],
+           "parameters": {"topk_scope": "model"}}  # fmt: skip
+    mergeforge.merge(cfg, tmp_path / "out", progress=False)
+    out, b, x = load_dir(tmp_path / "out"), load_dir(Path(base)), load_dir(Path(e0))
+    tau = torch.cat([(x[k] - b[k]).flatten() for k in sorted(b)])
+    kept = torch.cat([((out[k] - b[k]).abs() > 0).flatten() for k in sorted(b)])
+    thr = tau.abs().kthvalue(tau.numel() - int(0.25 * tau.numel()) + 1).values
+    assert kept.float().mean().item() == pytest.approx(0.25, abs=1e-3)
+    assert bool((tau.abs()[kept] >= thr).all())
+
+
+def test_validate_reports_plan_without_writing(llama_family, tmp_path):
+    cfg = load_config({"merge_method": "model_stock", "base_model": str(llama_family["base"]),
+                       "models": [{"model": str(m)} for m in llama_family["experts"]]})  # fmt: skip
+    plan = prepare(cfg)
+    assert len(plan.jobs) == len(load_file(Path(llama_family["base"]) / "model.safetensors"))
+    assert all(j.call is not None for j in plan.jobs)
+    for ck in plan.checkpoints:
+        ck.close()
+
+
+def test_method_arity_and_base_errors(llama_family):
+    e = [str(m) for m in llama_family["experts"]]
+    with pytest.raises(ConfigError, match="needs 'base_model:'"):
+        prepare({"merge_method": "ties", "models": [{"model": m} for m in e]})
+    with pytest.raises(ConfigError, match="exactly 1"):
+        prepare({"merge_method": "slerp", "base_model": str(llama_family["base"]),
+                 "models": [{"model": m} for m in e], "parameters": {"t": 0.5}})  # fmt: skip
+
+
+def test_config_json_dtype_updated(llama_family, tmp_path):
+    cfg = {"merge_method": "linear", "models": [{"model": str(m)} for m in llama_family["experts"]],
+           "out_dtype": "float16"}  # fmt: skip
+    mergeforge.merge(cfg, tmp_path / "out", progress=False)
+    c = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert c.get("dtype", c.get("torch_dtype")) == "float16"
+
+
+@pytest.mark.parametrize(
+    "names,prefix,n",
+    [
+        (["model.embed_tokens.weight", "model.layers.0.a.weight", "model.layers.11.a.weight",
+          "lm_head.weight"], "model.layers.", 12),
+        (["transformer.wte.weight", "transformer.h.0.attn.c_attn.weight",
+          "transformer.h.1.mlp.c_fc.bias"], "transformer.h.", 2),
+        (["embeddings.word_embeddings.weight", "encoder.layer.0.output.dense.weight",
+          "encoder.layer.5.output.dense.weight", "pooler.dense.weight"], "encoder.layer.", 6),
+        (["fc.weight", "fc.bias"], None, 0),
+    ],
+)  # fmt: skip
+def test_layout_inference(names, prefix, n):
+    lay = infer_layout(names)
+    assert (lay.prefix, lay.num_layers) == (prefix, n)
+    if prefix:
+        assert lay.t(names[1]) == 0.0 and lay.t(names[0]) == 0.0
