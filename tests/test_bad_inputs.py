@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file

@@ -82,13 +82,31 @@ def test_get_equals_load_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
-def test_no_memory_map_is_kept(tmp_path: Path) -> None:
+def test_tensor_maps_only_its_range_and_only_while_alive(tmp_path: Path) -> None:
+    import gc
+
+    path = tmp_path / "map.safetensors"
+    ref = torch.randn(64, 64)
+    save_file({"w": ref}, path)
+    src = SafetensorsFile(path)
+    w = src.get("w")
+    assert torch.equal(w, ref)
+    assert str(path) in Path("/proc/self/maps").read_text()
+    del w
+    gc.collect()
+    assert str(path) not in Path("/proc/self/maps").read_text()  # unmapped with the tensor
+
+
+def test_pread_mode_gives_a_private_writable_copy(tmp_path: Path, monkeypatch) -> None:
+    import mergeforge.checkpoint.safetensors_file as sf
+
+    monkeypatch.setattr(sf, "_USE_MMAP", False)
     path = tmp_path / "nomap.safetensors"
     save_file({"w": torch.randn(64, 64)}, path)
     src = SafetensorsFile(path)
     w = src.get("w")
     assert str(path) not in Path("/proc/self/maps").read_text()
-    w.add_(1)  # a private, writable copy
+    w.add_(1)
     assert not torch.equal(w, src.get("w"))
 
 

@@ -5,18 +5,24 @@ Layout: 8-byte little-endian header length ``n``, ``n`` bytes of JSON
 data; offsets are relative to the end of the header. Opening validates the whole header against
 the file size, so a truncated download fails at open, not half-way through a merge.
 
-``get`` copies the tensor's bytes with ``os.preadv`` into a freshly allocated tensor. Unlike a
-memory map this keeps the address space bounded by the tensors alive (a merge can run under
-``ulimit -v`` below the total input size) and the read releases the GIL, so the engine can
-prefetch on a thread.
+``get`` maps just that tensor's byte range read-only (``MAP_POPULATE``: the kernel maps the
+page-cache pages in one batch) and returns a zero-copy tensor over it; the mapping is released
+when the tensor dies. So the address space stays bounded by the tensors alive (a merge can run
+under ``ulimit -v`` below the total input size) and nothing is copied: on a 2-core VM this read
+4.3 GB in 1.7 s against 6-8 s for ``preadv`` into fresh memory, whose page faults dominate.
+The tensor is READ-ONLY memory: methods must never write to their inputs (they do not: the
+property tests check it). ``MERGEFORGE_READ=pread`` (or a failed mapping) uses ``os.preadv``
+into a fresh, writable tensor instead; the syscall releases the GIL either way.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -140,8 +146,13 @@ class SafetensorsFile:
         _, _, begin, end = self._entries[name]
         if end == begin:
             return torch.empty(info.shape, dtype=info.dtype)
+        start = self._data_start + begin
+        if _USE_MMAP and start % info.dtype.itemsize == 0:
+            mapped = _map(self._open(), start, end - begin, info)
+            if mapped is not None:
+                return mapped
         buf = torch.empty(end - begin, dtype=torch.uint8)
-        _read_into(self._open(), memoryview(buf.numpy()), self._data_start + begin, self.path, name)
+        _read_into(self._open(), memoryview(buf.numpy()), start, self.path, name)
         return buf.view(info.dtype).reshape(info.shape)
 
     def _open(self) -> int:
@@ -158,6 +169,25 @@ class SafetensorsFile:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+
+
+_USE_MMAP = os.environ.get("MERGEFORGE_READ", "mmap") != "pread"
+_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+
+
+def _map(fd: int, start: int, nbytes: int, info: TensorInfo) -> Tensor | None:
+    """A read-only zero-copy tensor over ``nbytes`` at ``start``; ``None`` if mapping fails."""
+    aligned = start - start % mmap.ALLOCATIONGRANULARITY
+    try:
+        m = mmap.mmap(fd, nbytes + start - aligned, flags=_MAP_FLAGS, prot=mmap.PROT_READ,
+                      offset=aligned)  # fmt: skip
+    except (OSError, ValueError, OverflowError):
+        return None
+    with warnings.catch_warnings():  # "non-writable buffer": read-only on purpose, see above
+        warnings.simplefilter("ignore", UserWarning)
+        # frombuffer keeps a reference to the map; it is unmapped when the tensor is freed
+        t = torch.frombuffer(m, dtype=info.dtype, count=info.numel, offset=start - aligned)
+    return t.reshape(info.shape)
 
 
 def _read_into(fd: int, buf: memoryview, offset: int, path: str, name: str) -> None:

@@ -13,7 +13,6 @@ import os
 import resource
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 import yaml
 
 from mergeforge.config import MergeConfig, load_config
-from mergeforge.engine.execute import Loader, Progress, merge_one, run_statistics, stream_jobs
+from mergeforge.engine.execute import Loader, Progress, run_jobs, run_statistics
 from mergeforge.engine.plan import MergePlan, build_plan, output_config
 from mergeforge.errors import CheckpointError, ConfigError
 
@@ -40,6 +39,10 @@ class MergeResult:
     seconds: float
     peak_rss_bytes: int
     warnings: tuple[str, ...] = ()
+
+
+def default_workers() -> int:
+    return 2 if (os.cpu_count() or 1) > 1 else 1
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -169,10 +172,12 @@ def run_merge(
     overwrite: bool = False,
     progress: bool | None = None,
     shard_size: int | None = None,
+    workers: int | None = None,
 ) -> MergeResult:
     """Merge as the config says and write a Hugging Face-loadable folder at ``out``, atomically.
 
     ``progress``: ``None`` = a bar on a terminal, log lines otherwise; ``False`` = silent.
+    ``workers``: tensors merged concurrently (default: 2, or 1 on a single core).
     """
     from mergeforge.checkpoint import ShardedWriter
 
@@ -183,8 +188,8 @@ def run_merge(
         raise CheckpointError(f"output path {str(out)!r} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise CheckpointError(
-            f"output folder {str(out)!r} exists and is not empty; pass --overwrite (overwrite=True) "
-            "to replace it, or choose another folder"
+            f"output folder {str(out)!r} exists and is not empty; pass --overwrite "
+            "(overwrite=True) to replace it, or choose another folder"
         )
     plan = prepare(config)
     for w in plan.warnings:
@@ -196,29 +201,12 @@ def run_merge(
     say = bar.message if bar is not None else (lambda _m: None)
     try:
         stat_plan = run_statistics(plan, loader, say)
-        with (
-            ShardedWriter(
-                out, specs, max_shard_bytes=shard_size or plan.config.out_shard_size,
-                metadata=meta, overwrite=overwrite,
-            ) as writer,
-            ThreadPoolExecutor(max_workers=2, thread_name_prefix="mergeforge-read") as reads,
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeforge-write") as wpool,
-        ):  # fmt: skip
-            writes = []
-            for job, (base, tensors) in stream_jobs(plan, loader, reads):
-                if job.call is None:
-                    result = base
-                else:
-                    result = merge_one(job, base, tensors, plan, stat_plan, dev)
-                result = result.to("cpu", job.out_dtype).contiguous()
-                del base, tensors
-                writes.append(wpool.submit(writer.write, job.out_name, result))
-                while len(writes) > 2:
-                    writes.pop(0).result()
-                if bar is not None:
-                    bar.advance(job)
-            for w in writes:
-                w.result()
+        with ShardedWriter(
+            out, specs, max_shard_bytes=shard_size or plan.config.out_shard_size,
+            metadata=meta, overwrite=overwrite,
+        ) as writer:  # fmt: skip
+            run_jobs(plan, loader, stat_plan, dev, writer, workers or default_workers(),
+                     bar.advance if bar is not None else (lambda _j: None))  # fmt: skip
             _side_files(plan, writer)
             seconds = time.perf_counter() - t0
             writer.write_text("mergeforge_config.yml", plan.config.to_yaml())

@@ -1,9 +1,8 @@
-"""The streaming executor: one output tensor at a time, reads prefetched, writes in the background.
+"""The streaming executor: each output tensor is one self-contained job (read, merge, write).
 
-Memory: at most ``PREFETCH + 2`` jobs are alive at once (being read, being merged, being
-written), each holding its inputs and its output, so peak memory is
-O(number of inputs x largest tensor), independent of the model's size. Reads (``preadv``) and
-writes (``pwrite``) release the GIL, so two worker threads overlap I/O with the arithmetic.
+Memory: at most ``workers + 1`` jobs are alive at once, each holding its inputs and its output,
+so peak memory is O(workers x number of inputs x largest tensor), independent of the model's
+size. The writer puts each tensor at its precomputed offset, so jobs may finish in any order.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import logging
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -25,7 +24,6 @@ from mergeforge.methods.base import TensorContext
 
 log = logging.getLogger("mergeforge")
 
-PREFETCH = 2
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -42,8 +40,12 @@ class Loader:
     def tensor(self, ref: Ref, dtype: torch.dtype | None) -> Tensor:
         ck = self.plan.checkpoints[ref.model]
         t = ck.get(ref.name)
-        if self.plan.config.check_finite and t.is_floating_point():
-            if not bool(torch.isfinite(t).all()):
+        # the sum is finite iff no entry is NaN/Inf (barring overflow, which the exact check
+        # then clears); one cheap reduction instead of an isfinite pass (~30x slower here)
+        if self.plan.config.check_finite and t.is_floating_point() and t.numel():
+            if not bool(torch.isfinite(t.sum(dtype=torch.float64))) and not bool(
+                torch.isfinite(t).all()
+            ):
                 bad = int((~torch.isfinite(t)).sum())
                 raise ValidationError(
                     f"non-finite values: tensor {ref.name!r} in {self.plan.models[ref.model]} "
@@ -104,22 +106,36 @@ def merge_one(job: Job, base, tensors, plan: MergePlan, stat_plan, device) -> Te
     return out
 
 
-def stream_jobs(
-    plan: MergePlan, loader: Loader, pool: ThreadPoolExecutor
-) -> Iterator[tuple[Job, tuple[Tensor | None, list[Tensor]]]]:
-    """Yield (job, loaded inputs) in order with up to PREFETCH reads in flight."""
-    pending: deque[tuple[Job, Future]] = deque()
-    it = iter(plan.jobs)
-    for job in it:
-        pending.append((job, pool.submit(loader.job, job)))
-        if len(pending) > PREFETCH:
-            break
-    while pending:
-        job, fut = pending.popleft()
-        nxt = next(it, None)
-        if nxt is not None:
-            pending.append((nxt, pool.submit(loader.job, nxt)))
-        yield job, fut.result()
+def process(job: Job, loader: Loader, plan: MergePlan, stat_plan, device, writer) -> Job:
+    """Everything for one output tensor: read its inputs, merge, cast, write at its offset."""
+    base, tensors = loader.job(job)
+    result = base if job.call is None else merge_one(job, base, tensors, plan, stat_plan, device)
+    del base, tensors
+    writer.write(job.out_name, result.to("cpu", job.out_dtype).contiguous())
+    return job
+
+
+def run_jobs(plan: MergePlan, loader: Loader, stat_plan, device, writer, workers: int,
+             on_done: Callable[[Job], None]) -> None:  # fmt: skip
+    """Run every job on ``workers`` threads with at most ``workers + 1`` in flight (so at most
+    that many tensors' inputs and outputs are alive: bounded memory). Reads (``preadv``),
+    writes (``pwrite``) and torch kernels release the GIL, so the threads overlap I/O with
+    arithmetic and keep single-threaded kernels (quickselect in TIES' trim) on both cores."""
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergeforge") as pool:
+        pending: deque[Future] = deque()
+        try:
+            for job in plan.jobs:
+                pending.append(
+                    pool.submit(process, job, loader, plan, stat_plan, device, writer)
+                )
+                while len(pending) > workers:
+                    on_done(pending.popleft().result())
+            while pending:
+                on_done(pending.popleft().result())
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
 
 
 class Progress:
@@ -134,9 +150,16 @@ class Progress:
         self._next_log = 0.1
         if self.tty:
             from rich.progress import (
-                BarColumn, DownloadColumn, MofNCompleteColumn, Progress as RichProgress,
-                TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+                BarColumn,
+                DownloadColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
             )  # fmt: skip
+            from rich.progress import (
+                Progress as RichProgress,
+            )
 
             self._bar = RichProgress(
                 TextColumn("[bold]merging"), BarColumn(), DownloadColumn(),

@@ -308,7 +308,9 @@ def build_plan(cfg: MergeConfig, models: list[str], cks: list[Checkpoint]) -> Me
         refs = tuple(Ref(m, in_name_for(m)) for m, _ in non_base)
         all_refs = (*([b_ref] if b_ref else []), *refs)
         info = _input_info(models, cks, keysets, all_refs[0], out_name, where)
-        infos = [_input_info(models, cks, keysets, r, out_name, where, info.shape) for r in all_refs]
+        infos = [
+            _input_info(models, cks, keysets, r, out_name, where, info.shape) for r in all_refs
+        ]
         dt = out_dt or info.dtype
         floating = all(i.dtype.is_floating_point for i in infos)
         if not floating or any(p.search(out_name) for p in excl):
@@ -378,8 +380,8 @@ def _plan_slices(cfg, models, cks, index, layout: Layout, ref_ck, add) -> int:
         for k in range(n):
             t = k / (n - 1) if n > 1 else 1.0
             for rest in per_layer:
-                def name_for(m, k=k, rest=rest):
-                    return layout.name(starts.get(m, starts[next(iter(starts))]) + k, rest)
+                def name_for(m, k=k, rest=rest, starts=starts):
+                    return layout.name(starts.get(m, next(iter(starts.values()))) + k, rest)
 
                 add(layout.name(out_layer, rest), name_for, srcs(sl), sl.parameters,
                     sl.base_model, t, f"slices[{si}]")  # fmt: skip

@@ -56,8 +56,9 @@ def embed(
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     chunks = []
     for start in range(0, len(order), batch_size):
-        batch = tokenize(tokenizer, [texts[i] for i in order[start : start + batch_size]],
-                         max_length=max_length)
+        batch = tokenize(
+            tokenizer, [texts[i] for i in order[start : start + batch_size]], max_length=max_length
+        )
         chunks.append(sentence_embedding(encoder, batch).float())
     encoder.train(was_training)
     out = torch.empty(len(texts), chunks[0].shape[1]) if chunks else torch.empty(0, 0)
@@ -121,7 +122,7 @@ def load_head(folder: str | Path) -> tuple[nn.Linear, tuple[str, ...]]:
 
 
 def load_encoder(folder: str | Path) -> nn.Module:
-    """A Hugging Face encoder from ``folder``; every weight must be in the files (no random init)."""
+    """The Hugging Face encoder in ``folder``; every weight must come from its files."""
     from transformers import AutoModel
 
     try:

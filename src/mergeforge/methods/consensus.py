@@ -53,3 +53,40 @@ def disjoint_mean(
         divisor = (weights * mask).sum(dim=0)
         divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
     return total / divisor if normalize else total
+
+
+def elect_sign_list(deltas: list[Tensor], method: str = "sum") -> Tensor:
+    """:func:`elect_sign` for a list of N tensors of shape S, without stacking them: returns
+    a boolean S, True where the elected sign is +1 (a tied vote elects +1, as mergekit)."""
+    if method == "sum":
+        vote = deltas[0].clone()
+        for d in deltas[1:]:
+            vote.add_(d)
+    elif method == "count":
+        vote = torch.sign(deltas[0])
+        for d in deltas[1:]:
+            vote.add_(torch.sign(d))
+    else:
+        raise ValueError(f"unknown consensus method {method!r}: expected 'sum' or 'count'")
+    return vote >= 0
+
+
+def disjoint_sum(
+    deltas: list[Tensor], weights: list[float], positive: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The TIES disjoint step for a list of N weighted task vectors (each S), consuming them:
+    returns (Σ_i [sign τ_i = γ] τ_i, Σ_i [sign τ_i = γ] w_i) with a zero divisor replaced by
+    1 (mergekit). Zeros never agree. Same sums, in the same order, as :func:`disjoint_mean`."""
+    gamma = positive.to(deltas[0].dtype).mul_(2).sub_(1)  # ±1
+    merged = divisor = None
+    for d, w in zip(deltas, weights, strict=True):
+        agree = torch.mul(d, gamma).gt_(0)  # sign(d) == γ and d != 0
+        d.mul_(agree)
+        if merged is None:
+            merged, divisor = d, agree.mul_(w)
+        else:
+            merged.add_(d)
+            divisor.add_(agree.mul_(w))
+    assert merged is not None and divisor is not None
+    divisor.masked_fill_(divisor == 0, 1.0)
+    return merged, divisor

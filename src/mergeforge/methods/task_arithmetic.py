@@ -21,7 +21,7 @@ from torch import Tensor
 
 from mergeforge.methods import params as P
 from mergeforge.methods.base import Method, TensorContext, register
-from mergeforge.methods.consensus import agrees, disjoint_mean, elect_sign
+from mergeforge.methods.consensus import disjoint_sum, elect_sign_list
 from mergeforge.methods.sparsify import (
     NAMED_STREAMS,
     Sparsifier,
@@ -50,23 +50,33 @@ def generalized_task_arithmetic(
     ``sparsifiers[i]`` sparsifies model i's task vector (None: keep it dense); ``consensus``
     is an :func:`elect_sign` method or None (plain weighted sum).
     """
+    # One task vector at a time, in place: no (N, *S) stack and few fresh allocations, which
+    # dominate the cost of element-wise ops on large CPU tensors. The arithmetic and its order
+    # are mergekit's (sparsify, rescale, × weight, sum over models, ÷ divisor, × λ, + base).
     gens = model_generators(ctx, len(tensors), base.device)
+    weights = [float(mp.weight) for mp in model_params]
     deltas = []
-    for x, mp, sparsifier, gen in zip(tensors, model_params, sparsifiers, gens, strict=True):
-        delta = x - base
+    for x, mp, sparsifier, gen, w in zip(
+        tensors, model_params, sparsifiers, gens, weights, strict=True
+    ):
+        delta = torch.sub(x, base)
         if sparsifier is not None:
             delta = sparsify(delta, sparsifier, mp, rescale_norm=rescale_norm, generator=gen)
-        deltas.append(delta)
-    stacked = torch.stack(deltas)  # (N, *S)
+        deltas.append(delta.mul_(w))  # fresh tensor: sub/sparsify never return an input
+    if consensus:
+        merged, divisor = disjoint_sum(deltas, weights, elect_sign_list(deltas, consensus))
+    else:
+        merged = deltas[0].clone() if len(deltas) == 1 else torch.add(deltas[0], deltas[1])
+        for d in deltas[2:]:
+            merged.add_(d)
+        total = sum(weights)
+        divisor = 1.0 if abs(total) < 1e-8 else total
     del deltas
-    weights = torch.tensor([mp.weight for mp in model_params], dtype=base.dtype)
-    weights = weights.to(base.device).view(-1, *([1] * base.dim()))  # (N, 1, …, 1)
-    stacked = stacked * weights
-    mask = agrees(stacked, elect_sign(stacked, consensus)) if consensus else None
-    merged = disjoint_mean(stacked, weights, mask, normalize=normalize)
+    if normalize:
+        merged.div_(divisor)
     if lambda_ != 1:
-        merged = merged * lambda_
-    return base + merged
+        merged.mul_(lambda_)
+    return merged.add_(base)
 
 
 def task_arithmetic(base, tensors, params, model_params, ctx):
