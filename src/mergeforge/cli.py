@@ -12,6 +12,14 @@ from mergeforge import __version__
 from mergeforge.errors import MergeforgeError
 
 
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
 def _console():
     from rich.console import Console
 
@@ -31,7 +39,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         shard_size=parse_size(args.shard_size, "--shard-size") if args.shard_size else None,
     )
     print(
-        f"wrote {res.out} ({res.method}): {res.tensors} tensors, {res.bytes_written / 1e9:.3f} GB "
+        f"wrote {res.out} ({res.method}): {res.tensors} tensors, {human(res.bytes_written)} "
         f"in {res.seconds:.1f} s, peak RSS {res.peak_rss_bytes / 2**30:.2f} GiB"
     )
     return 0
@@ -46,7 +54,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     merged = sum(j.call is not None for j in plan.jobs)
     print(
         f"ok: {plan.method.name} over {len(plan.models)} model(s); {len(plan.jobs)} output tensors "
-        f"({merged} merged, {len(plan.jobs) - merged} copied), {plan.total_bytes / 1e9:.3f} GB"
+        f"({merged} merged, {len(plan.jobs) - merged} copied), {human(plan.total_bytes)} to write"
     )
     for ck in plan.checkpoints:
         ck.close()
@@ -60,6 +68,15 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
     con = _console()
     methods = [get_method(args.name)] if args.name else list(all_methods())
+    if args.markdown:
+        print("| method | what it does | reference | base | shared parameters | per-model |")
+        print("|---|---|---|---|---|---|")
+        for m in methods:
+            f = m.param_fields()
+            fmt = lambda d: ", ".join(f"`{k.rstrip('_')}={v!r}`" for k, v in d.items()) or "–"  # noqa: E731
+            print(f"| `{m.name}` | {m.summary} | {m.reference} | {m.base} | {fmt(f['shared'])} "
+                  f"| {fmt(f['per_model'])} |")  # fmt: skip
+        return 0
     table = Table(title="mergeforge merge methods", show_lines=True)
     for col in ("method", "summary", "reference", "base", "shared parameters", "per-model"):
         table.add_column(col, overflow="fold")
@@ -95,7 +112,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         con.print(f"({len(infos) - 40} tensors not shown; --all shows every tensor)")
     nbytes = sum(i.nbytes for i in infos)
     con.print(
-        f"{len(infos)} tensors, {total:,} parameters, {nbytes / 1e9:.3f} GB; dtypes: "
+        f"{len(infos)} tensors, {total:,} parameters, {human(nbytes)}; dtypes: "
         + ", ".join(f"{k} {v:,}" for k, v in dtypes.items())
     )
     return 0
@@ -132,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     me = sub.add_parser("methods", help="list merge methods, references and parameters")
     me.add_argument("name", nargs="?", help="show one method")
+    me.add_argument("--markdown", action="store_true", help="print a markdown table")
     me.set_defaults(fn=cmd_methods)
 
     i = sub.add_parser("inspect", help="tensors, shapes, dtypes and sizes of a checkpoint")

@@ -29,7 +29,7 @@ ENCODER_DIR = "encoder"
 
 @dataclass(frozen=True)
 class FinetuneRecipe:
-    steps: int = 40
+    steps: int = 30
     batch_size: int = 32
     max_length: int = 64
     lr: float = 1e-4
