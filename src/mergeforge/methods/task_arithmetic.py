@@ -55,22 +55,28 @@ def generalized_task_arithmetic(
     # are mergekit's (sparsify, rescale, × weight, sum over models, ÷ divisor, × λ, + base).
     gens = model_generators(ctx, len(tensors), base.device)
     weights = [float(mp.weight) for mp in model_params]
-    deltas = []
+    deltas: list[Tensor] = []
+    merged: Tensor | None = None
     for x, mp, sparsifier, gen, w in zip(
         tensors, model_params, sparsifiers, gens, weights, strict=True
     ):
-        delta = torch.sub(x, base)
+        delta = torch.sub(x, base)  # fresh tensor: sub/sparsify never return an input
         if sparsifier is not None:
             delta = sparsify(delta, sparsifier, mp, rescale_norm=rescale_norm, generator=gen)
-        deltas.append(delta.mul_(w))  # fresh tensor: sub/sparsify never return an input
+        if consensus:
+            deltas.append(delta.mul_(w))
+        elif merged is None:
+            merged = delta.mul_(w)
+        else:  # without consensus, accumulate: one task vector alive at a time. mul_ then
+            # add_ rather than add_(alpha=w), which fuses (FMA) and rounds differently
+            merged.add_(delta.mul_(w))
+            del delta
     if consensus:
         merged, divisor = disjoint_sum(deltas, weights, elect_sign_list(deltas, consensus))
     else:
-        merged = deltas[0].clone() if len(deltas) == 1 else torch.add(deltas[0], deltas[1])
-        for d in deltas[2:]:
-            merged.add_(d)
         total = sum(weights)
         divisor = 1.0 if abs(total) < 1e-8 else total
+    assert merged is not None
     del deltas
     if normalize:
         merged.div_(divisor)
