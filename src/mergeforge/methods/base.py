@@ -102,6 +102,9 @@ class Method:
     """Permuting the non-base inputs (with their model params) leaves the result unchanged."""
     idempotent: bool = True
     """Merging N identical copies of the base returns the base (or the copy when no base)."""
+    elementwise: bool = False
+    """Output entry i depends only on the inputs' entries i (no norms, quantiles or RNG over
+    the tensor): the engine may then run the method on cache-sized chunks of flat views."""
     statistic: Callable[[Any], Statistic] | None = None
     """Factory ``(params) -> Statistic`` when the method needs a statistics pass."""
     aliases: tuple[str, ...] = ()

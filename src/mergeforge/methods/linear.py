@@ -48,6 +48,7 @@ def linear(base, tensors, params, model_params, ctx):
 register(
     Method(
         name="linear",
+        elementwise=True,
         fn=linear,
         summary="Weighted average of the models (model soup): Σ w_i θ_i / Σ w_i.",
         reference="https://arxiv.org/abs/2203.05482",

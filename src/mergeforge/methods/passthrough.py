@@ -30,6 +30,7 @@ def passthrough(base, tensors, params, model_params, ctx):
 register(
     Method(
         name="passthrough",
+        elementwise=True,
         fn=passthrough,
         summary="Copy the one input tensor, optionally multiplied by 'scale'.",
         reference="https://github.com/arcee-ai/mergekit",

@@ -110,6 +110,7 @@ _DELTA = "θ = θ₀ + λ·Σ w_i·τ_i"
 register(
     Method(
         name="task_arithmetic",
+        elementwise=True,
         fn=task_arithmetic,
         summary=f"Task arithmetic: {_DELTA}; negative weights subtract (forgetting).",
         reference="https://arxiv.org/abs/2212.04089",
