@@ -169,3 +169,29 @@ def test_chunked_elementwise_path_equals_whole_tensor_path(llama_family, tmp_pat
     a, b = load_dir(tmp_path / "chunked"), load_dir(tmp_path / "whole")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(v.dtype == torch.bfloat16 for v in a.values())
+
+
+def test_lora_adapter_input_relative_to_yaml(llama_family, tmp_path):
+    """`base+adapter` inputs (paths relative to the YAML) merge as base + scale·B@A."""
+    peft = pytest.importorskip("peft")
+    import shutil
+
+    shutil.copytree(llama_family["base"], tmp_path / "base")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    lcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    pm = peft.get_peft_model(model, lcfg)
+    torch.manual_seed(0)
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)  # B is zero-initialised: make the adapter do something
+    pm.save_pretrained(tmp_path / "adapter")
+    want = pm.merge_and_unload().state_dict()
+    (tmp_path / "m.yml").write_text(
+        "merge_method: task_arithmetic\nbase_model: base\n"
+        "models:\n  - model: base+adapter\n    parameters: {weight: 1.0}\n"
+    )
+    mergeforge.merge(tmp_path / "m.yml", tmp_path / "out", progress=False)
+    out = load_dir(tmp_path / "out")
+    k = "model.layers.1.self_attn.q_proj.weight"
+    assert not torch.equal(out[k], load_dir(tmp_path / "base")[k])
+    assert max((out[n] - want[n]).abs().max().item() for n in out) < 1e-6

@@ -55,11 +55,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def _resolve_path(cfg: MergeConfig, spec: str) -> str:
-    """Relative model paths are taken against the YAML's folder when they exist there."""
+    """Relative model paths are taken against the YAML's folder when they exist there (each
+    side of a ``BASE+ADAPTER`` spec on its own)."""
     if cfg.root is None or os.path.isabs(spec) or os.path.exists(spec):
         return spec
     cand = cfg.root / spec
-    return str(cand) if cand.exists() else spec
+    if cand.exists():
+        return str(cand)
+    if "+" in spec:
+        return "+".join(_resolve_path(cfg, part) for part in spec.split("+"))
+    return spec
 
 
 def prepare(config: str | Path | Mapping[str, Any] | MergeConfig) -> MergePlan:
