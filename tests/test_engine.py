@@ -158,7 +158,7 @@ def test_chunked_elementwise_path_equals_whole_tensor_path(llama_family, tmp_pat
 
     e = [str(m) for m in llama_family["experts"]]
     cfg = {"merge_method": method, "models": [{"model": m, "parameters": {"weight": w}}
-                                             for m, w in zip(e, (0.5, -0.3, 0.9))],
+                                             for m, w in zip(e, (0.5, -0.3, 0.9), strict=True)],
            "out_dtype": "bfloat16"}  # fmt: skip
     if method == "task_arithmetic":
         cfg["base_model"] = str(llama_family["base"])
