@@ -195,3 +195,10 @@ def test_lora_adapter_input_relative_to_yaml(llama_family, tmp_path):
     k = "model.layers.1.self_attn.q_proj.weight"
     assert not torch.equal(out[k], load_dir(tmp_path / "base")[k])
     assert max((out[n] - want[n]).abs().max().item() for n in out) < 1e-6
+
+
+def test_mergekit_method_we_lack_is_named_as_not_implemented():
+    from mergeforge.methods import get_method
+
+    with pytest.raises(ConfigError, match="does not implement yet"):
+        get_method("sce")

@@ -140,6 +140,12 @@ def register(method: Method) -> Method:
     return method
 
 
+NOT_YET = {
+    # mergekit methods without a mergeforge implementation yet: say so instead of "unknown"
+    "multislerp", "nuslerp", "karcher", "sce", "nearswap", "ram", "ramplus_tl", "arcee_fusion",
+}  # fmt: skip
+
+
 def get_method(name: str) -> Method:
     from mergeforge.errors import ConfigError
 
@@ -147,6 +153,12 @@ def get_method(name: str) -> Method:
     try:
         return _REGISTRY[name]
     except KeyError:
+        if name in NOT_YET:
+            raise ConfigError(
+                f"merge method {name!r} is a mergekit method that mergeforge does not implement "
+                "yet (not implemented). Use mergekit for it, or one of: "
+                + ", ".join(sorted(_REGISTRY))
+            ) from None
         known = ", ".join(sorted(_REGISTRY))
         raise ConfigError(
             f"unknown merge method {name!r}. Known methods: {known}. "
