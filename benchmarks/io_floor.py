@@ -75,7 +75,7 @@ def io_floor_raw(model_dirs: list[Path], out: Path) -> dict:
             nwritten += 8 + n
             for k in names:
                 tr = time.perf_counter()
-                for idx, buf in zip(where, bufs):
+                for idx, buf in zip(where, bufs, strict=True):
                     p, off, ln = idx[k]
                     g = fh(p)
                     g.seek(off)
@@ -94,7 +94,12 @@ def io_floor_raw(model_dirs: list[Path], out: Path) -> dict:
         if src.exists():
             shutil.copy2(src, out / extra)
     total = time.perf_counter() - t0
-    return {"read_s": t_read, "write_s": total - t_read, "bytes_read": nread, "bytes_written": nwritten}
+    return {
+        "read_s": t_read,
+        "write_s": total - t_read,
+        "bytes_read": nread,
+        "bytes_written": nwritten,
+    }
 
 
 def io_floor_safetensors(model_dirs: list[Path], out: Path) -> dict:
@@ -124,12 +129,18 @@ def io_floor_safetensors(model_dirs: list[Path], out: Path) -> dict:
     if cfg.exists():
         shutil.copy2(cfg, out / "config.json")
     t2 = time.perf_counter()
-    return {"read_s": t1 - t0, "write_s": t2 - t1, "bytes_read": nread,
-            "bytes_written": (out / "model.safetensors").stat().st_size}
+    return {
+        "read_s": t1 - t0,
+        "write_s": t2 - t1,
+        "bytes_read": nread,
+        "bytes_written": (out / "model.safetensors").stat().st_size,
+    }
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--mode", choices=["raw", "safetensors"], default="raw")
     ap.add_argument("models", nargs="+", type=Path)

@@ -1,4 +1,5 @@
 #!/usr/bin/env python
+# ruff: noqa: E501  (report strings)
 """Speed / memory benchmark: ``mergeforge merge`` versus ``mergekit-yaml``.
 
 Acceptance being measured: base + 3 experts of a ~250M-parameter Llama model
@@ -279,7 +280,9 @@ def write_configs(info: dict, methods: list[str], cfg_dir: Path) -> dict[str, Pa
     paths = {}
     for meth in methods:
         p = cfg_dir / f"{meth}.yaml"
-        p.write_text(yaml.safe_dump(method_config(meth, info["base"], info["experts"]), sort_keys=False))
+        p.write_text(
+            yaml.safe_dump(method_config(meth, info["base"], info["experts"]), sort_keys=False)
+        )
         paths[meth] = p
     return paths
 
@@ -299,36 +302,44 @@ class RunResult:
     extra: dict = field(default_factory=dict)
 
 
-def run_measured(cmd: list[str], log_path: Path | None = None, env: dict | None = None,
-                 timeout: float | None = None) -> RunResult:
-    """Run ``cmd``; wall-clock around it and the child's ru_maxrss via os.wait4."""
+def run_measured(
+    cmd: list[str],
+    log_path: Path | None = None,
+    env: dict | None = None,
+    timeout: float | None = None,
+) -> RunResult:
+    """Run ``cmd``; wall-clock around it and the child's ru_maxrss via os.wait4.
+
+    The measuring is done by ``timed_run.py``, a fresh stdlib-only interpreter, because
+    ``ru_maxrss`` survives execve: a child forked from this (large, torch-importing)
+    driver would start from the driver's own RSS high-water mark.
+    """
+    import tempfile
+
     subprocess.run(["sync"], check=False)  # flush previous outputs outside the timing
     load = os.getloadavg()[0]
-    out = open(log_path, "wb") if log_path else subprocess.DEVNULL
-    try:
-        t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        deadline = None if timeout is None else t0 + timeout
-        while True:
-            pid, status, ru = os.wait4(p.pid, os.WNOHANG if deadline else 0)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                p.kill()
-                pid, status, ru = os.wait4(p.pid, 0)
-                break
-            time.sleep(0.02)
-        wall = time.perf_counter() - t0
-    finally:
+    with tempfile.TemporaryDirectory() as td:
+        js = Path(td) / "r.json"
+        launcher = [sys.executable, "-S", str(HERE / "timed_run.py"), "--json", str(js)]
         if log_path:
-            out.close()
-    rc = os.waitstatus_to_exitcode(status)
-    p.returncode = rc  # keep Popen from waiting on a reaped pid
+            launcher += ["--log", str(log_path)]
+        if timeout:
+            launcher += ["--timeout", str(timeout)]
+        subprocess.run([*launcher, "--", *cmd], check=True, env=env)
+        r = json.loads(js.read_text())
     tail = ""
     if log_path and log_path.exists():
         tail = log_path.read_text(errors="replace")[-3000:]
-    return RunResult(cmd=cmd, wall_s=wall, maxrss_bytes=ru.ru_maxrss * 1024, returncode=rc,
-                     cpu_s=ru.ru_utime + ru.ru_stime, loadavg_before=load, log=tail)
+    return RunResult(
+        cmd=cmd,
+        wall_s=r["wall_s"],
+        maxrss_bytes=r["maxrss_bytes"],
+        returncode=r["returncode"],
+        cpu_s=r["cpu_s"],
+        loadavg_before=load,
+        log=tail,
+        extra={k: r[k] for k in ("user_s", "sys_s", "timed_out")},
+    )
 
 
 def warm_cache(paths: list[Path], chunk: int = 64 << 20) -> tuple[int, float]:
@@ -340,7 +351,7 @@ def warm_cache(paths: list[Path], chunk: int = 64 << 20) -> tuple[int, float]:
         for f in sorted(Path(d).rglob("*")):
             if f.is_file():
                 with open(f, "rb", buffering=0) as fh:
-                    while (k := fh.readinto(buf)):
+                    while k := fh.readinto(buf):
                         n += k
     return n, time.perf_counter() - t0
 
@@ -365,6 +376,7 @@ def max_abs_diff(a_dir: Path, b_dir: Path) -> dict:
     common = sorted(set(wa) & set(wb))
     worst, worst_name, max_rel = 0.0, None, 0.0
     dtype_mismatch = []
+    n_diff_tensors = n_diff_elems = n_elems = 0
     handles: dict[Path, object] = {}
 
     def get(p: Path, k: str):
@@ -378,7 +390,14 @@ def max_abs_diff(a_dir: Path, b_dir: Path) -> dict:
             dtype_mismatch.append(k)
         if x.shape != y.shape:
             return {"error": f"shape mismatch for {k}: {tuple(x.shape)} vs {tuple(y.shape)}"}
-        d = (x.double() - y.double()).abs().max().item() if x.numel() else 0.0
+        diff = (x.double() - y.double()).abs()
+        d = diff.max().item() if x.numel() else 0.0
+        nz = int(torch.count_nonzero(diff)) if x.numel() else 0
+        if nz:
+            n_diff_tensors += 1
+            n_diff_elems += nz
+        n_elems += x.numel()
+        del diff
         if d > worst:
             worst, worst_name = d, k
         s = x.double().abs().max().item() if x.numel() else 0.0
@@ -389,6 +408,9 @@ def max_abs_diff(a_dir: Path, b_dir: Path) -> dict:
         "worst_tensor": worst_name,
         "max_rel_to_tensor_absmax": max_rel,
         "n_common": len(common),
+        "n_tensors_differing": n_diff_tensors,
+        "n_elements_differing": n_diff_elems,
+        "n_elements": n_elems,
         "only_in_a": sorted(set(wa) - set(wb))[:10],
         "only_in_b": sorted(set(wb) - set(wa))[:10],
         "dtype_mismatch": dtype_mismatch[:10],
@@ -404,13 +426,23 @@ def mergeforge_cmd(cfg: Path, out: Path) -> list[str]:
 
 
 def io_floor_cmd(info: dict, out: Path, mode: str = "raw") -> list[str]:
-    return [sys.executable, str(HERE / "io_floor.py"), "--mode", mode, "--out", str(out),
-            info["base"], *info["experts"]]
+    return [
+        sys.executable,
+        str(HERE / "io_floor.py"),
+        "--mode",
+        mode,
+        "--out",
+        str(out),
+        info["base"],
+        *info["experts"],
+    ]
 
 
 def mergeforge_available() -> tuple[bool, str]:
     try:
-        p = subprocess.run(["mergeforge", "merge", "--help"], capture_output=True, text=True, timeout=120)
+        p = subprocess.run(
+            ["mergeforge", "merge", "--help"], capture_output=True, text=True, timeout=120
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return False, repr(e)
     txt = (p.stdout + p.stderr).strip()
@@ -440,7 +472,21 @@ def machine_info() -> dict:
         mf = version("mergeforge")
     except Exception:  # noqa: BLE001
         mf = "not installed"
+    src_sha = None
+    try:
+        import hashlib
+
+        import mergeforge
+
+        h = hashlib.sha256()
+        root = Path(mergeforge.__file__).parent
+        for f in sorted(root.rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+        src_sha = h.hexdigest()[:12]
+    except Exception:  # noqa: BLE001
+        pass
     return {
+        "mergeforge_src_sha256": src_sha,
         "cpu_model": model,
         "cpus": os.cpu_count(),
         "ram_gib": round(mem_kb / 2**20, 1),
@@ -503,7 +549,8 @@ def markdown(results: dict) -> str:
         "",
         f"Machine: {mi['cpu_model']}, {mi['cpus']} CPUs, {mi['ram_gib']} GiB RAM; "
         f"torch {mi['torch']} ({mi['torch_threads']} threads), python {mi['python']}, "
-        f"mergekit {mi['mergekit']}, mergeforge {mi['mergeforge']}.",
+        f"mergekit {mi['mergekit']}, mergeforge {mi['mergeforge']} "
+        f"(sha256 of its src/*.py: {mi.get('mergeforge_src_sha256')}).",
         "",
         f"Inputs: base + {len(info['experts'])} experts, Llama "
         f"{info['arch']['num_hidden_layers']}L/h{info['arch']['hidden_size']}/"
@@ -532,26 +579,37 @@ def markdown(results: dict) -> str:
         if r["meets_target"] is not None:
             tgt += " ✅" if r["meets_target"] else " ❌"
         diff = "–" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.2e}"
+        dd = results.get("diffs", {}).get(r["method"]) or {}
+        if dd.get("n_elements_differing"):
+            diff += (
+                f" ({dd['n_elements_differing']:,} of {dd['n_elements']:,} elements, "
+                f"{dd['n_tensors_differing']}/{dd['n_common']} tensors)"
+            )
         lines.append(
             f"| {r['method']} | {f(r['mergekit_s'])} | {f(r['mergeforge_s'])} | "
             f"{f(r['speedup'])}{'×' if r['speedup'] else ''} | {tgt} | {f(r['mergekit_x_io'])}× | "
             f"{f(r['mergeforge_x_io'])}× | {gb(r['mergekit_rss'])} | {gb(r['mergeforge_rss'])} | {diff} | "
             f"{f(r['mergekit_cpu_s'], '.1f')}/{f(r['mergeforge_cpu_s'], '.1f')} | {r['mergekit_n']}/{r['mergeforge_n']}"
-            + (f" (failed {r['mergekit_failed']}/{r['mergeforge_failed']})"
-               if r["mergekit_failed"] or r["mergeforge_failed"] else "")
+            + (
+                f" (failed {r['mergekit_failed']}/{r['mergeforge_failed']})"
+                if r["mergekit_failed"] or r["mergeforge_failed"]
+                else ""
+            )
             + " |"
         )
     lines += [
         "",
-        "Times are medians of wall-clock around each subprocess (tools alternated); peak RSS is "
-        "the child's `ru_maxrss` from `os.wait4` (max over runs; includes file-backed pages of "
-        "mmapped inputs that the process touched). CPU s = child user+sys seconds (median); "
+        "Times are medians of wall-clock around each subprocess (tools alternated, `sync` before "
+        "each); peak RSS is the child's `ru_maxrss` from `os.wait4` in a small stdlib-only "
+        "launcher (`timed_run.py`; ru_maxrss survives exec, so the torch-importing driver must "
+        "not be the parent), max over runs, file-backed pages of mmapped inputs that the process "
+        "touched included. CPU s = child user+sys seconds (median); "
         "it is less sensitive than wall-clock to other load on the machine "
         f"(1-min load average before runs: {results.get('load_summary', '?')}).",
         "",
         f"mergekit command: `mergekit-yaml CONFIG OUT {' '.join(MERGEKIT_FAST_FLAGS)}`  ",
         f"mergeforge command: `mergeforge merge CONFIG OUT {' '.join(MERGEFORGE_FLAGS)}`  ",
-        f"I/O floor: `python benchmarks/io_floor.py --out OUT BASE EXPERT1 EXPERT2 EXPERT3`",
+        "I/O floor: `python benchmarks/io_floor.py --out OUT BASE EXPERT1 EXPERT2 EXPERT3`",
     ]
     if results.get("notes"):
         lines += ["", "Notes:"] + [f"- {n}" for n in results["notes"]]
@@ -560,10 +618,17 @@ def markdown(results: dict) -> str:
 
 def save(results: dict, stem: str = "merge_vs_mergekit") -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    loads = [r.get("loadavg_before", 0.0) for t in results["methods"].values() for rs in t.values() for r in rs]
+    loads = [
+        r.get("loadavg_before", 0.0)
+        for t in results["methods"].values()
+        for rs in t.values()
+        for r in rs
+    ]
     loads += [r.get("loadavg_before", 0.0) for r in results.get("io_floor", {}).get("runs", [])]
     if loads:
-        results["load_summary"] = f"min {min(loads):.2f}, median {statistics.median(loads):.2f}, max {max(loads):.2f}"
+        results["load_summary"] = (
+            f"min {min(loads):.2f}, median {statistics.median(loads):.2f}, max {max(loads):.2f}"
+        )
     results["summary"] = summarize(results)
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str))
     (RESULTS / f"{stem}.md").write_text(markdown(results))
@@ -573,7 +638,9 @@ def save(results: dict, stem: str = "merge_vs_mergekit") -> None:
 # main
 # --------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     ap.add_argument("--layers", type=int, default=LLAMA_250M["num_hidden_layers"])
     ap.add_argument("--experts", type=int, default=3)
@@ -581,14 +648,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--regen", action="store_true", help="regenerate models even if present")
     ap.add_argument("--methods", default=",".join(MAIN_METHODS))
     ap.add_argument("--extras", action="store_true", help=f"also run {','.join(EXTRA_METHODS)}")
-    ap.add_argument("--reps", type=int, default=3, help="repetitions (mergeforge, and mergekit for fast methods)")
-    ap.add_argument("--mergekit-slow-reps", type=int, default=1,
-                    help="mergekit repetitions for slow methods (ties/dare_ties/breadcrumbs/della)")
+    ap.add_argument(
+        "--reps",
+        type=int,
+        default=3,
+        help="repetitions (mergeforge, and mergekit for fast methods)",
+    )
+    ap.add_argument(
+        "--mergekit-slow-reps",
+        type=int,
+        default=1,
+        help="mergekit repetitions for slow methods (ties/dare_ties/breadcrumbs/della)",
+    )
     ap.add_argument("--io-reps", type=int, default=3)
     ap.add_argument("--only", choices=["mergekit", "mergeforge"], default=None)
     ap.add_argument("--skip-io-floor", action="store_true")
-    ap.add_argument("--merge-results", action="store_true",
-                    help="merge into an existing results JSON (keep runs of the other tool)")
+    ap.add_argument(
+        "--merge-results",
+        action="store_true",
+        help="merge into an existing results JSON (keep runs of the other tool)",
+    )
     ap.add_argument("--timeout", type=float, default=1800.0, help="per-run timeout (s)")
     ap.add_argument("--generate-only", action="store_true")
     a = ap.parse_args(argv)
@@ -627,11 +706,15 @@ def main(argv: list[str] | None = None) -> int:
         if not ok:
             print(f"[warn] `mergeforge merge --help` failed; skipping mergeforge:\n{msg}")
             tools.remove("mergeforge")
-            results["notes"].append("mergeforge CLI not available at run time: " + msg.splitlines()[-1][:200])
+            results["notes"].append(
+                "mergeforge CLI not available at run time: " + msg.splitlines()[-1][:200]
+            )
 
     nb, ts = warm_cache([Path(info["base"]), *map(Path, info["experts"])])
     results["warm_cache"] = {"bytes": nb, "s": ts}
-    print(f"[cache] warm page cache: one untimed read of all inputs, {nb / 1e9:.2f} GB in {ts:.1f}s")
+    print(
+        f"[cache] warm page cache: one untimed read of all inputs, {nb / 1e9:.2f} GB in {ts:.1f}s"
+    )
 
     if not a.skip_io_floor:
         for mode, key in (("raw", "io_floor"), ("safetensors", "io_floor_safetensors")):
@@ -639,10 +722,15 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(a.io_reps):
                 out = outroot / "io_floor"
                 shutil.rmtree(out, ignore_errors=True)
-                r = run_measured(io_floor_cmd(info, out, mode), logdir / f"io_floor_{mode}_{i}.log",
-                                 timeout=a.timeout)
-                print(f"[io:{mode}] rep {i}: {r.wall_s:.2f}s  maxrss {r.maxrss_bytes / 2**30:.2f} GiB "
-                      f"rc={r.returncode}  ({r.log.strip().splitlines()[-1] if r.log.strip() else ''})")
+                r = run_measured(
+                    io_floor_cmd(info, out, mode),
+                    logdir / f"io_floor_{mode}_{i}.log",
+                    timeout=a.timeout,
+                )
+                print(
+                    f"[io:{mode}] rep {i}: {r.wall_s:.2f}s  maxrss {r.maxrss_bytes / 2**30:.2f} GiB "
+                    f"rc={r.returncode}  ({r.log.strip().splitlines()[-1] if r.log.strip() else ''})"
+                )
                 runs.append(asdict(r))
             results[key] = {"runs": runs}
 
@@ -664,10 +752,16 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 out = outroot / f"{tool}_{meth}"
                 shutil.rmtree(out, ignore_errors=True)
-                r = run_measured(builders[tool](cfgs[meth], out), logdir / f"{tool}_{meth}_{i}.log",
-                                 timeout=a.timeout)
-                print(f"[{meth}] {tool:10s} rep {i}: {r.wall_s:7.2f}s  maxrss "
-                      f"{r.maxrss_bytes / 2**30:.2f} GiB rc={r.returncode}", flush=True)
+                r = run_measured(
+                    builders[tool](cfgs[meth], out),
+                    logdir / f"{tool}_{meth}_{i}.log",
+                    timeout=a.timeout,
+                )
+                print(
+                    f"[{meth}] {tool:10s} rep {i}: {r.wall_s:7.2f}s  maxrss "
+                    f"{r.maxrss_bytes / 2**30:.2f} GiB rc={r.returncode}",
+                    flush=True,
+                )
                 if r.returncode != 0:
                     print(r.log[-1500:])
                 mres[tool].append(asdict(r))
@@ -676,9 +770,11 @@ def main(argv: list[str] | None = None) -> int:
         if meth in DETERMINISTIC and _st_files(mk_out) and _st_files(mf_out):
             d = max_abs_diff(mk_out, mf_out)
             results["diffs"][meth] = d
-            print(f"[{meth}] max |mergekit - mergeforge| = {d.get('max_abs_diff')} "
-                  f"(worst {d.get('worst_tensor')}; {d.get('n_common')} tensors; "
-                  f"only mk {d.get('only_in_a')} only mf {d.get('only_in_b')})")
+            print(
+                f"[{meth}] max |mergekit - mergeforge| = {d.get('max_abs_diff')} "
+                f"(worst {d.get('worst_tensor')}; {d.get('n_common')} tensors; "
+                f"only mk {d.get('only_in_a')} only mf {d.get('only_in_b')})"
+            )
         save(results)
 
     save(results)

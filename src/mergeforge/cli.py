@@ -125,6 +125,24 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mergeforge.evaluate.bench import run_bench
+
+    run_bench(
+        args.suite,
+        args.methods,
+        args.out or f"mergeforge-bench-{args.suite}",
+        quick=args.quick,
+        full=args.full,
+        cache_dir=args.cache,
+        tasks=args.tasks.split(",") if args.tasks else None,
+        keep_merged=args.keep_merged,
+        plots=not args.no_plots,
+        console=_console(),
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mergeforge",
@@ -163,6 +181,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="mergeforge-quickstart", help="where merged models go")
     q.add_argument("--cache", default=None, help="cache folder for the base and experts")
     q.set_defaults(fn=cmd_quickstart)
+
+    b = sub.add_parser(
+        "bench",
+        help="merge a suite's experts with each listed method and score them on its tasks",
+        description="Run the methods of a YAML file (lists are sweeps) on a benchmark suite; "
+        "print per-task accuracy, average, normalized average, merge time and peak memory; "
+        "write results.json, results.md and PNG plots.",
+    )
+    b.add_argument("suite", help="benchmark suite: text")
+    b.add_argument("--methods", required=True, help="methods YAML (see benchmarks/text/)")
+    b.add_argument("--out", default=None, help="results folder (default mergeforge-bench-SUITE)")
+    b.add_argument("--quick", action="store_true", help="smoke run: few tasks/steps, tiny sets")
+    b.add_argument("--full", action="store_true", help="train on every example, not a subsample")
+    b.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
+    b.add_argument("--cache", default=None, help="cache folder for the base and experts")
+    b.add_argument("--keep-merged", action="store_true", help="keep merged models under OUT")
+    b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    b.set_defaults(fn=cmd_bench)
     return p
 
 

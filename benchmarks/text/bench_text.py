@@ -1,0 +1,45 @@
+"""Run the text suite with a custom fine-tuning recipe (e.g. reduced settings on a busy CPU).
+
+    python benchmarks/text/bench_text.py --methods benchmarks/text/methods.yaml \
+        --steps 200 --batch-size 32 --max-length 64 --n-test 500 --out benchmarks/results/text
+
+Same as ``mergeforge bench text`` but with the recipe and sizes exposed; experts are cached by
+recipe, so runs with different settings never mix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from mergeforge.evaluate.bench import register_suite, run_bench  # noqa: E402
+from mergeforge.evaluate.text_experts import FinetuneRecipe  # noqa: E402
+from mergeforge.evaluate.text_suite import N_TEST, N_TRAIN, RECIPE, TextSuite  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", default="benchmarks/text/methods.yaml")
+    p.add_argument("--out", default="mergeforge-bench-text")
+    p.add_argument("--steps", type=int, default=RECIPE.steps)
+    p.add_argument("--batch-size", type=int, default=RECIPE.batch_size)
+    p.add_argument("--max-length", type=int, default=RECIPE.max_length)
+    p.add_argument("--n-train", type=int, default=N_TRAIN)
+    p.add_argument("--n-test", type=int, default=N_TEST)
+    p.add_argument("--tasks", default=None, help="comma-separated subset")
+    p.add_argument("--cache", default=None)
+    a = p.parse_args()
+    recipe = FinetuneRecipe(steps=a.steps, batch_size=a.batch_size, max_length=a.max_length)
+
+    def suite(**kw):
+        return TextSuite(**kw, recipe=recipe, n_train=a.n_train, n_test=a.n_test)
+
+    register_suite("text-custom", suite)
+    tasks = a.tasks.split(",") if a.tasks else None
+    run_bench("text-custom", a.methods, a.out, cache_dir=a.cache, tasks=tasks)
+
+
+if __name__ == "__main__":
+    main()

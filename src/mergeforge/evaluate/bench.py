@@ -1,0 +1,365 @@
+"""``mergeforge bench SUITE --methods FILE.yaml``: merge a suite's experts with each listed method
+(sweeps expanded), score every merge on the suite's task pool, and write the results.
+
+The methods file::
+
+    methods:
+      - name: pretrained              # reference row: the base model with each task's head
+        method: pretrained
+      - name: task_arithmetic
+        method: task_arithmetic       # a registered method (``mergeforge methods``)
+        parameters: {lambda: [0.1, 0.3, 0.5, 1.0]}   # a list is a sweep: one run per value
+      - name: ties
+        method: ties
+        parameters: {lambda: [0.5, 1.0]}
+        model_parameters: {density: [0.2, 0.5]}     # per-model (same for every expert)
+
+Lists in ``parameters``/``model_parameters`` expand to their Cartesian product. Each merge runs
+in a fresh child process, so its peak RSS is that merge's own (not the evaluator's). A suite is
+anything with the :class:`Suite` shape registered in :data:`SUITES` (``text`` now; ``vision``
+plugs in with :func:`register_suite`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from mergeforge.errors import ConfigError, MergeforgeError
+from mergeforge.evaluate.pool import RunResult, TaskPool, evaluate_pool
+
+REFERENCE_METHODS = ("pretrained",)  # rows that merge nothing
+EXPERTS_ROW = "experts (own task)"
+_ENTRY_KEYS = {"name", "method", "parameters", "model_parameters"}
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    """One merge to run: a methods-file entry with every sweep fixed to one value."""
+
+    name: str
+    family: str
+    method: str
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    model_parameters: Mapping[str, Any] = field(default_factory=dict)
+    swept: tuple[str, ...] = ()
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {**self.model_parameters, **self.parameters}
+
+
+class Suite(Protocol):
+    """A benchmark suite: builds (or reuses) its base and experts, then scores models."""
+
+    name: str
+    pool: TaskPool
+    base_dir: Path
+    expert_dirs: Mapping[str, Path]  # task -> the folder the merge reads for that expert
+
+    def prepare(self) -> None:
+        """Load data, build the base and the experts (cached; progress bars)."""
+
+    def expert_accuracy(self) -> dict[str, float]:
+        """Each expert on its own task: the normalized-accuracy denominators."""
+
+    def settings(self) -> dict:
+        """Everything the numbers depend on (written into results.json)."""
+
+
+SuiteFactory = Callable[..., Suite]  # (quick=, full=, cache_dir=, tasks=, console=) -> Suite
+SUITES: dict[str, SuiteFactory] = {}
+
+
+def register_suite(name: str, factory: SuiteFactory) -> None:
+    SUITES[name] = factory
+
+
+def _text_suite(**kwargs) -> Suite:
+    from mergeforge.evaluate.text_suite import TextSuite
+
+    return TextSuite(**kwargs)
+
+
+register_suite("text", _text_suite)
+
+
+def get_suite(name: str, **kwargs) -> Suite:
+    if name not in SUITES:
+        raise ConfigError(f"unknown suite {name!r}; known: {sorted(SUITES)}")
+    return SUITES[name](**kwargs)
+
+
+# ---------------------------------------------------------------- the methods file and sweeps
+
+
+def load_methods(source: str | Path | Mapping, *, quick: bool = False) -> list[BenchRun]:
+    """Parse a methods file (path, YAML text or dict) and expand its sweeps into runs.
+
+    ``quick`` keeps only the middle value of each sweep (a smoke run, not a sweep).
+    """
+    import yaml
+
+    if isinstance(source, Mapping):
+        doc, where = source, "methods"
+    else:
+        path = Path(source)
+        where = str(source)
+        try:
+            doc = yaml.safe_load(path.read_text() if path.exists() else str(source))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where}: not valid YAML: {exc}") from exc
+    if not isinstance(doc, Mapping) or not isinstance(doc.get("methods"), list):
+        raise ConfigError(f"{where}: expected a mapping with a 'methods:' list")
+    runs: list[BenchRun] = []
+    for i, entry in enumerate(doc["methods"]):
+        runs += expand_entry(entry, where=f"{where}: methods[{i}]", quick=quick)
+    names = [r.name for r in runs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{where}: run names repeat: {dupes}; give the entries distinct 'name's")
+    return runs
+
+
+def expand_entry(entry: Mapping, *, where: str = "methods", quick: bool = False) -> list[BenchRun]:
+    """One methods-file entry -> one run per combination of its swept (list) values."""
+    if not isinstance(entry, Mapping) or "method" not in entry:
+        raise ConfigError(f"{where}: each entry needs 'method:' (and optionally name/parameters)")
+    unknown = set(entry) - _ENTRY_KEYS
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_ENTRY_KEYS)}"
+        )
+    method = str(entry["method"])
+    family = str(entry.get("name", method))
+    groups = {"parameters": entry.get("parameters") or {}, "model_parameters": entry.get(
+        "model_parameters") or {}}  # fmt: skip
+    _check_params(method, groups, where)
+    axes: list[tuple[str, str, list]] = []  # (group, key, values)
+    for group, params in groups.items():
+        for key, value in params.items():
+            if isinstance(value, list):
+                if not value:
+                    raise ConfigError(f"{where}: {group}.{key} is an empty sweep")
+                values = [value[len(value) // 2]] if quick else list(value)
+                axes.append((group, key, values))
+    swept = tuple(key for _, key, _ in axes)
+    runs = []
+    for combo in itertools.product(*(values for _, _, values in axes)):
+        fixed = {g: dict(p) for g, p in groups.items()}
+        for (group, key, _), value in zip(axes, combo, strict=True):
+            fixed[group][key] = value
+        label = " ".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+                         for (_, key, _), value in zip(axes, combo, strict=True))  # fmt: skip
+        runs.append(
+            BenchRun(
+                name=f"{family} {label}" if label else family,
+                family=family,
+                method=method,
+                parameters=fixed["parameters"],
+                model_parameters=fixed["model_parameters"],
+                swept=swept,
+            )
+        )
+    return runs
+
+
+def _check_params(method: str, groups: Mapping[str, Mapping], where: str) -> None:
+    """Unknown methods and parameter names fail here, before anything is trained or loaded."""
+    if method in REFERENCE_METHODS:
+        if any(groups.values()):
+            raise ConfigError(f"{where}: '{method}' merges nothing and takes no parameters")
+        return
+    from mergeforge.methods import get_method
+
+    try:
+        fields = get_method(method).param_fields()
+    except (KeyError, MergeforgeError) as exc:
+        raise ConfigError(
+            f"{where}: unknown method {method!r} ({exc}); `mergeforge methods` lists them, "
+            f"and {list(REFERENCE_METHODS)} are reference rows"
+        ) from exc
+    for group, kind in (("parameters", "shared"), ("model_parameters", "per_model")):
+        if not isinstance(groups[group], Mapping):
+            raise ConfigError(f"{where}: {group} must be a mapping")
+        known = {k.rstrip("_") for k in fields[kind]}
+        bad = sorted(set(groups[group]) - known)
+        if bad:
+            raise ConfigError(
+                f"{where}: {method} has no {group} {bad}; its {group}: {sorted(known) or 'none'}"
+            )
+
+
+# ---------------------------------------------------------------------------- merging
+
+
+def merge_config(run: BenchRun, base_dir: Path, expert_dirs: Sequence[Path]) -> dict:
+    """The mergekit-style config of one run (the base is left out for base-free methods)."""
+    from mergeforge.methods import get_method
+    from mergeforge.quickstart import MergeRecipe
+
+    with_base = get_method(run.method).base != "none"
+    recipe = MergeRecipe(run.method, run.model_parameters, run.parameters, with_base=with_base)
+    return recipe.config(base_dir, list(expert_dirs))
+
+
+def _merge_child(config: dict, out: str, conn) -> None:
+    try:
+        from mergeforge.engine import run_merge
+
+        res = run_merge(config, out, overwrite=True, progress=False)
+        conn.send(("ok", res.seconds, _own_peak_rss() or res.peak_rss_bytes))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which re-raises
+        conn.send(("error", f"{type(exc).__name__}: {exc}", 0))
+    finally:
+        conn.close()
+
+
+def _own_peak_rss() -> int | None:
+    """Peak RSS of this process's own address space (Linux ``VmHWM``), else None.
+
+    Not ``ru_maxrss``: across fork + exec Linux carries over the forked copy's high-water mark,
+    which is the *parent's* RSS, so a spawned child would report the benchmark process's memory.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def merge_isolated(config: dict, out: Path) -> tuple[float, int]:
+    """Run one merge in a fresh (spawned) process: returns (merge seconds, its peak RSS bytes).
+
+    A fresh process because ``ru_maxrss`` is a per-process high-water mark: measured in the
+    benchmark process it would report the evaluator's memory, and never go down.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_merge_child, args=(config, str(out), child))
+    proc.start()
+    child.close()
+    try:
+        status, value, peak = parent.recv()
+    except EOFError:
+        status, value, peak = "error", "the merge process died (out of memory?)", 0
+    proc.join()
+    if status != "ok":
+        raise MergeforgeError(f"merge {config['merge_method']} failed: {value}")
+    return value, peak
+
+
+# ---------------------------------------------------------------------------- the benchmark
+
+
+def run_bench(
+    suite: str,
+    methods: str | Path | Mapping,
+    out_dir: str | Path,
+    *,
+    quick: bool = False,
+    full: bool = False,
+    cache_dir: str | Path | None = None,
+    tasks: Sequence[str] | None = None,
+    keep_merged: bool = False,
+    plots: bool = True,
+    console=None,
+) -> dict:
+    """Run every method of ``methods`` on ``suite``; write results.json, results.md and plots.
+
+    Returns the results payload (as written to ``out_dir/results.json``).
+    """
+    from rich.console import Console
+
+    from mergeforge.evaluate import report
+
+    console = console or Console()
+    runs = load_methods(methods, quick=quick)  # fail on a bad file before any training
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bench = get_suite(suite, quick=quick, full=full, cache_dir=cache_dir, tasks=tasks,
+                      console=console)  # fmt: skip
+    t_start = time.perf_counter()
+    bench.prepare()
+    expert_acc = bench.expert_accuracy()
+    results = [
+        RunResult(
+            name=EXPERTS_ROW,
+            method="experts",
+            params={},
+            accuracy=expert_acc,
+            expert_accuracy=expert_acc,
+            family="experts",
+        )  # fmt: skip
+    ]
+    failed: dict[str, str] = {}
+    merged_root = out_dir / "merged" if keep_merged else Path(tempfile.mkdtemp(prefix="mf-bench-"))
+    for i, run in enumerate(runs, 1):
+        console.print(f"[{i}/{len(runs)}] [bold]{run.name}[/]")
+        try:
+            results.append(_one_run(run, bench, expert_acc, merged_root, keep_merged))
+        except MergeforgeError as exc:  # one unsupported method should not sink the rest
+            failed[run.name] = str(exc)
+            console.print(f"[red]  failed:[/] {exc}")
+    if not keep_merged:
+        import shutil
+
+        shutil.rmtree(merged_root, ignore_errors=True)
+
+    payload = {
+        "suite": suite,
+        "quick": quick,
+        "full": full,
+        "methods_file": str(methods) if not isinstance(methods, Mapping) else None,
+        "settings": bench.settings(),
+        "tasks": list(bench.pool.tasks),
+        "runs": [r.to_dict() for r in results],
+        "failed": failed,
+        "total_seconds": time.perf_counter() - t_start,
+    }
+    report.write_json(out_dir / "results.json", payload)
+    (out_dir / "results.md").write_text(report.markdown_table(results, bench.pool.tasks))
+    table = report.rich_table(results, bench.pool.tasks, title=f"mergeforge bench {suite}")
+    console.print(table, width=None if console.is_terminal else 200)  # logs: do not wrap rows
+    if plots:
+        for path in report.plot_results(results, bench.pool.tasks, out_dir):
+            console.print(f"plot: {path}")
+    console.print(f"results: {out_dir / 'results.json'}, {out_dir / 'results.md'}")
+    return payload
+
+
+def _one_run(run, bench, expert_acc, merged_root: Path, keep: bool) -> RunResult:
+    common = dict(name=run.name, method=run.method, expert_accuracy=expert_acc,
+                  params=run.params, family=run.family, swept=run.swept)  # fmt: skip
+    if run.method in REFERENCE_METHODS:
+        return evaluate_pool(bench.pool, bench.base_dir, **common)
+    out = merged_root / run.name.replace(" ", "_").replace("/", "-")
+    config = merge_config(run, bench.base_dir, list(bench.expert_dirs.values()))
+    seconds, peak = merge_isolated(config, out)
+    try:
+        return evaluate_pool(bench.pool, out, merge_seconds=seconds, peak_rss_bytes=peak, **common)
+    finally:
+        if not keep:
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def results_from_json(path: str | Path) -> list[RunResult]:
+    """Read the rows of a results.json back (for re-plotting or comparing runs)."""
+    data = json.loads(Path(path).read_text())
+    keep = set(RunResult.__dataclass_fields__)
+    return [
+        RunResult(**{k: (tuple(v) if k == "swept" else v) for k, v in row.items() if k in keep})
+        for row in data["runs"]
+    ]

