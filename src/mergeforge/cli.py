@@ -202,8 +202,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _tune_malloc() -> None:
+    """glibc returns every freed block above 32 MB-ish to the kernel and gets fresh, zeroed
+    pages for the next one; merging allocates and frees same-sized tensors all the time. Keep
+    blocks up to 32 MB (glibc's ceiling) in the heap for reuse: less page-fault and zeroing
+    time. Process-wide, so only the CLI does it; silently skipped off glibc."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "merge":
+        _tune_malloc()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",

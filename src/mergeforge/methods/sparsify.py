@@ -46,7 +46,7 @@ def magnitude(delta: Tensor, mp: Any, generator: torch.Generator | None = None):
     extra = int(torch.count_nonzero(mask)) - k
     if extra > 0:  # entries tied at the threshold: drop the last ones in index order
         mask[(flat == thr).nonzero().squeeze(1)[-extra:]] = False
-    return mask.view_as(delta).to(delta.dtype), mp.density
+    return mask.view_as(delta), mp.density  # bool: ``delta * mask`` needs no float copy
 
 
 def kth_largest(flat: Tensor, k: int) -> Tensor:
