@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _tune_malloc() -> None:
-    """glibc returns every freed block above 32 MB-ish to the kernel and gets fresh, zeroed
+    """glibc returns every freed block above ~128 KB-32 MB to the kernel and gets fresh, zeroed
     pages for the next one; merging allocates and frees same-sized tensors all the time. Keep
     blocks up to 32 MB (glibc's ceiling) in the heap for reuse: less page-fault and zeroing
     time. Process-wide, so only the CLI does it; silently skipped off glibc."""
@@ -213,6 +213,9 @@ def _tune_malloc() -> None:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+        # few arenas: each reserves 64 MB+ of address space per thread that touches malloc,
+        # which counts against `ulimit -v` (measured: BENCHMARKS.md, bounded memory)
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
     except (OSError, AttributeError):
         pass
 
