@@ -128,9 +128,10 @@ def _md_row(r: dict) -> str:
     parents = " / ".join(f"{a:.3f}" for a in r["parents"])
     weighted = f"{r['ensemble_weighted']:.3f}" if not r["regime"].startswith("seeds") else "—"
     train_s = sum(r["train_seconds"])
+    threads = "/".join(str(t) for t in sorted(set(r["train_threads"])))
     return (
         f"| {r['dataset']} | {r['arch']} | {r['regime']} | {parents} | {r['ensemble']:.3f} | "
-        f"{weighted} | {r['weight_average']:.3f} | {train_s:.0f} |"
+        f"{weighted} | {r['weight_average']:.3f} | {train_s:.0f} ({threads}t) |"
     )
 
 
@@ -145,7 +146,7 @@ def _write(args: argparse.Namespace, rows: list[dict]) -> None:
     settings = {
         "n_train": args.n_train,
         "n_test": args.n_test,
-        "epochs": args.epochs,
+        "epochs": args.epochs if args.steps is None else None,  # steps override epochs
         "steps": args.steps,
         "lr": args.lr,
         "batch_size": args.batch_size,
@@ -162,7 +163,8 @@ def _write(args: argparse.Namespace, rows: list[dict]) -> None:
         f"with k (different inits); torch {env['torch']}, {env['threads']} CPU threads. "
         "Accuracy on the stratified test subsample. `ens. (w)`: ensemble weighted "
         "class-wise by each parent's share of the class. `train s`: training seconds of "
-        "all parents (cached parents keep their original time).",
+        "all parents with the torch threads used (cached parents keep their original time; the "
+        "machine was shared, so times are loose).",
         "",
         "| dataset | arch | regime | parents | ensemble | ens. (w) | weight avg | train s |",
         "|---|---|---|---|---|---|---|---|",

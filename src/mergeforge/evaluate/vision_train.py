@@ -293,6 +293,7 @@ def evaluate_family(
         ),
         "weight_average": accuracy(predict_logits(averaged, data.test_x), data.test_y),
         "train_seconds": [p.meta["train_seconds"] for p in parents],
+        "train_threads": [p.meta["threads"] for p in parents],
         "n_train_per_parent": [len(i) for i in split.indices],
         "class_share": split.class_share.round(4).tolist(),
     }
