@@ -37,6 +37,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=False if args.no_progress else None,
         shard_size=parse_size(args.shard_size, "--shard-size") if args.shard_size else None,
+        durable=args.fsync,
     )
     print(
         f"wrote {res.out} ({res.method}): {res.tensors} tensors, {human(res.bytes_written)} "
@@ -159,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     m.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
     m.add_argument("--shard-size", help="output shard size, e.g. 5GB (default from config)")
+    m.add_argument(
+        "--fsync", action="store_true",
+        help="flush the output to disk before it appears (survives power loss; slower)",
+    )  # fmt: skip
     m.set_defaults(fn=cmd_merge)
 
     v = sub.add_parser("validate", help="check a config and its inputs without merging")

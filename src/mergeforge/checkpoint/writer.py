@@ -87,7 +87,12 @@ class ShardedWriter:
         max_shard_bytes: int = 5_000_000_000,
         metadata: dict[str, str] | None = None,
         overwrite: bool = False,
+        durable: bool = True,
     ) -> None:
+        # durable: fsync the shards before the rename, so the output survives a power loss or
+        # OS crash too (a killed process can never leave a partial output either way: the
+        # rename is atomic). Costs the disk write-back of the whole model inside the call.
+        self._durable = durable
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
         meta = dict(metadata or {})
@@ -229,8 +234,9 @@ class ShardedWriter:
         path = self._staging.path / INDEX_NAME
         path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         fsync_path(path)
-        for fd in self._fds:
-            os.fsync(fd)
+        if self._durable:
+            for fd in self._fds:
+                os.fsync(fd)
         self._close_fds()
         self._staging.commit()
         self._state = "committed"

@@ -178,11 +178,14 @@ def run_merge(
     progress: bool | None = None,
     shard_size: int | None = None,
     workers: int | None = None,
+    durable: bool = False,
 ) -> MergeResult:
     """Merge as the config says and write a Hugging Face-loadable folder at ``out``, atomically.
 
     ``progress``: ``None`` = a bar on a terminal, log lines otherwise; ``False`` = silent.
     ``workers``: tensors merged concurrently (default: 2, or 1 on a single core).
+    ``durable``: fsync the shards before the final rename (survives power loss; slower by the
+    disk write-back). Without it the output is still atomic against crashes and kills.
     """
     from mergeforge.checkpoint import ShardedWriter
 
@@ -208,7 +211,7 @@ def run_merge(
         stat_plan = run_statistics(plan, loader, say)
         with ShardedWriter(
             out, specs, max_shard_bytes=shard_size or plan.config.out_shard_size,
-            metadata=meta, overwrite=overwrite,
+            metadata=meta, overwrite=overwrite, durable=durable,
         ) as writer:  # fmt: skip
             run_jobs(plan, loader, stat_plan, dev, writer, workers or default_workers(),
                      bar.advance if bar is not None else (lambda _j: None))  # fmt: skip
