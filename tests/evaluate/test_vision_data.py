@@ -98,7 +98,10 @@ def test_mnist_missing_names_the_install_command(tmp_path, monkeypatch):
 
 
 def test_digits_upsampled_and_split():
-    data = vd.load_digits(n_test=360, seed=0)
+    try:
+        data = vd.load_digits(n_test=360, seed=0)
+    except DataPackageMissing:
+        pytest.skip(f"scikit-learn not installed: {vd.SKLEARN_INSTALL}")
     _check_images(data.train_x, data.train_y, 1437)
     _check_images(data.test_x, data.test_y, 360)
     assert data.test_y.bincount(minlength=10).tolist() == [36] * 10
