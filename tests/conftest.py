@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings as _hyp_settings
+
+# CI: the same examples every run (a red CI must be reproducible, not a lottery)
+_hyp_settings.register_profile("ci", derandomize=True, deadline=None)
+if os.environ.get("CI"):
+    _hyp_settings.load_profile("ci")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
