@@ -35,6 +35,16 @@ class TensorInfo:
         return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
 
+def lookup_info(infos: Mapping[str, TensorInfo], path: str, name: str) -> TensorInfo:
+    """``infos[name]``, or a CheckpointError naming the file and the tensor."""
+    from mergeforge.errors import CheckpointError
+
+    try:
+        return infos[name]
+    except KeyError:
+        raise CheckpointError(f"{path}: no tensor named {name!r}.") from None
+
+
 class TensorSource(Protocol):
     """A lazy mapping name -> tensor."""
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from mergeforge.checkpoint._dtypes import SAFETENSORS_DTYPES, itemsize, numel
-from mergeforge.checkpoint.base import TensorInfo
+from mergeforge.checkpoint.base import TensorInfo, lookup_info
 from mergeforge.errors import CheckpointError
 
 MAX_HEADER_BYTES = 100_000_000  # the limit the reference implementation enforces
@@ -136,10 +136,7 @@ class SafetensorsFile:
         return list(self._entries)
 
     def info(self, name: str) -> TensorInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise CheckpointError(f"{self.path}: no tensor named {name!r}.") from None
+        return lookup_info(self._infos, self.path, name)
 
     def get(self, name: str) -> Tensor:
         info = self.info(name)

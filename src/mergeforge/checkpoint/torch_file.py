@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mergeforge.checkpoint.base import TensorInfo
+from mergeforge.checkpoint.base import TensorInfo, lookup_info
 from mergeforge.errors import CheckpointError
 
 
@@ -93,10 +93,7 @@ class TorchFile:
         return list(self._infos)
 
     def info(self, name: str) -> TensorInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise CheckpointError(f"{self.path}: no tensor named {name!r}.") from None
+        return lookup_info(self._infos, self.path, name)
 
     def get(self, name: str) -> Tensor:
         self.info(name)
