@@ -6,11 +6,14 @@ Importing this package registers every method (see :mod:`.base` for the contract
 from __future__ import annotations
 
 from mergeforge.methods import (  # noqa: F401  (imported to register their methods)
+    covariance,
     emr,
     linear,
     model_stock,
     passthrough,
+    regmean,
     slerp,
+    svd,
     task_arithmetic,
     ties,
 )

@@ -1,0 +1,1 @@
+"""Data-using covariance methods (being written: RegMean, Fisher)."""

@@ -1,0 +1,1 @@
+"""The SVD family (being written: TSV-M, Iso-C, Iso-CTS)."""
