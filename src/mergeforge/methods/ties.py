@@ -20,11 +20,18 @@ from mergeforge.methods.sparsify import (
 )
 from mergeforge.methods.stats import ModelTopK, NoStatistic, keep_at_least
 from mergeforge.methods.task_arithmetic import generalized_task_arithmetic, sparse_fn
+from mergeforge.methods.ties_chunked import ties_chunked, usable
 
 
 def ties(base, tensors, params, model_params, ctx):
     """TIES; with ``topk_scope: model`` the trim keeps each task vector's top ``density`` over
     the whole model, using the thresholds of the :class:`ModelTopK` pass (``ctx.plan``)."""
+    if usable(base, tensors, params):  # large CPU tensors: same result, 2 sweeps over memory
+        return ties_chunked(
+            base, tensors, [float(mp.weight) for mp in model_params],
+            [float(mp.density) for mp in model_params], consensus=params.consensus_method,
+            normalize=params.normalize, lambda_=params.lambda_,
+        )  # fmt: skip
     if params.topk_scope == "tensor":
         sparsifiers = [magnitude] * len(tensors)
     else:

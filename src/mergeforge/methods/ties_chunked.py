@@ -1,0 +1,142 @@
+"""TIES on large CPU tensors in two sweeps instead of ~20 passes over memory.
+
+The per-tensor trim needs each task vector's k-th largest |τ_i| (a selection over the whole
+tensor); everything after it — the mask, the weights, the sign vote, the disjoint sum, the
+normalisation, λ and the base — is element-wise. So:
+
+1. per model, |x_i − θ₀| goes into *one reused buffer*, partitioned in place (NumPy's
+   introselect) for the threshold t_i, and the number of entries tied at t_i that the trim
+   may keep (index order, as :func:`.sparsify.magnitude`) is counted;
+2. one sweep over cache-sized chunks recomputes τ_i = x_i − θ₀ there and runs the whole tail.
+
+Same element-wise operations in the same order as :func:`generalized_task_arithmetic`, so the
+result is bit-for-bit the unchunked one; only memory traffic changes (measured in
+BENCHMARKS.md §1). Used by ``ties`` on CPU for float tensors without ``rescale``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+CHUNK = 1 << 15
+"""Entries per chunk: the N+1 inputs and the few temporaries stay in L2 cache, and torch runs
+an element-wise op on at most ``at::internal::GRAIN_SIZE`` (32768) entries on the calling
+thread: no intra-op thread hand-off per small op (measured 2x slower at 65536 with the
+engine's two workers on two cores). The engine's worker threads supply the parallelism."""
+MIN_NUMEL = 1 << 20
+"""Below this size the unchunked path is as fast (everything is already in cache)."""
+
+
+def usable(base: Tensor, tensors: Sequence[Tensor], params) -> bool:
+    return (
+        params.topk_scope == "tensor"
+        and not params.rescale
+        and base.device.type == "cpu"
+        and base.dtype in (torch.float32, torch.float64)
+        and base.numel() >= MIN_NUMEL
+        and all(t.dtype == base.dtype and t.is_contiguous() for t in tensors)
+        and base.is_contiguous()
+    )
+
+
+def _threshold(x: Tensor, base: Tensor, density: float, buf: Tensor) -> tuple[float, int]:
+    """(t, ties kept) of one task vector: t is its k-th largest |τ|, and of the entries equal
+    to t the first ``ties`` in index order are kept (k = max(1, ⌊density·n⌋))."""
+    n = buf.numel()
+    k = max(1, int(density * n))
+    torch.sub(x.reshape(-1), base.reshape(-1), out=buf).abs_()
+    a = buf.numpy()
+    a.partition(n - k)  # in place: a[n-k] is the threshold, a[n-k:] the top k
+    thr = a[n - k]
+    greater = int((a[n - k :] > thr).sum())
+    return float(thr), k - greater
+
+
+def ties_chunked(
+    base: Tensor,
+    tensors: Sequence[Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    *,
+    consensus: str,
+    normalize: bool,
+    lambda_: float,
+) -> Tensor:
+    n = base.numel()
+    b = base.reshape(-1)
+    xs = [t.reshape(-1) for t in tensors]
+    thresholds: list[float | None] = []
+    budgets: list[int] = []
+    buf = torch.empty(n, dtype=base.dtype)
+    for x, density in zip(xs, densities, strict=True):
+        if density >= 1 or density <= 0:  # dense, or zeroed: no selection
+            thresholds.append(None)
+            budgets.append(0)
+            continue
+        thr, ties = _threshold(x, b, density, buf)
+        thresholds.append(thr)
+        budgets.append(ties)
+    del buf
+    out = torch.empty(n, dtype=base.dtype)
+    for s in range(0, n, CHUNK):
+        e = min(n, s + CHUNK)
+        out[s:e] = _tail(
+            b[s:e], [x[s:e] for x in xs], weights, densities, thresholds, budgets,
+            consensus=consensus, normalize=normalize, lambda_=lambda_,
+        )  # fmt: skip
+    return out.view(base.shape)
+
+
+def _trim(delta: Tensor, thr: float, budgets: list[int], i: int) -> Tensor:
+    """Trim mask of one chunk, spending model i's budget of threshold-tied entries."""
+    absd = delta.abs()
+    mask = absd >= thr
+    eq = absd == thr
+    if bool(eq.any()):
+        tied = eq.nonzero().squeeze(1)
+        if tied.numel() > budgets[i]:
+            mask[tied[budgets[i] :]] = False
+            budgets[i] = 0
+        else:
+            budgets[i] -= tied.numel()
+    return mask
+
+
+def _tail(b, xs, weights, densities, thresholds, budgets, *, consensus, normalize, lambda_):
+    deltas = []
+    for i, (x, w, density, thr) in enumerate(
+        zip(xs, weights, densities, thresholds, strict=True)
+    ):
+        delta = torch.sub(x, b)
+        if thr is not None:
+            delta = delta * _trim(delta, thr, budgets, i)
+        elif density <= 0:
+            delta = torch.zeros_like(delta)
+        deltas.append(delta.mul_(w))
+    if consensus == "sum":
+        vote = deltas[0].clone()
+        for d in deltas[1:]:
+            vote.add_(d)
+    else:
+        vote = torch.sign(deltas[0])
+        for d in deltas[1:]:
+            vote.add_(torch.sign(d))
+    gamma = (vote >= 0).to(b.dtype).mul_(2).sub_(1)
+    merged = divisor = None
+    for d, w in zip(deltas, weights, strict=True):
+        agree = torch.mul(d, gamma).gt_(0)
+        d.mul_(agree)
+        if merged is None:
+            merged, divisor = d, agree.mul_(w)
+        else:
+            merged.add_(d)
+            divisor.add_(agree.mul_(w))
+    divisor.masked_fill_(divisor == 0, 1.0)
+    if normalize:
+        merged.div_(divisor)
+    if lambda_ != 1:
+        merged.mul_(lambda_)
+    return merged.add_(b)

@@ -1,0 +1,68 @@
+"""The chunked TIES path is the unchunked one, bit for bit, including threshold ties that
+straddle chunk boundaries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergeforge.methods import get_method
+from mergeforge.methods import ties_chunked as tc
+from mergeforge.methods.base import TensorContext
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(tc, "CHUNK", 64)
+    monkeypatch.setattr(tc, "MIN_NUMEL", 1)
+
+
+def _inputs(seed: int, shape=(40, 30), quantum=None):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    deltas = [0.01 * torch.randn(shape, generator=g) for _ in range(3)]
+    if quantum:  # a coarse grid makes many entries tie exactly at the trim threshold
+        deltas = [torch.round(d / quantum) * quantum for d in deltas]
+    return base, [base + d for d in deltas]
+
+
+@pytest.mark.parametrize("quantum", [None, 4e-3, 1e-2])
+@pytest.mark.parametrize(
+    "params",
+    [{}, {"consensus_method": "count", "normalize": False, "lambda_": 0.7}, {"lambda_": 1.3}],
+)
+@pytest.mark.parametrize(
+    "wd", [((1.0, 0.2), (0.5, 0.5), (2.0, 1.0)), ((1.0, 0.1), (-1.0, 0.0), (1.0, 0.9))]
+)
+def test_chunked_equals_unchunked(small_chunks, monkeypatch, quantum, params, wd):
+    m = get_method("ties")
+    p = m.params(**params)
+    mps = tuple(m.model_params(weight=w, density=d) for w, d in wd)
+    base, xs = _inputs(0, quantum=quantum)
+    assert tc.usable(base, xs, p)
+    fast = m.fn(base, xs, p, mps, TensorContext(key="k"))
+    monkeypatch.setattr(tc, "MIN_NUMEL", 1 << 40)
+    assert not tc.usable(base, xs, p)
+    slow = m.fn(base, xs, p, mps, TensorContext(key="k"))
+    assert torch.equal(fast, slow)
+
+
+def test_ties_straddle_chunks(small_chunks):
+    """All entries tie: the kept ones are the first k in index order, across chunks."""
+    base = torch.zeros(10, 50)
+    x = torch.full((10, 50), 0.5)
+    m = get_method("ties")
+    out = m.fn(base, [x], m.params(), (m.model_params(density=0.3),), TensorContext(key="k"))
+    flat = out.reshape(-1)
+    k = int(0.3 * 500)
+    assert torch.equal(flat[:k], torch.full((k,), 0.5))
+    assert torch.equal(flat[k:], torch.zeros(500 - k))
+
+
+def test_not_used_for_rescale_or_model_scope():
+    m = get_method("ties")
+    base, xs = _inputs(1, shape=(1100, 1000))
+    assert tc.usable(base, xs, m.params())
+    assert not tc.usable(base, xs, m.params(rescale=True))
+    assert not tc.usable(base, xs, m.params(topk_scope="model"))
+    assert not tc.usable(base.half(), [x.half() for x in xs], m.params())
