@@ -144,6 +144,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from mergeforge.stats.hf import compute_model_stats
+
+    path = compute_model_stats(
+        args.model, args.method, args.texts, labels=args.labels, num_examples=args.num_examples,
+        max_length=args.max_length, fisher=args.fisher, seed=args.seed, device=args.device,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mergeforge",
@@ -204,6 +216,26 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--keep-merged", action="store_true", help="keep merged models under OUT")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     b.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser(
+        "stats",
+        help="compute a model's statistics for data-using methods (regmean, fisher)",
+        description="Compute RegMean input Grams or a diagonal Fisher of a Hugging Face model "
+        "folder on your texts, saved as MODEL/mergeforge-stats/KIND.safetensors for later merges.",
+    )
+    s.add_argument("method", choices=("regmean", "fisher"))
+    s.add_argument("model", help="Hugging Face model folder (the expert)")
+    s.add_argument("--texts", required=True, help="text file (one example a line) or JSONL "
+                   "with 'text' (and 'label')")  # fmt: skip
+    s.add_argument("--labels", default=None, help="file of labels, one a line, beside --texts")
+    s.add_argument("--num-examples", type=int, default=256, help="examples used (default 256)")
+    s.add_argument("--max-length", type=int, default=128, help="tokens per example (truncation)")
+    s.add_argument("--fisher", choices=("sampled", "empirical"), default="sampled",
+                   help="Fisher labels: sampled from the model, or the true ones")  # fmt: skip
+    s.add_argument("--seed", type=int, default=0, help="seed of the sampled Fisher's labels")
+    s.add_argument("--device", default="cpu", help="cpu or cuda")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_stats)
     return p
 
 

@@ -30,7 +30,11 @@ def merge_model(
     *,
     seed: int | None = 0,
     names: Sequence[str] = (),
+    side: Mapping[str, Sequence[Tensor | None]] | None = None,
+    side_meta: Sequence[Mapping[str, str]] = (),
 ) -> dict[str, Tensor]:
+    """Merge ``model``; ``side`` gives per-key statistics (one per expert) and ``side_meta``
+    their files' metadata, as the engine passes them to methods with ``side_inputs``."""
     m = get_method(method) if isinstance(method, str) else method
     n = len(next(iter(model.values()))[1])
     p, mps = build(m, params or {}, model_params or [{}] * n)
@@ -47,7 +51,11 @@ def merge_model(
         gen = None
         if m.stochastic and seed is not None:
             gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
-        ctx = TensorContext(key=key, generator=gen, plan=plan, model_names=tuple(names))
+        ctx = TensorContext(
+            key=key, generator=gen, plan=plan, model_names=tuple(names),
+            side=tuple(side[key]) if side is not None and key in side else (),
+            side_meta=tuple(side_meta),
+        )  # fmt: skip
         out[key] = m.fn(base, list(tensors), p, mps, ctx)
     return out
 

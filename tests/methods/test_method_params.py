@@ -59,6 +59,8 @@ def test_registry():
     assert names == {
         "linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
         "breadcrumbs_ties", "della", "della_linear", "model_stock", "emr", "passthrough",
+        # matrix-aware (issue 4)
+        "tsv", "iso_c", "iso_cts", "wudi", "swudi", "swudi_a", "ace", "regmean", "fisher",
     }  # fmt: skip
     for m in methods.all_methods():
         assert m.reference.startswith("https://") and m.summary, m.name

@@ -23,6 +23,7 @@ import yaml
 from mergeforge.config import MergeConfig, load_config
 from mergeforge.engine.execute import Loader, Progress, run_jobs, run_statistics
 from mergeforge.engine.plan import MergePlan, build_plan, output_config
+from mergeforge.engine.side import close_side_files
 from mergeforge.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("mergeforge")
@@ -77,7 +78,7 @@ def prepare(config: str | Path | Mapping[str, Any] | MergeConfig) -> MergePlan:
     try:
         for m in models:
             cks.append(open_checkpoint(_resolve_path(cfg, m)))
-        return build_plan(cfg, models, cks)
+        return build_plan(cfg, models, cks)  # closes its statistics files if it fails
     except BaseException:
         for ck in cks:
             ck.close()
@@ -226,6 +227,7 @@ def run_merge(
             bar.close()
         for ck in plan.checkpoints:
             ck.close()
+        close_side_files(plan)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return MergeResult(

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from mergeforge.engine.plan import Job, MergePlan, Ref
+from mergeforge.engine.side import load_side, side_meta
 from mergeforge.errors import ValidationError
 from mergeforge.methods.base import TensorContext
 
@@ -106,6 +107,8 @@ def merge_one(job: Job, base, tensors, plan: MergePlan, stat_plan, device) -> Te
         generator=gen,
         plan=stat_plan,
         model_names=tuple(plan.models[r.model] for r in job.inputs),
+        side=load_side(plan, job, device),
+        side_meta=side_meta(plan, job),
     )
     out = call.method.fn(base, tensors, call.params, call.model_params, ctx)
     if tuple(out.shape) != job.shape:
@@ -150,6 +153,7 @@ def process(job: Job, loader: Loader, plan: MergePlan, stat_plan, device, writer
         and call.method.elementwise
         and device.type == "cpu"
         and stat_plan is None
+        and not job.side
         and len(job.inputs) > 0
     ):
         writer.write(job.out_name, merge_chunked(job, loader, plan))

@@ -49,6 +49,9 @@ class Job:
     inputs: tuple[Ref, ...]
     call: MethodCall | None
     """``None`` means copy ``base`` (or the first input) unchanged (excluded/non-float)."""
+    side: tuple[Any, ...] = ()
+    """Per-input statistics (:class:`~mergeforge.engine.side.SideRef` or ``None``) for methods
+    with ``side_inputs``; ``()`` when the job reads none."""
 
     @property
     def nbytes(self) -> int:
@@ -70,6 +73,8 @@ class MergePlan:
     reference: int
     """Index of the model whose config.json/tokenizer the output takes (base, else first)."""
     warnings: list[str] = field(default_factory=list)
+    side_files: dict[tuple[int, str], Any] = field(default_factory=dict)
+    """Opened statistics files, by (model index, kind) (methods with ``side_inputs``)."""
 
     @property
     def total_bytes(self) -> int:
@@ -340,10 +345,19 @@ def build_plan(cfg: MergeConfig, models: list[str], cks: list[Checkpoint]) -> Me
     else:
         num_out_layers = _plan_slices(cfg, models, cks, index, layout, ref_ck, add)
 
-    return MergePlan(
+    plan = MergePlan(
         config=cfg, method=method, models=models, checkpoints=cks, jobs=jobs,
         compute_dtype=compute, num_out_layers=num_out_layers, reference=ref, warnings=warnings,
     )  # fmt: skip
+    if method.side_inputs is not None:
+        from mergeforge.engine.side import close_side_files, plan_side_inputs
+
+        try:
+            plan_side_inputs(plan)
+        except BaseException:
+            close_side_files(plan)
+            raise
+    return plan
 
 
 def _plan_slices(cfg, models, cks, index, layout: Layout, ref_ck, add) -> int:

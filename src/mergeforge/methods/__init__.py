@@ -6,8 +6,10 @@ Importing this package registers every method (see :mod:`.base` for the contract
 from __future__ import annotations
 
 from mergeforge.methods import (  # noqa: F401  (imported to register their methods)
+    ace,
     covariance,
     emr,
+    fisher,
     linear,
     model_stock,
     passthrough,
@@ -16,6 +18,7 @@ from mergeforge.methods import (  # noqa: F401  (imported to register their meth
     svd,
     task_arithmetic,
     ties,
+    wudi,
 )
 from mergeforge.methods.base import Method, TensorContext, all_methods, get_method
 

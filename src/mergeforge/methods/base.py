@@ -29,7 +29,7 @@ finished statistic is given to ``fn`` as ``ctx.plan``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -57,6 +57,35 @@ class TensorContext:
     """Result of the method's statistics pass for this merge (``None`` if it has none)."""
     model_names: tuple[str, ...] = ()
     """Names of the non-base inputs, for error messages."""
+    side: tuple[Tensor | None, ...] = ()
+    """Per-model statistics for this tensor (methods with ``side_inputs``), one per non-base
+    input in input order, fp32 on the compute device; ``()`` or ``None`` entries where the tensor
+    has none (biases, norms). E.g. RegMean's input Gram (in, in), Fisher's diagonal (shape of
+    the tensor)."""
+    side_meta: tuple[Mapping[str, str], ...] = ()
+    """Metadata of each non-base input's statistics file (e.g. Fisher's whole-model norm)."""
+
+
+@dataclass(frozen=True)
+class SideInputs:
+    """What per-model statistics a data-using method reads (see ``mergeforge.stats``).
+
+    Made from the method's shared parameters by ``Method.side_inputs``; the planner finds
+    ``<model>/mergeforge-stats/<kind>.safetensors`` for every non-base model and checks it
+    before any tensor is merged.
+    """
+
+    kind: str
+    """File stem: ``regmean``, ``fisher-empirical``, ``fisher-sampled``."""
+    num_examples: int | None
+    """Examples the statistics must have been computed on (``None``: whatever was used)."""
+    shape: Callable[[str, tuple[int, ...]], tuple[int, ...] | None]
+    """``(output tensor name, its shape) -> shape of its statistic``, ``None`` if it takes none."""
+    required: bool
+    """Every tensor with a statistic shape must have one (Fisher). ``False``: a tensor may have
+    none in every file (merged without), but not in some files only (RegMean)."""
+    command: str
+    """The ``mergeforge stats ...`` command (without the model) that creates the file."""
 
 
 class Statistic(Protocol):
@@ -107,6 +136,9 @@ class Method:
     the tensor): the engine may then run the method on cache-sized chunks of flat views."""
     statistic: Callable[[Any], Statistic] | None = None
     """Factory ``(params) -> Statistic`` when the method needs a statistics pass."""
+    side_inputs: Callable[[Any], SideInputs] | None = None
+    """Factory ``(params) -> SideInputs`` for methods that read per-model statistics computed
+    once per model by ``mergeforge stats`` (RegMean Grams, diagonal Fisher)."""
     aliases: tuple[str, ...] = ()
     notes: str = ""
 

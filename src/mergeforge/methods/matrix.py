@@ -13,7 +13,8 @@ a simple rule. One wrapper, :func:`merge_matrices`, does what they all share:
    solve and back after (``out_in`` / ``in_out`` force one reading for every matrix);
 4. matrices go to the method's solver, other tensors get ``non_matrix``: ``mean`` (the mean
    task vector) or ``base`` (stay at θ₀);
-5. θ = θ₀ + ``scaling`` · τ_merged, cast back to the compute dtype.
+5. θ = θ₀ + ``scaling`` · τ_merged (the merged delta cast to the base's dtype, so zero task
+   vectors return the base bit for bit).
 
 Tensors listed by the config's ``exclude:`` never reach a method (they are copied from the
 base), as for every other method.
@@ -32,7 +33,9 @@ from torch import Tensor
 from mergeforge.methods.base import TensorContext
 from mergeforge.methods.checks import check_choice, check_real, fail
 
-DEFAULT_SKIP = r"(embed_tokens|embeddings?\.|(^|\.)wte\.|(^|\.)wpe\.|lm_head|embed_out|shared\.weight)"
+DEFAULT_SKIP = (
+    r"(embed_tokens|embeddings?\.|(^|\.)wte\.|(^|\.)wpe\.|lm_head|embed_out|shared\.weight)"
+)
 """2-D tensors that are not linear maps of their second dimension: token, position and type
 embeddings, and output heads tied to them."""
 
@@ -105,7 +108,8 @@ def merge_matrices(
 ) -> Tensor:
     """The shared frame of a matrix method (see the module docstring). ``weights`` (optional)
     multiply each task vector before the solve and weight the non-matrix mean."""
-    dt = SOLVE_DTYPES[params.solve_dtype]
+    # solve in at least the inputs' precision; the base itself is never rounded
+    dt = torch.promote_types(SOLVE_DTYPES[params.solve_dtype], base.dtype)
     base_s = base.to(dt)
     deltas = [x.to(dt) - base_s for x in tensors]
     if weights is not None:
@@ -119,4 +123,4 @@ def merge_matrices(
         merged = torch.stack(deltas).mean(dim=0)
     else:
         return base
-    return (base_s + float(params.scaling) * merged).to(base.dtype)
+    return base + (float(params.scaling) * merged).to(base.dtype)
