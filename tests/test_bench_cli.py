@@ -115,3 +115,25 @@ def test_bench_unknown_suite(tmp_path, capsys):
     methods.write_text("methods:\n  - {method: linear}\n")
     assert main(["bench", "nope", "--methods", str(methods), "--out", str(tmp_path)]) != 0
     assert "unknown suite 'nope'" in capsys.readouterr().err
+
+
+def test_bench_resume_reuses_finished_rows_only(tmp_path, stubbed):
+    methods = tmp_path / "methods.yaml"
+    methods.write_text(
+        "methods:\n  - {name: ta, method: task_arithmetic, parameters: {lambda: [0.2, 0.6]}}\n"
+    )
+    out = tmp_path / "res"
+    args = ["bench", "fake", "--methods", str(methods), "--out", str(out), "--no-plots"]
+    assert main(args) == 0
+    assert len(stubbed) == 2 and json.loads((out / "results.json").read_text())["complete"]
+    # one more sweep value: --resume merges only the new one, and keeps the old rows
+    methods.write_text(
+        "methods:\n  - {name: ta, method: task_arithmetic, parameters: {lambda: [0.2, 0.6, 1.0]}}\n"
+    )
+    assert main([*args, "--resume"]) == 0
+    assert [c["parameters"]["lambda"] for c in stubbed[2:]] == [1.0]
+    rows = [r["name"] for r in json.loads((out / "results.json").read_text())["runs"]]
+    assert rows == ["experts (own task)", "ta lambda=0.2", "ta lambda=0.6", "ta lambda=1"]
+    # without --resume everything runs again
+    assert main(args) == 0
+    assert len(stubbed) == 6

@@ -139,6 +139,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tasks=args.tasks.split(",") if args.tasks else None,
         keep_merged=args.keep_merged,
         plots=not args.no_plots,
+        resume=args.resume,
         console=_console(),
     )
     return 0
@@ -215,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cache", default=None, help="cache folder for the base and experts")
     b.add_argument("--keep-merged", action="store_true", help="keep merged models under OUT")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    b.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the rows of OUT/results.json made with the same suite settings",
+    )
     b.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser(

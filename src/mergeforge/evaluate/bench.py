@@ -278,11 +278,15 @@ def run_bench(
     tasks: Sequence[str] | None = None,
     keep_merged: bool = False,
     plots: bool = True,
+    resume: bool = False,
     console=None,
 ) -> dict:
     """Run every method of ``methods`` on ``suite``; write results.json, results.md and plots.
 
-    Returns the results payload (as written to ``out_dir/results.json``).
+    Returns the results payload (as written to ``out_dir/results.json``, which is rewritten
+    after every run). ``resume`` reuses the rows of an earlier ``results.json`` in ``out_dir``
+    whose name, method and parameters match, if it was made with the same suite settings
+    (experts, data sizes, recipe); everything else runs.
     """
     from rich.console import Console
 
@@ -308,30 +312,43 @@ def run_bench(
         )  # fmt: skip
     ]
     failed: dict[str, str] = {}
+    done = _finished_rows(out_dir / "results.json", bench.settings()) if resume else {}
     merged_root = out_dir / "merged" if keep_merged else Path(tempfile.mkdtemp(prefix="mf-bench-"))
+
+    def payload(complete: bool) -> dict:
+        return {
+            "suite": suite,
+            "quick": quick,
+            "full": full,
+            "complete": complete,
+            "methods_file": str(methods) if not isinstance(methods, Mapping) else None,
+            "settings": bench.settings(),
+            "tasks": list(bench.pool.tasks),
+            "runs": [r.to_dict() for r in results],
+            "failed": failed,
+            "total_seconds": time.perf_counter() - t_start,
+        }
+
     for i, run in enumerate(runs, 1):
         console.print(f"[{i}/{len(runs)}] [bold]{run.name}[/]")
+        reused = done.get(_run_key(run.name, run.method, run.params))
+        if reused is not None:
+            console.print("  reused from the previous results.json (--resume)")
+            results.append(reused)
+            continue
         try:
             results.append(_one_run(run, bench, expert_acc, merged_root, keep_merged))
         except MergeforgeError as exc:  # one unsupported method should not sink the rest
             failed[run.name] = str(exc)
             console.print(f"[red]  failed:[/] {exc}")
+        # after every run: an interrupted sweep keeps what it measured (and --resume reuses it)
+        report.write_json(out_dir / "results.json", payload(complete=False))
     if not keep_merged:
         import shutil
 
         shutil.rmtree(merged_root, ignore_errors=True)
 
-    payload = {
-        "suite": suite,
-        "quick": quick,
-        "full": full,
-        "methods_file": str(methods) if not isinstance(methods, Mapping) else None,
-        "settings": bench.settings(),
-        "tasks": list(bench.pool.tasks),
-        "runs": [r.to_dict() for r in results],
-        "failed": failed,
-        "total_seconds": time.perf_counter() - t_start,
-    }
+    payload = payload(complete=True)
     report.write_json(out_dir / "results.json", payload)
     (out_dir / "results.md").write_text(report.markdown_table(results, bench.pool.tasks))
     table = report.rich_table(results, bench.pool.tasks, title=f"mergeforge bench {suite}")
@@ -375,6 +392,27 @@ def _statistics(run: BenchRun, bench) -> None:
     if prepare is None:
         raise MergeforgeError(f"suite {bench.name!r} cannot compute {request.kind} statistics")
     prepare(request)
+
+
+def _run_key(name: str, method: str, params: Mapping[str, Any]) -> str:
+    return json.dumps([name, method, dict(params)], sort_keys=True, default=str)
+
+
+def _settings_key(settings: Mapping[str, Any]) -> str:
+    """What a row's numbers depend on: the suite settings without timings."""
+    return json.dumps({k: v for k, v in settings.items() if k != "timings"}, sort_keys=True,
+                      default=str)  # fmt: skip
+
+
+def _finished_rows(path: Path, settings: Mapping[str, Any]) -> dict[str, RunResult]:
+    """Rows of an earlier results.json that --resume may reuse (none if settings differ)."""
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    if _settings_key(data.get("settings", {})) != _settings_key(settings):
+        return {}
+    rows = results_from_json(path)
+    return {_run_key(r.name, r.method, r.params): r for r in rows if r.method != "experts"}
 
 
 def results_from_json(path: str | Path) -> list[RunResult]:
