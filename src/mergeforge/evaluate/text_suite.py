@@ -157,6 +157,7 @@ class TextSuite:
         first ``num_examples`` (default :data:`STATS_EXAMPLES`) training texts of each task,
         RegMean Grams of the encoder, or the Fisher of encoder + the task's own head."""
         from mergeforge.errors import ValidationError
+        from mergeforge.quickstart import _quiet_transformers
         from mergeforge.stats.store import open_stats
 
         n = request.num_examples or STATS_EXAMPLES
@@ -170,8 +171,9 @@ class TextSuite:
             self.console.print(f"computing {request.kind} statistics of the {t} expert ({n})")
             t0 = time.perf_counter()
             examples = self.data[t].train[:n]
-            task_statistics(folder, self.pool.heads[t], self.pool.tokenizer, examples,
-                            request.kind, self.recipe.max_length)  # fmt: skip
+            with _quiet_transformers():
+                task_statistics(folder, self.pool.heads[t], self.pool.tokenizer, examples,
+                                request.kind, self.recipe.max_length)  # fmt: skip
             self.timings.setdefault("stats_s", {})[f"{t}/{request.kind}"] = (
                 time.perf_counter() - t0
             )

@@ -57,9 +57,10 @@ class MatrixParams:
     """What tensors that are not matrices get: ``mean`` of the task vectors, or ``base``."""
     orientation: str = "auto"
     """``auto``: GPT-2 ``Conv1D`` weights are (in, out), all others (out, in)."""
-    skip: str = DEFAULT_SKIP
-    """Regex (searched in the tensor name) of 2-D tensors treated as non-matrices. ``''``
-    treats every 2-D tensor as a matrix (FusionBench's behaviour)."""
+    skip: str = "embeddings"
+    """Regex (searched in the tensor name) of 2-D tensors treated as non-matrices. The default
+    ``embeddings`` names the preset :data:`DEFAULT_SKIP` (token/position embeddings, output
+    heads); ``''`` treats every 2-D tensor as a matrix (FusionBench's behaviour)."""
     solve_dtype: str = "float32"
     """Precision of the decompositions and solves: ``float32`` or ``float64``."""
 
@@ -78,6 +79,8 @@ class MatrixParams:
 
 @lru_cache(maxsize=64)
 def _compiled(pattern: str) -> re.Pattern | None:
+    if pattern == "embeddings":
+        pattern = DEFAULT_SKIP
     return re.compile(pattern) if pattern else None
 
 
