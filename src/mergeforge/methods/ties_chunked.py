@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from mergeforge.methods.consensus import disjoint_sum, elect_sign_list
+
 CHUNK = 1 << 15
 """Entries per chunk: the N+1 inputs and the few temporaries stay in L2 cache, and torch runs
 an element-wise op on at most ``at::internal::GRAIN_SIZE`` (32768) entries on the calling
@@ -116,25 +118,8 @@ def _tail(b, xs, weights, densities, thresholds, budgets, *, consensus, normaliz
         elif density <= 0:
             delta = torch.zeros_like(delta)
         deltas.append(delta.mul_(w))
-    if consensus == "sum":
-        vote = deltas[0].clone()
-        for d in deltas[1:]:
-            vote.add_(d)
-    else:
-        vote = torch.sign(deltas[0])
-        for d in deltas[1:]:
-            vote.add_(torch.sign(d))
-    gamma = (vote >= 0).to(b.dtype).mul_(2).sub_(1)
-    merged = divisor = None
-    for d, w in zip(deltas, weights, strict=True):
-        agree = torch.mul(d, gamma).gt_(0)
-        d.mul_(agree)
-        if merged is None:
-            merged, divisor = d, agree.mul_(w)
-        else:
-            merged.add_(d)
-            divisor.add_(agree.mul_(w))
-    divisor.masked_fill_(divisor == 0, 1.0)
+    # the shared TIES steps (:mod:`.consensus`), on this chunk
+    merged, divisor = disjoint_sum(deltas, list(weights), elect_sign_list(deltas, consensus))
     if normalize:
         merged.div_(divisor)
     if lambda_ != 1:
