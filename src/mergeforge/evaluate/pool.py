@@ -125,3 +125,22 @@ def evaluate_pool(
         family=family or method,
         swept=tuple(swept),
     )
+
+
+@dataclass(frozen=True)
+class MergeRecipe:
+    """One merge of the quick start: mergekit YAML fields besides the model paths."""
+
+    method: str
+    model_parameters: Mapping[str, float] = field(default_factory=dict)
+    parameters: Mapping[str, object] = field(default_factory=dict)
+    with_base: bool = True
+
+    def config(self, base_dir: Path, expert_dirs: Sequence[Path]) -> dict:
+        models = [{"model": str(d), "parameters": dict(self.model_parameters)} for d in expert_dirs]
+        config: dict = {"merge_method": self.method, "models": models, "dtype": "float32"}
+        if self.with_base:
+            config["base_model"] = str(base_dir)
+        if self.parameters:
+            config["parameters"] = dict(self.parameters)
+        return config

@@ -58,9 +58,9 @@ class TextPool:
     def evaluate(self, model_dir: Path, *, tasks: Sequence[str] | None = None) -> dict[str, float]:
         from rich.progress import Progress
 
-        from mergeforge.quickstart import _quiet_transformers
+        from mergeforge.evaluate.text_cache import quiet_transformers
 
-        with _quiet_transformers():
+        with quiet_transformers():
             encoder = load_encoder(model_dir)
         names = list(tasks or self.tasks)
         out = {}
@@ -102,10 +102,10 @@ class TextSuite:
         self.n_test = n_test or (QUICK["n_test"] if quick else N_TEST)
         self.quick = quick
         self.console = console or Console()
-        from mergeforge.quickstart import _cache_root
+        from mergeforge.evaluate.text_cache import cache_root
 
         # Default: a sibling of the quick start's cache ($MERGEFORGE_CACHE/text-suite).
-        self.root = Path(cache_dir) if cache_dir else _cache_root(None).parent / "text-suite"
+        self.root = Path(cache_dir) if cache_dir else cache_root(None).parent / "text-suite"
         self.timings: dict = {"train_s": {}, "train_cpu_s": {}, "expert_eval_s": {}}
 
     # -- Suite protocol ---------------------------------------------------------------------
@@ -113,21 +113,21 @@ class TextSuite:
     def prepare(self) -> None:
         from transformers import AutoTokenizer
 
-        from mergeforge.quickstart import (
-            _base_fingerprint,
-            _build_atomically,
-            _quiet_transformers,
+        from mergeforge.evaluate.text_cache import (
+            base_fingerprint,
+            build_atomically,
+            quiet_transformers,
             save_base_model,
         )
 
         for module in sorted({TASK_PACKAGES[t] for t in self.tasks}):
             package_dir(module)  # a missing package fails now, naming its install command
-        with _quiet_transformers():
-            self.base_sha = _base_fingerprint()
+        with quiet_transformers():
+            self.base_sha = base_fingerprint()
             self.base_dir = self.root / f"base-{self.base_sha[:12]}"
             if not (self.base_dir / "config.json").exists():
                 self.console.print("Saving all-MiniLM-L6-v2 as a Hugging Face BertModel folder...")
-                _build_atomically(self.base_dir, save_base_model)
+                build_atomically(self.base_dir, save_base_model)
             self.data = {t: self._load(t) for t in self.tasks}
             self.expert_root = {t: self._expert_folder(t) for t in self.tasks}
             for t in self.tasks:
@@ -157,7 +157,7 @@ class TextSuite:
         first ``num_examples`` (default :data:`STATS_EXAMPLES`) training texts of each task,
         RegMean Grams of the encoder, or the Fisher of encoder + the task's own head."""
         from mergeforge.errors import ValidationError
-        from mergeforge.quickstart import _quiet_transformers
+        from mergeforge.evaluate.text_cache import quiet_transformers
         from mergeforge.stats.store import open_stats
 
         n = request.num_examples or STATS_EXAMPLES
@@ -171,7 +171,7 @@ class TextSuite:
             self.console.print(f"computing {request.kind} statistics of the {t} expert ({n})")
             t0 = time.perf_counter()
             examples = self.data[t].train[:n]
-            with _quiet_transformers():
+            with quiet_transformers():
                 task_statistics(folder, self.pool.heads[t], self.pool.tokenizer, examples,
                                 request.kind, self.recipe.max_length)  # fmt: skip
             self.timings.setdefault("stats_s", {})[f"{t}/{request.kind}"] = (
@@ -201,13 +201,13 @@ class TextSuite:
         return TEXT_TASKS[task](n_train=n_train, n_test=self.n_test, seed=0)
 
     def _expert_folder(self, task: str) -> Path:
-        from mergeforge.quickstart import _dist_version
+        from mergeforge.evaluate.text_cache import dist_version
 
         key = {
             "version": SUITE_VERSION,
             "base_sha256": self.base_sha,
             "task": task,
-            "data": _dist_version(TASK_PACKAGES[task]),
+            "data": dist_version(TASK_PACKAGES[task]),
             "n_train": len(self.data[task].train),
             "n_test": self.n_test,
             "full": self.n_train is None,
@@ -220,9 +220,9 @@ class TextSuite:
         return folder
 
     def _train(self, task: str) -> None:
-        from mergeforge.quickstart import _train_or_reuse
+        from mergeforge.evaluate.text_cache import train_or_reuse
 
-        stats = _train_or_reuse(
+        stats = train_or_reuse(
             self.base_dir, self.data[task], self.expert_root[task], self.recipe, self.console
         )
         self.timings["train_s"][task] = stats["seconds"]
