@@ -58,9 +58,9 @@ def disjoint_mean(
 def elect_sign_list(deltas: list[Tensor], method: str = "sum") -> Tensor:
     """:func:`elect_sign` for a list of N tensors of shape S, without stacking them: returns
     a boolean S, True where the elected sign is +1 (a tied vote elects +1, as mergekit)."""
-    if method == "sum":
-        vote = deltas[0].clone()
-        for d in deltas[1:]:
+    if method == "sum":  # (d0 + d1) + d2 …: the same sums as clone-then-add, one pass fewer
+        vote = torch.add(deltas[0], deltas[1]) if len(deltas) > 1 else deltas[0].clone()
+        for d in deltas[2:]:
             vote.add_(d)
     elif method == "count":
         vote = torch.sign(deltas[0])
@@ -82,11 +82,13 @@ def disjoint_sum(
     for d, w in zip(deltas, weights, strict=True):
         agree = torch.mul(d, gamma).gt_(0)  # sign(d) == γ and d != 0
         d.mul_(agree)
+        if w != 1:  # agree·1 = agree: skipping it is exact
+            agree.mul_(w)
         if merged is None:
-            merged, divisor = d, agree.mul_(w)
+            merged, divisor = d, agree
         else:
             merged.add_(d)
-            divisor.add_(agree.mul_(w))
+            divisor.add_(agree)
     assert merged is not None and divisor is not None
     divisor.masked_fill_(divisor == 0, 1.0)
     return merged, divisor
