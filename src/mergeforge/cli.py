@@ -86,6 +86,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
         fmt = lambda d: "\n".join(f"{k.rstrip('_')}={v!r}" for k, v in d.items()) or "-"  # noqa: E731
         table.add_row(m.name, m.summary, m.reference, m.base, fmt(f["shared"]), fmt(f["per_model"]))
     con.print(table)
+    if args.name and methods[0].notes:  # one method asked for: its notes too
+        con.print(f"[bold]notes:[/] {methods[0].notes}")
     return 0
 
 
