@@ -91,8 +91,10 @@ def configs(fam: dict) -> dict[str, dict]:
             "base_model": base,
             "models": [
                 {"model": e[0], "parameters": {"weight": 0.7}},
-                {"model": e[1], "parameters": {"weight": [{"filter": "mlp", "value": -0.4},
-                                                           {"value": 0.5}]}},
+                {
+                    "model": e[1],
+                    "parameters": {"weight": [{"filter": "mlp", "value": -0.4}, {"value": 0.5}]},
+                },
                 {"model": e[2], "parameters": {"weight": [0.1, 0.9, 0.3]}},
             ],
             "parameters": {"lambda": 0.8},
@@ -112,15 +114,18 @@ def configs(fam: dict) -> dict[str, dict]:
         "breadcrumbs": {
             "merge_method": "breadcrumbs",
             "base_model": base,
-            "models": [{"model": m, "parameters": {"weight": 0.5, "density": 0.8, "gamma": 0.05}}
-                       for m in e],
+            "models": [
+                {"model": m, "parameters": {"weight": 0.5, "density": 0.8, "gamma": 0.05}}
+                for m in e
+            ],
             "dtype": "float32",
         },  # fmt: skip
         "breadcrumbs_ties": {
             "merge_method": "breadcrumbs_ties",
             "base_model": base,
-            "models": [{"model": m, "parameters": {"weight": 0.5, "density": 0.7, "gamma": 0.1}}
-                       for m in e],
+            "models": [
+                {"model": m, "parameters": {"weight": 0.5, "density": 0.7, "gamma": 0.1}} for m in e
+            ],
             "parameters": {"normalize": True},
             "dtype": "float32",
         },  # fmt: skip
@@ -134,9 +139,13 @@ def configs(fam: dict) -> dict[str, dict]:
             "merge_method": "slerp",
             "base_model": base,
             "models": [{"model": base}, {"model": e[1]}],
-            "parameters": {"t": [{"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]},
-                                 {"filter": "mlp", "value": [1.0, 0.5, 0.7, 0.3, 0.0]},
-                                 {"value": 0.4}]},
+            "parameters": {
+                "t": [
+                    {"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]},
+                    {"filter": "mlp", "value": [1.0, 0.5, 0.7, 0.3, 0.0]},
+                    {"value": 0.4},
+                ]
+            },
             "dtype": "float32",
         },  # fmt: skip
     }
@@ -222,9 +231,11 @@ def test_dare_ties_seeded_and_kept_fraction(llama_family, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, bit-identical
     theirs = run_mergekit(cfg, tmp_path / "mk")
     bt = load_dir(Path(base))
-    frac = lambda out: sum(int(((out[k] - bt[k]).abs() > 1e-9).sum()) for k in theirs) / sum(  # noqa: E731
-        out[k].numel() for k in theirs
-    )
+
+    def frac(out):
+        changed = sum(int(((out[k] - bt[k]).abs() > 1e-9).sum()) for k in theirs)
+        return changed / sum(out[k].numel() for k in theirs)
+
     assert abs(frac(a) - frac(theirs)) < 0.02
 
 

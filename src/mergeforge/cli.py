@@ -209,12 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
         "print per-task accuracy, average, normalized average, merge time and peak memory; "
         "write results.json, results.md and PNG plots.",
     )
-    b.add_argument("suite", help="benchmark suite: text")
-    b.add_argument("--methods", required=True, help="methods YAML (see benchmarks/text/)")
+    b.add_argument("suite", help="benchmark suite: text or vision")
+    b.add_argument(
+        "--methods", required=True, help="methods YAML (see benchmarks/text/, benchmarks/vision/)"
+    )
     b.add_argument("--out", default=None, help="results folder (default mergeforge-bench-SUITE)")
     b.add_argument("--quick", action="store_true", help="smoke run: few tasks/steps, tiny sets")
     b.add_argument("--full", action="store_true", help="train on every example, not a subsample")
-    b.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
+    b.add_argument(
+        "--tasks",
+        default=None,
+        help="text: comma-separated subset of the tasks; vision: the family DATASET/ARCH/REGIME "
+        "(default fashion_mnist/mlp/seeds2)",
+    )
     b.add_argument("--cache", default=None, help="cache folder for the base and experts")
     b.add_argument("--keep-merged", action="store_true", help="keep merged models under OUT")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

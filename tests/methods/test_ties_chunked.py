@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergeforge.methods import get_method
+from mergeforge.methods import _fused, get_method
 from mergeforge.methods import ties_chunked as tc
 from mergeforge.methods.base import TensorContext
 
@@ -26,6 +26,17 @@ def _inputs(seed: int, shape=(40, 30), quantum=None):
     return base, [base + d for d in deltas]
 
 
+@pytest.fixture(params=["fused", "torch"])
+def tail(request, monkeypatch):
+    """Run each test with the numba kernel and with the torch chunk loop."""
+    if request.param == "fused":
+        if not _fused.available():
+            pytest.skip("numba not installed")
+    else:
+        monkeypatch.setattr(_fused, "usable", lambda *a: False)
+    return request.param
+
+
 @pytest.mark.parametrize("quantum", [None, 4e-3, 1e-2])
 @pytest.mark.parametrize(
     "params",
@@ -34,7 +45,7 @@ def _inputs(seed: int, shape=(40, 30), quantum=None):
 @pytest.mark.parametrize(
     "wd", [((1.0, 0.2), (0.5, 0.5), (2.0, 1.0)), ((1.0, 0.1), (-1.0, 0.0), (1.0, 0.9))]
 )
-def test_chunked_equals_unchunked(small_chunks, monkeypatch, quantum, params, wd):
+def test_chunked_equals_unchunked(small_chunks, tail, monkeypatch, quantum, params, wd):
     m = get_method("ties")
     p = m.params(**params)
     mps = tuple(m.model_params(weight=w, density=d) for w, d in wd)
@@ -47,7 +58,7 @@ def test_chunked_equals_unchunked(small_chunks, monkeypatch, quantum, params, wd
     assert torch.equal(fast, slow)
 
 
-def test_ties_straddle_chunks(small_chunks):
+def test_ties_straddle_chunks(small_chunks, tail):
     """All entries tie: the kept ones are the first k in index order, across chunks."""
     base = torch.zeros(10, 50)
     x = torch.full((10, 50), 0.5)
@@ -66,3 +77,32 @@ def test_not_used_for_rescale_or_model_scope():
     assert not tc.usable(base, xs, m.params(rescale=True))
     assert not tc.usable(base, xs, m.params(topk_scope="model"))
     assert not tc.usable(base.half(), [x.half() for x in xs], m.params())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_models", [1, 2, 4])
+def test_fused_kernel_bitwise_with_signed_zeros(small_chunks, monkeypatch, dtype, n_models):
+    """The numba kernel against the torch tail, bit for bit (signed zeros included), on
+    entries that tie at the threshold and entries where the models cancel."""
+    if not _fused.available():
+        pytest.skip("numba not installed")
+    g = torch.Generator().manual_seed(n_models)
+    base = torch.randn(3000, generator=g, dtype=dtype)
+    base[::7] = -0.0
+    xs = [base + torch.round(torch.randn(3000, generator=g, dtype=dtype) * 50) / 1000
+          for _ in range(n_models)]  # fmt: skip
+    m = get_method("ties")
+    p = m.params(lambda_=0.9)
+    mps = tuple(m.model_params(weight=1.0 + 0.25 * i, density=0.35) for i in range(n_models))
+    calls = []
+    real = _fused.ties_tail
+    monkeypatch.setattr(_fused, "ties_tail", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast = m.fn(base, xs, p, mps, TensorContext(key="k"))
+    assert calls == [1]  # the kernel ran
+    monkeypatch.setattr(_fused, "usable", lambda *a: False)
+    slow = m.fn(base, xs, p, mps, TensorContext(key="k"))
+    assert len(calls) == 1
+    assert torch.equal(
+        fast.view(torch.int64 if dtype == torch.float64 else torch.int32),
+        slow.view(torch.int64 if dtype == torch.float64 else torch.int32),
+    )

@@ -26,7 +26,6 @@ from mergeforge.methods.base import TensorContext
 log = logging.getLogger("mergeforge")
 
 
-
 def tensor_seed(seed: int, name: str) -> int:
     h = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
@@ -175,9 +174,7 @@ def run_jobs(plan: MergePlan, loader: Loader, stat_plan, device, writer, workers
         pending: deque[Future] = deque()
         try:
             for job in plan.jobs:
-                pending.append(
-                    pool.submit(process, job, loader, plan, stat_plan, device, writer)
-                )
+                pending.append(pool.submit(process, job, loader, plan, stat_plan, device, writer))
                 while len(pending) > workers:
                     on_done(pending.popleft().result())
             while pending:

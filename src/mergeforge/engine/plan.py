@@ -394,6 +394,7 @@ def _plan_slices(cfg, models, cks, index, layout: Layout, ref_ck, add) -> int:
         for k in range(n):
             t = k / (n - 1) if n > 1 else 1.0
             for rest in per_layer:
+
                 def name_for(m, k=k, rest=rest, starts=starts):
                     return layout.name(starts.get(m, next(iter(starts.values()))) + k, rest)
 

@@ -16,8 +16,12 @@ The methods file::
 
 Lists in ``parameters``/``model_parameters`` expand to their Cartesian product. Each merge runs
 in a fresh child process, so its peak RSS is that merge's own (not the evaluator's). A suite is
-anything with the :class:`Suite` shape registered in :data:`SUITES` (``text`` now; ``vision``
-plugs in with :func:`register_suite`).
+anything with the :class:`Suite` shape registered in :data:`SUITES` with :func:`register_suite`:
+``text`` (seven text-classification experts fine-tuned from one encoder,
+:mod:`~mergeforge.evaluate.text_suite`) and ``vision`` (one family of small image classifiers
+trained from scratch, fused into one model, :mod:`~mergeforge.evaluate.vision_suite`; its
+reference rows are ``ensemble``, ``ensemble_weighted`` and ``parent<k>``; only base-free methods
+and two-model interpolations such as ``slerp`` run there, as the parents share no base).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Any, Protocol
 from mergeforge.errors import ConfigError, MergeforgeError
 from mergeforge.evaluate.pool import RunResult, TaskPool, evaluate_pool
 
-REFERENCE_METHODS = ("pretrained",)  # rows that merge nothing
+REFERENCE_METHODS = ("pretrained",)  # rows that merge nothing (a suite may name its own)
 EXPERTS_ROW = "experts (own task)"
 _ENTRY_KEYS = {"name", "method", "parameters", "model_parameters"}
 
@@ -78,6 +82,16 @@ class Suite(Protocol):
         :class:`~mergeforge.methods.base.SideInputs`: RegMean Grams, Fisher) before it merges.
         Optional: a suite without it cannot run such methods."""
 
+    # Optional too (looked up with getattr; the defaults suit a base + fine-tuned experts):
+    #   reference_methods: tuple[str, ...]  the rows that merge nothing which the suite knows
+    #       (default REFERENCE_METHODS: "pretrained", scored by evaluating ``base_dir``).
+    #   reference(method) -> dict[str, float]  the accuracy of such a row (default: evaluate
+    #       ``base_dir`` on the pool).
+    #   check_run(run) -> None  raise ConfigError for a run the suite cannot merge; called for
+    #       every run before prepare(), so a bad methods file fails before any training.
+    #   merge_inputs(run) -> (base_dir, [expert_dir, ...])  what one merge reads (default:
+    #       ``base_dir`` and every folder of ``expert_dirs``).
+
 
 SuiteFactory = Callable[..., Suite]  # (quick=, full=, cache_dir=, tasks=, console=) -> Suite
 SUITES: dict[str, SuiteFactory] = {}
@@ -93,7 +107,14 @@ def _text_suite(**kwargs) -> Suite:
     return TextSuite(**kwargs)
 
 
+def _vision_suite(**kwargs) -> Suite:
+    from mergeforge.evaluate.vision_suite import VisionSuite
+
+    return VisionSuite(**kwargs)
+
+
 register_suite("text", _text_suite)
+register_suite("vision", _vision_suite)
 
 
 def get_suite(name: str, **kwargs) -> Suite:
@@ -105,10 +126,16 @@ def get_suite(name: str, **kwargs) -> Suite:
 # ---------------------------------------------------------------- the methods file and sweeps
 
 
-def load_methods(source: str | Path | Mapping, *, quick: bool = False) -> list[BenchRun]:
+def load_methods(
+    source: str | Path | Mapping,
+    *,
+    quick: bool = False,
+    references: Sequence[str] = REFERENCE_METHODS,
+) -> list[BenchRun]:
     """Parse a methods file (path, YAML text or dict) and expand its sweeps into runs.
 
     ``quick`` keeps only the middle value of each sweep (a smoke run, not a sweep).
+    ``references``: the method names that are reference rows of the suite (merge nothing).
     """
     import yaml
 
@@ -125,7 +152,8 @@ def load_methods(source: str | Path | Mapping, *, quick: bool = False) -> list[B
         raise ConfigError(f"{where}: expected a mapping with a 'methods:' list")
     runs: list[BenchRun] = []
     for i, entry in enumerate(doc["methods"]):
-        runs += expand_entry(entry, where=f"{where}: methods[{i}]", quick=quick)
+        runs += expand_entry(entry, where=f"{where}: methods[{i}]", quick=quick,
+                             references=references)  # fmt: skip
     names = [r.name for r in runs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -133,7 +161,13 @@ def load_methods(source: str | Path | Mapping, *, quick: bool = False) -> list[B
     return runs
 
 
-def expand_entry(entry: Mapping, *, where: str = "methods", quick: bool = False) -> list[BenchRun]:
+def expand_entry(
+    entry: Mapping,
+    *,
+    where: str = "methods",
+    quick: bool = False,
+    references: Sequence[str] = REFERENCE_METHODS,
+) -> list[BenchRun]:
     """One methods-file entry -> one run per combination of its swept (list) values."""
     if not isinstance(entry, Mapping) or "method" not in entry:
         raise ConfigError(f"{where}: each entry needs 'method:' (and optionally name/parameters)")
@@ -146,7 +180,7 @@ def expand_entry(entry: Mapping, *, where: str = "methods", quick: bool = False)
     family = str(entry.get("name", method))
     groups = {"parameters": entry.get("parameters") or {}, "model_parameters": entry.get(
         "model_parameters") or {}}  # fmt: skip
-    _check_params(method, groups, where)
+    _check_params(method, groups, where, references)
     axes: list[tuple[str, str, list]] = []  # (group, key, values)
     for group, params in groups.items():
         for key, value in params.items():
@@ -176,9 +210,14 @@ def expand_entry(entry: Mapping, *, where: str = "methods", quick: bool = False)
     return runs
 
 
-def _check_params(method: str, groups: Mapping[str, Mapping], where: str) -> None:
+def _check_params(
+    method: str,
+    groups: Mapping[str, Mapping],
+    where: str,
+    references: Sequence[str] = REFERENCE_METHODS,
+) -> None:
     """Unknown methods and parameter names fail here, before anything is trained or loaded."""
-    if method in REFERENCE_METHODS:
+    if method in references:
         if any(groups.values()):
             raise ConfigError(f"{where}: '{method}' merges nothing and takes no parameters")
         return
@@ -189,7 +228,7 @@ def _check_params(method: str, groups: Mapping[str, Mapping], where: str) -> Non
     except (KeyError, MergeforgeError) as exc:
         raise ConfigError(
             f"{where}: unknown method {method!r} ({exc}); `mergeforge methods` lists them, "
-            f"and {list(REFERENCE_METHODS)} are reference rows"
+            f"and {list(references)} are this suite's reference rows"
         ) from exc
     for group, kind in (("parameters", "shared"), ("model_parameters", "per_model")):
         if not isinstance(groups[group], Mapping):
@@ -293,11 +332,15 @@ def run_bench(
     from mergeforge.evaluate import report
 
     console = console or Console()
-    runs = load_methods(methods, quick=quick)  # fail on a bad file before any training
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     bench = get_suite(suite, quick=quick, full=full, cache_dir=cache_dir, tasks=tasks,
                       console=console)  # fmt: skip
+    # fail on a bad file before any training
+    runs = load_methods(methods, quick=quick, references=_references(bench))
+    check = getattr(bench, "check_run", None)  # optional in the Suite protocol
+    for run in runs if check is not None else ():
+        check(run)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     bench.prepare()
     expert_acc = bench.expert_accuracy()
@@ -350,8 +393,13 @@ def run_bench(
 
     payload = payload(complete=True)
     report.write_json(out_dir / "results.json", payload)
-    (out_dir / "results.md").write_text(report.markdown_table(results, bench.pool.tasks))
-    table = report.rich_table(results, bench.pool.tasks, title=f"mergeforge bench {suite}")
+    norm_by = bench.settings().get("normalized_by", "own expert")
+    (out_dir / "results.md").write_text(
+        report.markdown_table(results, bench.pool.tasks)
+        + f"\nAccuracy %; normalized = merged / {norm_by}, %.\n"
+    )
+    table = report.rich_table(results, bench.pool.tasks, title=f"mergeforge bench {suite}",
+                              normalized_by=norm_by)  # fmt: skip
     console.print(table, width=None if console.is_terminal else 200)  # logs: do not wrap rows
     if plots:
         for path in report.plot_results(results, bench.pool.tasks, out_dir):
@@ -360,14 +408,30 @@ def run_bench(
     return payload
 
 
+def _references(bench) -> tuple[str, ...]:
+    """The reference rows (merging nothing) a suite knows: its own, else "pretrained"."""
+    return tuple(getattr(bench, "reference_methods", REFERENCE_METHODS))
+
+
 def _one_run(run, bench, expert_acc, merged_root: Path, keep: bool) -> RunResult:
     common = dict(name=run.name, method=run.method, expert_accuracy=expert_acc,
                   params=run.params, family=run.family, swept=run.swept)  # fmt: skip
-    if run.method in REFERENCE_METHODS:
-        return evaluate_pool(bench.pool, bench.base_dir, **common)
+    if run.method in _references(bench):
+        reference = getattr(bench, "reference", None)  # optional in the Suite protocol
+        if reference is None:
+            return evaluate_pool(bench.pool, bench.base_dir, **common)
+        t0 = time.perf_counter()
+        accuracy = reference(run.method)
+        return RunResult(accuracy=accuracy, eval_seconds=time.perf_counter() - t0,
+                         **{**common, "family": run.family or run.method})  # fmt: skip
     out = merged_root / run.name.replace(" ", "_").replace("/", "-")
     _statistics(run, bench)
-    config = merge_config(run, bench.base_dir, list(bench.expert_dirs.values()))
+    inputs = getattr(bench, "merge_inputs", None)  # optional in the Suite protocol
+    if inputs is not None:
+        base_dir, expert_dirs = inputs(run)
+    else:
+        base_dir, expert_dirs = bench.base_dir, bench.expert_dirs.values()
+    config = merge_config(run, base_dir, list(expert_dirs))
     seconds, peak = merge_isolated(config, out)
     try:
         return evaluate_pool(bench.pool, out, merge_seconds=seconds, peak_rss_bytes=peak, **common)

@@ -47,10 +47,14 @@ def markdown_table(results: Sequence[RunResult], tasks: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rich_table(results: Sequence[RunResult], tasks: Sequence[str], *, title: str = ""):
+def rich_table(
+    results: Sequence[RunResult], tasks: Sequence[str], *, title: str = "",
+    normalized_by: str = "own expert",
+):  # fmt: skip
     from rich.table import Table
 
-    table = Table(title=title or None, caption="accuracy %; normalized = merged / own expert, %")
+    caption = f"accuracy %; normalized = merged / {normalized_by}, %"
+    table = Table(title=title or None, caption=caption)
     for i, col in enumerate(columns(tasks)):
         table.add_column(col, justify="left" if i == 0 else "right", overflow="fold")
     for cells in table_rows(results, tasks):

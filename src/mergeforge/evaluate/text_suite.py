@@ -174,9 +174,7 @@ class TextSuite:
             with quiet_transformers():
                 task_statistics(folder, self.pool.heads[t], self.pool.tokenizer, examples,
                                 request.kind, self.recipe.max_length)  # fmt: skip
-            self.timings.setdefault("stats_s", {})[f"{t}/{request.kind}"] = (
-                time.perf_counter() - t0
-            )
+            self.timings.setdefault("stats_s", {})[f"{t}/{request.kind}"] = time.perf_counter() - t0
 
     def settings(self) -> dict:
         return {

@@ -7,7 +7,9 @@ normalisation, λ and the base — is element-wise. So:
 1. per model, |x_i − θ₀| goes into *one reused buffer*, partitioned in place (NumPy's
    introselect) for the threshold t_i, and the number of entries tied at t_i that the trim
    may keep (index order, as :func:`.sparsify.magnitude`) is counted;
-2. one sweep over cache-sized chunks recomputes τ_i = x_i − θ₀ there and runs the whole tail.
+2. one sweep recomputes τ_i = x_i − θ₀ and runs the whole tail: a fused numba kernel
+   (:mod:`._fused`, one pass, every intermediate in registers) when numba is importable,
+   otherwise torch ops over cache-sized chunks.
 
 Same element-wise operations in the same order as :func:`generalized_task_arithmetic`, so the
 result is bit-for-bit the unchunked one; only memory traffic changes (measured in
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mergeforge.methods import _fused
 from mergeforge.methods.consensus import disjoint_sum, elect_sign_list
 
 CHUNK = 1 << 18
@@ -100,6 +103,12 @@ def ties_chunked(
         budgets.append(ties)
     del buf
     out = torch.empty(n, dtype=base.dtype)
+    if _fused.usable(b, xs):  # one fused pass (numba), same operations bit for bit
+        _fused.ties_tail(
+            b, xs, weights, densities, thresholds, budgets, consensus=consensus,
+            normalize=normalize, lambda_=lambda_, out=out,
+        )  # fmt: skip
+        return out.view(base.shape)
     for s in range(0, n, CHUNK):
         e = min(n, s + CHUNK)
         out[s:e] = _tail(
@@ -128,9 +137,7 @@ def _trim(delta: Tensor, thr: float, budgets: list[int | None], i: int) -> Tenso
 
 def _tail(b, xs, weights, densities, thresholds, budgets, *, consensus, normalize, lambda_):
     deltas = []
-    for i, (x, w, density, thr) in enumerate(
-        zip(xs, weights, densities, thresholds, strict=True)
-    ):
+    for i, (x, w, density, thr) in enumerate(zip(xs, weights, densities, thresholds, strict=True)):
         delta = torch.sub(x, b)
         if thr is not None:
             delta.mul_(_trim(delta, thr, budgets, i))

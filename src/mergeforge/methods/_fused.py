@@ -1,0 +1,180 @@
+"""Fused CPU kernels (numba), used when numba is importable.
+
+The TIES tail — subtract the base, trim at each model's threshold (spending its budget of
+threshold-tied entries in index order), weight, elect the sign, disjoint sum, normalise, λ,
+add the base — is element-wise after the thresholds are known. As torch ops it is ~35 passes
+over (cache-sized) chunks; here it is one pass over the inputs with every intermediate in
+L1-sized blocks. Each scalar operation is the one :func:`.ties_chunked._tail` performs, in the same
+order and the same dtype, so the result is bit-for-bit the torch path
+(``tests/methods/test_ties_chunked.py`` checks it). No fast-math: IEEE semantics, no
+reassociation or contraction.
+
+``MERGEFORGE_NO_NUMBA=1`` turns the kernels off (the torch path runs instead). The first call
+per (dtype, number of models) compiles the kernel (~1–3 s); numba caches it on disk, so later
+processes load it in well under a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from functools import cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+log = logging.getLogger("mergeforge")
+
+DENSE, ZEROED, TRIMMED = 0, 1, 2
+
+
+@cache
+def _kernel():
+    """The compiled TIES tail, or None when numba is unavailable or switched off."""
+    if os.environ.get("MERGEFORGE_NO_NUMBA", "") not in ("", "0"):
+        return None
+    try:
+        import numba
+    except ImportError:  # optional accelerator: the torch path is exact too
+        log.debug("numba not importable: TIES runs its tail with torch ops")
+        return None
+
+    @numba.njit(nogil=True, cache=True, fastmath=False, boundscheck=False)
+    def ties_tail(b, xs, mode, thr, left, w, scale_w, count_vote, normalize, consts, out):
+        # consts = [0, 1, λ] in the data dtype; scale_w[i]: weight i differs from 1.
+        # Blocks of BLOCK entries; each step is a simple loop over the block (vectorised by
+        # LLVM) with the block's intermediates in L1, the runtime flags tested outside them.
+        zero, one, lam = consts[0], consts[1], consts[2]
+        use_lam = lam != one
+        m = len(xs)
+        n = b.shape[0]
+        blk = 2048
+        d = np.empty((m, blk), b.dtype)
+        vote = np.empty(blk, b.dtype)
+        merged = np.empty(blk, b.dtype)
+        div = np.empty(blk, b.dtype)
+        for s in range(0, n, blk):
+            ln = min(blk, n - s)
+            bb = b[s : s + ln]
+            for i in range(m):
+                xi = xs[i][s : s + ln]
+                di = d[i]
+                t = thr[i]
+                md = mode[i]
+                if md == 2 and left[i] < 0:  # trim, every entry tied at t kept
+                    for j in range(ln):
+                        v = xi[j] - bb[j]
+                        di[j] = v if abs(v) >= t else v * zero
+                elif md == 2:  # trim, ties at t kept in index order while the budget lasts
+                    for j in range(ln):
+                        v = xi[j] - bb[j]
+                        a = abs(v)
+                        if a < t:
+                            v = v * zero
+                        elif a == t:
+                            if left[i] > 0:
+                                left[i] -= 1
+                            else:
+                                v = v * zero
+                        di[j] = v
+                elif md == 1:  # density 0
+                    for j in range(ln):
+                        di[j] = (xi[j] - bb[j]) * zero
+                else:
+                    for j in range(ln):
+                        di[j] = xi[j] - bb[j]
+                if scale_w[i]:
+                    wi = w[i]
+                    for j in range(ln):
+                        di[j] = di[j] * wi
+            # elect the sign: (d0 + d1) + d2 …, or the sum of signs
+            if count_vote:
+                for j in range(ln):
+                    vote[j] = np.sign(d[0, j])
+                for i in range(1, m):
+                    for j in range(ln):
+                        vote[j] = vote[j] + np.sign(d[i, j])
+            else:
+                for j in range(ln):
+                    vote[j] = d[0, j]
+                for i in range(1, m):
+                    for j in range(ln):
+                        vote[j] = vote[j] + d[i, j]
+            for j in range(ln):
+                vote[j] = one if vote[j] >= zero else -one
+            # disjoint sum: entries agreeing with the elected sign (zeros never agree)
+            for i in range(m):
+                di = d[i]
+                wi = w[i]
+                sw = scale_w[i]
+                for j in range(ln):
+                    a = one if di[j] * vote[j] > zero else zero
+                    v = di[j] * a
+                    if sw:
+                        a = a * wi
+                    if i == 0:
+                        merged[j] = v
+                        div[j] = a
+                    else:
+                        merged[j] = merged[j] + v
+                        div[j] = div[j] + a
+            for j in range(ln):
+                r = merged[j]
+                if normalize:
+                    q = div[j]
+                    r = r / (one if q == zero else q)
+                if use_lam:
+                    r = r * lam
+                out[s + j] = r + bb[j]
+
+    return ties_tail
+
+
+def available() -> bool:
+    return _kernel() is not None
+
+
+def ties_tail(
+    b: Tensor,
+    xs: Sequence[Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    thresholds: Sequence[float | None],
+    budgets: Sequence[int | None],
+    *,
+    consensus: str,
+    normalize: bool,
+    lambda_: float,
+    out: Tensor,
+) -> None:
+    """Run the fused tail over flat contiguous CPU tensors ``b``, ``xs`` into ``out``."""
+    kernel = _kernel()
+    assert kernel is not None
+    if consensus not in ("sum", "count"):
+        raise ValueError(f"unknown consensus method {consensus!r}: expected 'sum' or 'count'")
+    npdt = b.numpy().dtype
+    mode = np.array(
+        [TRIMMED if t is not None else (ZEROED if d <= 0 else DENSE)
+         for t, d in zip(thresholds, densities, strict=True)], dtype=np.int8,
+    )  # fmt: skip
+    thr = np.array([0.0 if t is None else t for t in thresholds], dtype=npdt)
+    left = np.array([-1 if k is None else k for k in budgets], dtype=np.int64)
+    w = np.array(weights, dtype=npdt)
+    scale_w = np.array([x != 1 for x in weights], dtype=np.bool_)
+    consts = np.array([0.0, 1.0, lambda_], dtype=npdt)
+    kernel(
+        b.numpy(), tuple(x.numpy() for x in xs), mode, thr, left, w, scale_w,
+        consensus == "count", bool(normalize), consts, out.numpy(),
+    )  # fmt: skip
+
+
+def usable(b: Tensor, xs: Sequence[Tensor]) -> bool:
+    return (
+        available()
+        and b.device.type == "cpu"
+        and b.dtype in (torch.float32, torch.float64)
+        and all(x.dtype == b.dtype and x.is_contiguous() for x in xs)
+        and b.is_contiguous()
+    )

@@ -1,0 +1,144 @@
+"""`mergeforge bench vision`: parents as model folders, base-free merges, reference rows.
+
+A tiny recipe (30 Adam steps per MLP parent) on UCI digits, which scikit-learn bundles; the
+tests skip with the install command when scikit-learn is absent.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergeforge.errors import ConfigError, MergeforgeError
+from mergeforge.evaluate import bench
+from mergeforge.evaluate import vision_suite as vs
+from mergeforge.evaluate import vision_train as vt
+from mergeforge.evaluate.text_tasks import DataPackageMissing
+from mergeforge.evaluate.vision_data import SKLEARN_INSTALL, load_dataset
+
+FAMILY = "digits/mlp/seeds2"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("vision-cache")
+
+
+@pytest.fixture(scope="module")
+def suite(cache) -> vs.VisionSuite:
+    torch.set_num_threads(1)
+    s = vs.VisionSuite(quick=True, cache_dir=cache, tasks=[FAMILY])
+    try:
+        s.prepare()
+    except DataPackageMissing:
+        pytest.skip(f"UCI digits need scikit-learn: {SKLEARN_INSTALL}")
+    return s
+
+
+def _run(method: str, **params) -> bench.BenchRun:
+    return bench.BenchRun(name=method, family=method, method=method, parameters=params)
+
+
+def test_family_parsing_and_quick_recipe():
+    assert vs.parse_family(None) == ("fashion_mnist", "mlp", "seeds2")
+    assert vs.parse_family(None, quick=True) == ("digits", "mlp", "seeds2")
+    assert vs.parse_family(["mnist/vgg/dirichlet4"]) == ("mnist", "vgg", "dirichlet4")
+    bad_families = (["digits/mlp"], ["digits/mlp/seeds2", "mnist/mlp/seeds2"],
+                    ["cifar/mlp/seeds2"], ["digits/lenet/seeds2"], ["digits/mlp/seeds1"],
+                    ["digits/mlp/halves11"])  # fmt: skip
+    for bad in bad_families:
+        with pytest.raises(ConfigError, match="fashion_mnist.*mlp.*seeds<P>"):
+            vs.parse_family(bad)
+    # the default recipe is that of benchmarks/vision/results/vision.json (the cached parents)
+    default = vs.recipe_for("fashion_mnist", "mlp", "seeds2")
+    sizes = (default.n_train, default.n_test, default.steps, default.batch_size)
+    assert sizes == (6000, 2000, 200, 64)
+    results = Path(__file__).parents[2] / "benchmarks" / "vision" / "results" / "vision.json"
+    if results.is_file():
+        rows = json.loads(results.read_text())["rows"]
+        keys = {(r["dataset"], r["arch"], r["regime"]): r["recipe_key"] for r in rows}
+        assert keys[("fashion_mnist", "mlp", "seeds2")] == default.key()
+        assert keys[("digits", "vgg", "halves2")] == vs.recipe_for("digits", "vgg", "halves2").key()
+
+
+def test_parent_round_trips_through_its_model_folder(suite, tmp_path):
+    from mergeforge.engine import run_merge
+
+    parent0 = suite.expert_dirs["parent0"]
+    assert json.loads((parent0 / "config.json").read_text())["arch"] == "mlp"
+    loaded = vs.read_state_dict(parent0, "mlp")
+    for key, tensor in suite.parents[0].state_dict.items():
+        assert torch.equal(loaded[key], tensor)
+    # oracle: the plain average of a parent with itself is that parent
+    config = {"merge_method": "linear", "dtype": "float32",
+              "models": [{"model": str(parent0)}, {"model": str(parent0)}]}  # fmt: skip
+    run_merge(config, tmp_path / "self", overwrite=True, progress=False)
+    merged = suite.pool.evaluate(tmp_path / "self")
+    assert merged == {"digits": suite.references["parent0"]}
+    assert suite.references["parent0"] > 0.5  # 30 steps already learn digits
+
+
+def test_merge_inputs_base_free_and_slerp_endpoints(suite):
+    base, experts = suite.merge_inputs(_run("linear"))
+    config = bench.merge_config(_run("linear"), base, experts)
+    assert "base_model" not in config
+    assert [m["model"] for m in config["models"]] == [str(d) for d in suite.expert_dirs.values()]
+    run = _run("slerp", t=0.5)
+    config = bench.merge_config(run, *suite.merge_inputs(run))
+    assert config["base_model"] == str(suite.expert_dirs["parent0"])
+    assert [m["model"] for m in config["models"]] == [str(suite.expert_dirs["parent1"])]
+    four = vs.VisionSuite(tasks=["digits/mlp/dirichlet4"], cache_dir=suite.cache_dir)
+    four.check_run(run)  # not a bad methods file: the row fails, the rest of the file runs
+    with pytest.raises(MergeforgeError, match="2 models.*4 parents"):
+        four.merge_inputs(run)
+
+
+def test_a_method_that_needs_a_base_fails_before_training(tmp_path, monkeypatch):
+    def no_merge(config, out):
+        raise AssertionError("merged")
+
+    monkeypatch.setattr(bench, "merge_isolated", no_merge)
+    cache = tmp_path / "cache"
+    methods = {"methods": [{"method": "linear"}, {"method": "ties", "parameters": {"lambda": 1}}]}
+    with pytest.raises(ConfigError, match="ties needs a base.*share no base.*'linear'"):
+        bench.run_bench("vision", methods, tmp_path / "out", quick=True, cache_dir=cache,
+                        plots=False)  # fmt: skip
+    assert not cache.exists()  # nothing trained
+    with pytest.raises(ConfigError, match="regmean reads per-model statistics"):
+        bench.run_bench("vision", {"methods": [{"method": "regmean"}]}, tmp_path / "out",
+                        quick=True, cache_dir=cache, plots=False)  # fmt: skip
+    with pytest.raises(ConfigError, match="unknown method 'pretrained'.*'ensemble'"):
+        bench.run_bench("vision", {"methods": [{"method": "pretrained"}]}, tmp_path / "out",
+                        quick=True, cache_dir=cache, plots=False)  # fmt: skip
+
+
+def test_run_bench_vision_writes_ensemble_and_weight_average_rows(suite, cache, tmp_path):
+    methods = {"methods": [{"name": "ensemble", "method": "ensemble"},
+                           {"name": "p1", "method": "parent1"},
+                           {"name": "avg", "method": "linear"}]}  # fmt: skip
+    out = tmp_path / "out"
+    payload = bench.run_bench("vision", methods, out, quick=True, cache_dir=cache, plots=False,
+                              tasks=[FAMILY])  # fmt: skip
+    data = json.loads((out / "results.json").read_text())
+    assert data["complete"] and data["failed"] == {} and data["tasks"] == ["digits"]
+    assert data["settings"]["recipe_key"] == suite.recipe.key()  # the fixture's parents, reused
+    rows = {r["name"]: r for r in payload["runs"]}
+    assert list(rows) == [bench.EXPERTS_ROW, "ensemble", "p1", "avg"]
+    ens = suite.references["ensemble"]
+    assert rows[bench.EXPERTS_ROW]["accuracy"] == {"digits": ens}
+    assert rows["ensemble"]["accuracy"] == {"digits": ens}
+    assert rows["ensemble"]["normalized_average"] == pytest.approx(1.0)
+    assert rows["p1"]["accuracy"] == {"digits": suite.references["parent1"]}
+
+    # the linear row is plain weight averaging, evaluated directly
+    parents, _, _ = vt.get_parents(suite.recipe, cache_dir=cache)
+    data_split = load_dataset("digits", n_train=None, n_test=360, seed=0)
+    averaged = vt.load_into("mlp", vt.average_state_dicts([p.state_dict for p in parents]))
+    expected = vt.accuracy(vt.predict_logits(averaged, data_split.test_x), data_split.test_y)
+    assert rows["avg"]["accuracy"]["digits"] == pytest.approx(expected, abs=1e-6)
+    assert rows["avg"]["normalized_average"] == pytest.approx(expected / ens)
+    assert rows["avg"]["merge_seconds"] is not None
+    assert "| avg |" in (out / "results.md").read_text()
