@@ -292,5 +292,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The ``mergeforge`` console command: :func:`main`, then exit without interpreter
+    teardown. Everything the command writes is complete (closed, renamed into place) before
+    ``main`` returns; skipping the finalizers (torch, numba, thread pools, large unmaps) saves
+    ~0.7–1.1 s per run (measured on a 271M-parameter TIES merge, BENCHMARKS.md §1)."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

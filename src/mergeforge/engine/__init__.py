@@ -170,6 +170,14 @@ def _asdict(obj) -> dict:
     return {f.name.rstrip("_"): getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
+def _warm_up(plan: MergePlan, dev: torch.device) -> None:
+    """The method's optional start-up hook, once per merge (e.g. load a kernel in the
+    background); called with the parameters and inputs of the first merged tensor."""
+    job = next((j for j in plan.jobs if j.call is not None), None)
+    if job is not None and job.call.method.warm_up is not None:
+        job.call.method.warm_up(job.call.params, len(job.inputs), plan.compute_dtype, dev)
+
+
 def run_merge(
     config: str | Path | Mapping[str, Any] | MergeConfig,
     out: str | Path,
@@ -203,6 +211,7 @@ def run_merge(
     plan = prepare(config)
     for w in plan.warnings:
         log.warning(w)
+    _warm_up(plan, dev)
     specs = [(j.out_name, j.shape, j.out_dtype) for j in plan.jobs]
     meta = {"format": "pt", "mergeforge_method": plan.method.name}
     loader = Loader(plan, dev)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from functools import cache
 
@@ -30,8 +31,18 @@ log = logging.getLogger("mergeforge")
 DENSE, ZEROED, TRIMMED = 0, 1, 2
 
 
-@cache
+_LOCK = threading.Lock()
+_READY: set[tuple[torch.dtype, int]] = set()  # (dtype, number of models) loaded or compiled
+_PENDING: set[tuple[torch.dtype, int]] = set()  # being loaded by warm_up_async
+
+
 def _kernel():
+    with _LOCK:  # one definition even when a warm-up thread and a caller race
+        return _make_kernel()
+
+
+@cache
+def _make_kernel():
     """The compiled TIES tail, or None when numba is unavailable or switched off."""
     if os.environ.get("MERGEFORGE_NO_NUMBA", "") not in ("", "0"):
         return None
@@ -68,17 +79,20 @@ def _kernel():
                         v = xi[j] - bb[j]
                         di[j] = v if abs(v) >= t else v * zero
                 elif md == 2:  # trim, ties at t kept in index order while the budget lasts
-                    for j in range(ln):
+                    tied = 0
+                    for j in range(ln):  # as above, counting the ties (vectorised)
                         v = xi[j] - bb[j]
                         a = abs(v)
-                        if a < t:
-                            v = v * zero
-                        elif a == t:
-                            if left[i] > 0:
-                                left[i] -= 1
-                            else:
-                                v = v * zero
-                        di[j] = v
+                        di[j] = v if a >= t else v * zero
+                        tied += a == t
+                    if tied:  # rare: spend the budget on this block's ties, in index order
+                        for j in range(ln):
+                            v = xi[j] - bb[j]
+                            if abs(v) == t:
+                                if left[i] > 0:
+                                    left[i] -= 1
+                                else:
+                                    di[j] = v * zero
                 elif md == 1:  # density 0
                     for j in range(ln):
                         di[j] = (xi[j] - bb[j]) * zero
@@ -136,6 +150,36 @@ def available() -> bool:
     return _kernel() is not None
 
 
+def warm_up_async(dtype: torch.dtype, n_models: int) -> None:
+    """Load (or, the first time ever, compile) the kernel for ``dtype`` and ``n_models`` in a
+    background thread: importing numba and loading a cached kernel take ~1 s, which then
+    overlaps the planning and the first tensors (they take the torch path until it is ready,
+    with the same result). The engine calls this for TIES merges."""
+    key = (dtype, n_models)
+    if dtype not in (torch.float32, torch.float64) or n_models < 1:
+        return
+    with _LOCK:
+        if key in _READY or key in _PENDING:
+            return
+        _PENDING.add(key)
+    threading.Thread(target=_warm, args=key, daemon=True, name="mergeforge-numba").start()
+
+
+def _warm(dtype: torch.dtype, n_models: int) -> None:
+    try:
+        if _kernel() is not None:
+            b = torch.zeros(4, dtype=dtype)
+            ties_tail(b, [b] * n_models, [1.0] * n_models, [0.5] * n_models,
+                      [0.0] * n_models, [None] * n_models, consensus="sum", normalize=True,
+                      lambda_=1.0, out=torch.empty_like(b))  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - the torch path stays available
+        log.debug("numba warm-up failed (%s): TIES uses torch ops", exc)
+    finally:
+        with _LOCK:
+            _PENDING.discard((dtype, n_models))
+            _READY.add((dtype, n_models))
+
+
 def ties_tail(
     b: Tensor,
     xs: Sequence[Tensor],
@@ -171,10 +215,16 @@ def ties_tail(
 
 
 def usable(b: Tensor, xs: Sequence[Tensor]) -> bool:
-    return (
-        available()
-        and b.device.type == "cpu"
+    """The fused tail applies to these tensors now. While a warm-up for them is still loading
+    this says no (the caller takes the torch path) rather than wait for it; without one, the
+    kernel is loaded here."""
+    if not (
+        b.device.type == "cpu"
         and b.dtype in (torch.float32, torch.float64)
         and all(x.dtype == b.dtype and x.is_contiguous() for x in xs)
         and b.is_contiguous()
-    )
+    ):
+        return False
+    if (b.dtype, len(xs)) in _PENDING:
+        return False
+    return available()

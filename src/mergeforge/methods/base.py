@@ -139,6 +139,9 @@ class Method:
     side_inputs: Callable[[Any], SideInputs] | None = None
     """Factory ``(params) -> SideInputs`` for methods that read per-model statistics computed
     once per model by ``mergeforge stats`` (RegMean Grams, diagonal Fisher)."""
+    warm_up: Callable[[Any, int, torch.dtype, torch.device], None] | None = None
+    """Optional ``(params, n_models, compute dtype, device)`` hook the engine calls once after
+    planning, before any tensor: e.g. load a compiled kernel in the background (TIES)."""
     aliases: tuple[str, ...] = ()
     notes: str = ""
 

@@ -55,6 +55,14 @@ def ties(base, tensors, params, model_params, ctx):
     )
 
 
+def _ties_warm_up(params: P.TiesParams, n_models: int, dtype, device) -> None:
+    """Load the fused tail's kernel in the background while the engine starts (see _fused)."""
+    if params.topk_scope == "tensor" and not params.rescale and device.type == "cpu":
+        from mergeforge.methods import _fused
+
+        _fused.warm_up_async(dtype, n_models)
+
+
 def _ties_statistic(params: P.TiesParams):
     return ModelTopK() if params.topk_scope == "model" else NoStatistic()
 
@@ -69,6 +77,7 @@ register(
         params=P.TiesParams,
         model_params=P.SparseModelParams,
         statistic=_ties_statistic,
+        warm_up=_ties_warm_up,
     )
 )
 register(
