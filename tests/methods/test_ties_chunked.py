@@ -3,6 +3,7 @@ straddle chunk boundaries."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,3 +107,36 @@ def test_fused_kernel_bitwise_with_signed_zeros(small_chunks, monkeypatch, dtype
         fast.view(torch.int64 if dtype == torch.float64 else torch.int32),
         slow.view(torch.int64 if dtype == torch.float64 else torch.int32),
     )
+
+
+@pytest.mark.parametrize("n", [1000, 300_000])
+@pytest.mark.parametrize("quantum", [None, 1e-3])
+@pytest.mark.parametrize("frac", [1e-4, 0.1, 0.5, 0.97, 1.0])
+def test_bracketed_selection_matches_full_partition(n, quantum, frac):
+    """kth_largest_abs_delta = the k-th largest |x - b| by a full partition, with the counts
+    of entries above it and tied with it (or None, never a wrong answer)."""
+    if not _fused.available():
+        pytest.skip("numba not installed")
+    g = torch.Generator().manual_seed(n)
+    b = torch.randn(n, generator=g)
+    d = torch.randn(n, generator=g) * 0.01
+    if quantum:
+        d = torch.round(d / quantum) * quantum  # many exact ties at the threshold
+    x = b + d
+    k = max(1, int(frac * n))
+    found = _fused.kth_largest_abs_delta(x, b, k)
+    a = (x - b).abs().numpy()
+    t = np.partition(a, n - k)[n - k]
+    if quantum is None:
+        assert found is not None
+    if found is not None:  # None (fall back to the full selection) is allowed, never wrong
+        assert found == (float(t), int((a > t).sum()), int((a == t).sum()))
+
+
+def test_bracketed_selection_refuses_nan():
+    if not _fused.available():
+        pytest.skip("numba not installed")
+    b = torch.zeros(5000)
+    x = torch.randn(5000)
+    x[17] = float("nan")
+    assert _fused.kth_largest_abs_delta(x, b, 100) is None

@@ -85,15 +85,15 @@ class MergePlan:
 # parameters
 
 
-def _field_map(cls: type) -> dict[str, str]:
-    """YAML key -> dataclass field (``lambda`` -> ``lambda_``)."""
+def yaml_field_map(cls: type) -> dict[str, str]:
+    """YAML key -> dataclass field of a parameters class (``lambda`` -> ``lambda_``)."""
     return {f.name.rstrip("_"): f.name for f in dataclasses.fields(cls)}
 
 
 def check_parameter_names(method: Method, cfg: MergeConfig) -> list[str]:
     """Unknown parameter names are errors (with a suggestion); shared parameters given per model
     are ignored by mergekit, so we warn rather than refuse."""
-    shared, per_model = _field_map(method.params), _field_map(method.model_params)
+    shared, per_model = yaml_field_map(method.params), yaml_field_map(method.model_params)
     known = sorted(set(shared) | set(per_model))
     warnings: list[str] = []
     blocks: list[tuple[str, Mapping[str, Any], bool]] = [("parameters", cfg.parameters, False)]
@@ -127,8 +127,8 @@ class ParamResolver:
 
     def __init__(self, method: Method):
         self.method = method
-        self._shared = _field_map(method.params)
-        self._model = _field_map(method.model_params)
+        self._shared = yaml_field_map(method.params)
+        self._model = yaml_field_map(method.model_params)
         self._cache: dict[tuple, Any] = {}
 
     def _build(self, cls: type, fmap: dict[str, str], values: dict[str, Any], where: str) -> Any:

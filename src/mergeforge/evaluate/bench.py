@@ -444,13 +444,13 @@ def _one_run(run, bench, expert_acc, merged_root: Path, keep: bool) -> RunResult
 
 def _statistics(run: BenchRun, bench) -> None:
     """Let the suite compute the statistics a data-using method reads (once per expert)."""
-    from mergeforge.engine.plan import _field_map
+    from mergeforge.engine.plan import yaml_field_map
     from mergeforge.methods import get_method
 
     method = get_method(run.method)
     if method.side_inputs is None:
         return
-    fmap = _field_map(method.params)
+    fmap = yaml_field_map(method.params)
     request = method.side_inputs(method.params(**{fmap[k]: v for k, v in run.parameters.items()}))
     prepare = getattr(bench, "prepare_statistics", None)  # optional in the Suite protocol
     if prepare is None:

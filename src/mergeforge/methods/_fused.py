@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import types
 from collections.abc import Sequence
 from functools import cache
 
@@ -43,7 +44,8 @@ def _kernel():
 
 @cache
 def _make_kernel():
-    """The compiled TIES tail, or None when numba is unavailable or switched off."""
+    """The compiled kernels (``ties_tail``, ``bracket``), or None when numba is unavailable or
+    switched off."""
     if os.environ.get("MERGEFORGE_NO_NUMBA", "") not in ("", "0"):
         return None
     try:
@@ -143,7 +145,24 @@ def _make_kernel():
                     r = r * lam
                 out[s + j] = r + bb[j]
 
-    return ties_tail
+    @numba.njit(nogil=True, cache=True, fastmath=False, boundscheck=False)
+    def bracket(x, b, lo, hi, cand):
+        # One pass over |x − b|: how many entries lie above hi and below lo, and the ones in
+        # [lo, hi] copied to cand (up to its length − 1; the count says if it overflowed).
+        # Branch-free: an unconditional store, then a conditional advance of the cursor.
+        cap = cand.shape[0] - 1
+        above = 0
+        below = 0
+        c = 0
+        for j in range(b.shape[0]):
+            a = abs(x[j] - b[j])
+            above += a > hi
+            below += a < lo
+            cand[min(c, cap)] = a
+            c += (a >= lo) & (a <= hi)
+        return above, c, below
+
+    return types.SimpleNamespace(ties_tail=ties_tail, bracket=bracket)
 
 
 def available() -> bool:
@@ -172,6 +191,7 @@ def _warm(dtype: torch.dtype, n_models: int) -> None:
             ties_tail(b, [b] * n_models, [1.0] * n_models, [0.5] * n_models,
                       [0.0] * n_models, [None] * n_models, consensus="sum", normalize=True,
                       lambda_=1.0, out=torch.empty_like(b))  # fmt: skip
+            kth_largest_abs_delta(b, b, 1)
     except Exception as exc:  # noqa: BLE001 - the torch path stays available
         log.debug("numba warm-up failed (%s): TIES uses torch ops", exc)
     finally:
@@ -194,8 +214,9 @@ def ties_tail(
     out: Tensor,
 ) -> None:
     """Run the fused tail over flat contiguous CPU tensors ``b``, ``xs`` into ``out``."""
-    kernel = _kernel()
-    assert kernel is not None
+    kernels = _kernel()
+    assert kernels is not None
+    kernel = kernels.ties_tail
     if consensus not in ("sum", "count"):
         raise ValueError(f"unknown consensus method {consensus!r}: expected 'sum' or 'count'")
     npdt = b.numpy().dtype
@@ -212,6 +233,53 @@ def ties_tail(
         b.numpy(), tuple(x.numpy() for x in xs), mode, thr, left, w, scale_w,
         consensus == "count", bool(normalize), consts, out.numpy(),
     )  # fmt: skip
+
+
+SAMPLES = 1 << 16
+"""Entries sampled (at a fixed stride) to bracket the k-th largest |τ|."""
+
+
+def kth_largest_abs_delta(x: Tensor, b: Tensor, k: int) -> tuple[float, int, int] | None:
+    """``(t, greater, tied)`` for the k-th largest t of |x − b| over flat CPU tensors, with
+    ``greater`` = #{|τ| > t} and ``tied`` = #{|τ| = t}; None when it cannot say (then use a
+    full selection).
+
+    A strided sample of |τ| brackets t between two sample quantiles around rank k (±1 % of
+    the entries); one branch-free pass then counts the entries above the bracket and copies
+    the ones inside it (~2 % of n), and a selection over those finds t. Exact: the bracket is
+    verified by the counts (t must fall inside it), and anything else — a bracket that
+    missed, too many entries inside it, NaN — returns None. ~1 pass over x and b instead of
+    a subtraction into a buffer and an introselect over all of it.
+    """
+    kernels = _kernel()
+    n = b.numel()
+    if kernels is None or not 1 <= k <= n:
+        return None
+    xn, bn = x.numpy(), b.numpy()
+    stride = max(1, n // SAMPLES)
+    sample = np.abs(xn[::stride] - bn[::stride])
+    m = sample.size
+    sample[::-1].sort()  # descending
+    rank = k * m / n  # the sample position of t
+    margin = max(64, m // 100)
+    hi_i, lo_i = int(rank) - margin, min(m - 1, int(rank) + margin)
+    hi = sample[hi_i] if hi_i >= 0 else np.inf
+    lo = sample[lo_i] if lo_i < m - 1 else sample.dtype.type(0)
+    cand = np.empty(max(1024, n // 25) + 1, dtype=bn.dtype)
+    above, inside, below = kernels.bracket(xn, bn, bn.dtype.type(lo), bn.dtype.type(hi), cand)
+    if above + inside + below != n or not above < k <= above + inside:
+        return None  # NaN, or the bracket missed t
+    if lo == hi:  # one value (heavy ties): that is t
+        return float(lo), above, inside
+    if inside >= cand.size:
+        return None  # too many inside the bracket to have kept them all
+    cand = cand[:inside]
+    r = inside - (k - above)  # ascending position of t among the candidates
+    cand.partition(r)
+    t = cand[r]
+    greater = above + int(np.count_nonzero(cand[r + 1 :] > t))
+    tied = int(np.count_nonzero(cand == t))
+    return float(t), greater, tied
 
 
 def usable(b: Tensor, xs: Sequence[Tensor]) -> bool:

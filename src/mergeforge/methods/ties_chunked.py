@@ -4,9 +4,10 @@ The per-tensor trim needs each task vector's k-th largest |τ_i| (a selection ov
 tensor); everything after it — the mask, the weights, the sign vote, the disjoint sum, the
 normalisation, λ and the base — is element-wise. So:
 
-1. per model, |x_i − θ₀| goes into *one reused buffer*, partitioned in place (NumPy's
-   introselect) for the threshold t_i, and the number of entries tied at t_i that the trim
-   may keep (index order, as :func:`.sparsify.magnitude`) is counted;
+1. per model, the threshold t_i (k-th largest |x_i − θ₀|) and the number of entries tied at
+   t_i that the trim may keep (index order, as :func:`.sparsify.magnitude`): with numba, a
+   sampled bracket and one counting pass (:func:`._fused.kth_largest_abs_delta`); otherwise
+   |x_i − θ₀| goes into *one reused buffer*, partitioned in place (NumPy's introselect);
 2. one sweep recomputes τ_i = x_i − θ₀ and runs the whole tail: a fused numba kernel
    (:mod:`._fused`, one pass, every intermediate in registers) when numba is importable,
    otherwise torch ops over cache-sized chunks.
@@ -92,18 +93,26 @@ def ties_chunked(
     xs = [t.reshape(-1) for t in tensors]
     thresholds: list[float | None] = []
     budgets: list[int | None] = []
-    buf = _scratch(n, base.dtype)
+    fused = _fused.usable(b, xs)
+    buf = None
     for x, density in zip(xs, densities, strict=True):
         if density >= 1 or density <= 0:  # dense, or zeroed: no selection
             thresholds.append(None)
             budgets.append(None)
             continue
-        thr, ties = _threshold(x, b, density, buf)
+        k = max(1, int(density * n))
+        found = _fused.kth_largest_abs_delta(x, b, k) if fused else None
+        if found is not None:  # bracketed selection, one pass (numba)
+            thr, greater, tied = found
+            ties = (k - greater) if tied > k - greater else None
+        else:
+            buf = buf if buf is not None else _scratch(n, base.dtype)
+            thr, ties = _threshold(x, b, density, buf)
         thresholds.append(thr)
         budgets.append(ties)
     del buf
     out = torch.empty(n, dtype=base.dtype)
-    if _fused.usable(b, xs):  # one fused pass (numba), same operations bit for bit
+    if fused:  # one fused pass (numba), same operations bit for bit
         _fused.ties_tail(
             b, xs, weights, densities, thresholds, budgets, consensus=consensus,
             normalize=normalize, lambda_=lambda_, out=out,
