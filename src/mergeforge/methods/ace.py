@@ -154,8 +154,6 @@ register(
         summary="ACE-Merging: covariance merge with centred, adaptively normalised task Grams.",
         reference="https://arxiv.org/abs/2603.02945",
         params=AceParams,
-        base="required",
-        min_models=1,
         notes="Data-free. Per 2-D weight (out, in); other tensors get the mean task vector. "
         "Defaults ridge: relative (scale-free; the authors' absolute eps swamps small "
         "fine-tunes), prior: code. ridge: absolute + prior: code reproduce the authors' code.",

@@ -224,8 +224,6 @@ register(
         summary="WUDI: Adam on Σ‖(τ_m − τ_i)τ_iᵀ‖²/‖τ_i‖² from the sum of task vectors.",
         reference="https://arxiv.org/abs/2503.08099",
         params=WudiParams,
-        base="required",
-        min_models=1,
         notes=SHARED_NOTES + " Closed-form gradient 2(τ_m C − D) with torch.optim.Adam: equal "
         "to FusionBench's wudi_merging to rounding, one D1·D2² product per step.",
     )
@@ -237,8 +235,6 @@ register(
         summary="SWUDI: WUDI's gradient flow in closed form, spectrally filtered, top-K of C.",
         reference="https://arxiv.org/abs/2606.07289",
         params=SwudiParams,
-        base="required",
-        min_models=1,
         notes=SHARED_NOTES + " One eigh per weight (of the (N·D1)² Gram when N·D1 < D2). "
         "filter: none + rank_ratio: 1 is the exact D C⁻¹ (the papers: worse than early "
         "stopping; on our text suite between WUDI and SWUDI). With init: sum "
@@ -252,8 +248,6 @@ register(
         summary="SWUDI-A: exact WUDI solution on a per-layer top-K of C chosen from its spectrum.",
         reference="https://arxiv.org/abs/2606.07289",
         params=SwudiAParams,
-        base="required",
-        min_models=1,
         notes=SHARED_NOTES + " No hyper-parameters besides the rank rule.",
     )
 )
