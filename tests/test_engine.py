@@ -202,3 +202,39 @@ def test_mergekit_method_we_lack_is_named_as_not_implemented():
 
     with pytest.raises(ConfigError, match="does not implement yet"):
         get_method("sce")
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_random_streams_follow_the_models_not_their_paths(llama_family, tmp_path, method):
+    """A seeded stochastic merge is the same when the model folders move (each model's
+    stream is named by a fingerprint of its weights) and when the models are listed in
+    another order (the masks move with the models)."""
+    import shutil
+
+    base, e = llama_family["base"], llama_family["experts"]
+    moved = []
+    for i, m in enumerate([base, *e]):
+        dest = tmp_path / "elsewhere" / f"renamed{i}"
+        shutil.copytree(m, dest)
+        moved.append(dest)
+
+    def cfg(b, experts):
+        return {
+            "merge_method": method,
+            "base_model": str(b),
+            "models": [
+                {"model": str(m), "parameters": {"weight": 1.0, "density": 0.5}} for m in experts
+            ],  # fmt: skip
+            "parameters": {"lambda": 1.0},
+            "seed": 7,
+        }
+
+    mergeforge.merge(cfg(base, e), tmp_path / "a", progress=False)
+    mergeforge.merge(cfg(moved[0], moved[1:]), tmp_path / "b", progress=False)
+    mergeforge.merge(cfg(base, e[::-1]), tmp_path / "c", progress=False)
+    mergeforge.merge({**cfg(base, e), "seed": 8}, tmp_path / "d", progress=False)
+    a, b, c, d = (load_dir(tmp_path / x) for x in "abcd")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # another order: the same masks, summed in another order (rounding only)
+    assert all(torch.allclose(a[k], c[k], rtol=0, atol=1e-6) for k in a)
+    assert any(not torch.allclose(a[k], d[k], rtol=0, atol=1e-3) for k in a)  # seed matters

@@ -22,7 +22,7 @@ import yaml
 
 from mergeforge.config import MergeConfig, load_config
 from mergeforge.engine.execute import Loader, Progress, run_jobs, run_statistics
-from mergeforge.engine.plan import MergePlan, build_plan, output_config
+from mergeforge.engine.plan import MergePlan, build_plan, model_fingerprint, output_config
 from mergeforge.engine.side import close_side_files
 from mergeforge.errors import CheckpointError, ConfigError
 
@@ -212,6 +212,8 @@ def run_merge(
     for w in plan.warnings:
         log.warning(w)
     _warm_up(plan, dev)
+    if any(j.call is not None and j.call.method.stochastic for j in plan.jobs):
+        plan.stream_names = tuple(model_fingerprint(ck) for ck in plan.checkpoints)
     specs = [(j.out_name, j.shape, j.out_dtype) for j in plan.jobs]
     meta = {"format": "pt", "mergeforge_method": plan.method.name}
     loader = Loader(plan, dev)

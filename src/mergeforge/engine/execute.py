@@ -94,6 +94,10 @@ def run_statistics(plan: MergePlan, loader: Loader, progress: Callable[[str], No
     return stat.result()
 
 
+def _stream_name(plan: MergePlan, model: int) -> str:
+    return plan.stream_names[model] if plan.stream_names else plan.models[model]
+
+
 def merge_one(job: Job, base, tensors, plan: MergePlan, stat_plan, device) -> Tensor:
     call = job.call
     assert call is not None
@@ -105,7 +109,7 @@ def merge_one(job: Job, base, tensors, plan: MergePlan, stat_plan, device) -> Te
         key=job.out_name,
         generator=gen,
         plan=stat_plan,
-        model_names=tuple(plan.models[r.model] for r in job.inputs),
+        model_names=tuple(_stream_name(plan, r.model) for r in job.inputs),
         side=load_side(plan, job, device),
         side_meta=side_meta(plan, job),
     )
@@ -133,7 +137,7 @@ def merge_chunked(job: Job, loader: Loader, plan: MergePlan) -> Tensor:
     raws = [loader.raw(r).reshape(-1) for r in refs]
     n = raws[0].numel()
     out = torch.empty(n, dtype=job.out_dtype)
-    names = tuple(plan.models[r.model] for r in job.inputs)
+    names = tuple(_stream_name(plan, r.model) for r in job.inputs)
     ctx = TensorContext(key=job.out_name, model_names=names)
     dt = plan.compute_dtype
     for s in range(0, n, CHUNK):

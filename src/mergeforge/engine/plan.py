@@ -75,10 +75,33 @@ class MergePlan:
     warnings: list[str] = field(default_factory=list)
     side_files: dict[tuple[int, str], Any] = field(default_factory=dict)
     """Opened statistics files, by (model index, kind) (methods with ``side_inputs``)."""
+    stream_names: tuple[str, ...] | None = None
+    """Per model, the name its random stream is seeded with (stochastic methods): a
+    fingerprint of its weights, set by the engine before merging (:func:`model_fingerprint`)."""
 
     @property
     def total_bytes(self) -> int:
         return sum(j.nbytes for j in self.jobs)
+
+
+def model_fingerprint(ck: Checkpoint, samples: int = 8, entries: int = 1024) -> str:
+    """A short hash of a model's *weights* (``entries`` values from the middle of each of up to
+    ``samples`` tensors spread over its sorted names): stochastic methods name each model's
+    random stream with it, so a DARE merge depends on the models, not on where their folders
+    are or how the YAML spells their paths. Identical models get the same name (the stream
+    labels then tell them apart by occurrence)."""
+    import hashlib
+
+    names = sorted(ck.keys())
+    step = max(1, len(names) // samples)
+    h = hashlib.blake2b(digest_size=8)
+    for name in names[::step][:samples]:
+        flat = ck.get(name).reshape(-1)
+        mid = max(0, flat.numel() // 2 - entries // 2)
+        part = flat[mid : mid + entries].contiguous()
+        h.update(name.encode())
+        h.update(part.view(torch.uint8).numpy().tobytes() if part.numel() else b"")
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------

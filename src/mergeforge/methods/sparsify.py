@@ -26,7 +26,10 @@ from torch import Tensor
 
 from mergeforge.methods.base import TensorContext
 
-NAMED_STREAMS = "Symmetric when the engine gives model names: each model's RNG is named."
+NAMED_STREAMS = (
+    "Seeded (config `seed`): each model's random stream is named by a fingerprint of its "
+    "weights, so the merge is the same wherever the model folders are and in any model order."
+)
 Sparsifier = Callable[[Tensor, Any, torch.Generator | None], tuple[Tensor, Tensor | float]]
 
 
@@ -138,7 +141,9 @@ def _work_dtype(x: Tensor) -> torch.dtype:
 
 
 def model_generators(ctx: TensorContext, n: int, device: torch.device) -> list:
-    """One RNG per input model, seeded from the engine's per-tensor seed and the model's name,
+    """One RNG per input model, seeded from the engine's per-tensor seed and the model's name
+    (the engine passes a fingerprint of the model's weights, ``engine.plan.model_fingerprint``,
+    so the result depends neither on where the folders are nor on how the YAML spells them),
     so a model's mask does not depend on its position in the config (permuting the models
     permutes the masks with them; a repeated name is told apart by its occurrence). Without
     names the position is used. Derived from
