@@ -140,3 +140,16 @@ def test_bracketed_selection_refuses_nan():
     x = torch.randn(5000)
     x[17] = float("nan")
     assert _fused.kth_largest_abs_delta(x, b, 100) is None
+
+
+def test_kernels_without_disk_cache_give_the_same_result():
+    """Where numba cannot cache (read-only install), the kernels compile per process."""
+    numba = pytest.importorskip("numba")
+    k = _fused._define(numba, cache=False)
+    b = torch.randn(5000, dtype=torch.float64)
+    x = b + torch.randn(5000, dtype=torch.float64) * 0.01
+    cand = np.empty(5001)
+    above, inside, below = k.bracket(x.numpy(), b.numpy(), 0.005, 0.01, cand)
+    a = (x - b).abs().numpy()
+    assert (above, inside, below) == ((a > 0.01).sum(), ((a >= 0.005) & (a <= 0.01)).sum(),
+                                      (a < 0.005).sum())  # fmt: skip

@@ -53,8 +53,21 @@ def _make_kernel():
     except ImportError:  # optional accelerator: the torch path is exact too
         log.debug("numba not importable: TIES runs its tail with torch ops")
         return None
+    try:
+        return _define(numba, cache=True)
+    except Exception as exc:  # noqa: BLE001 - e.g. no writable cache location
+        log.debug("numba on-disk cache unavailable (%s): compiling per process", exc)
+    try:
+        return _define(numba, cache=False)
+    except Exception as exc:  # noqa: BLE001 - a broken numba must not break merging
+        log.warning("numba kernels unavailable (%s): TIES runs with torch ops", exc)
+        return None
 
-    @numba.njit(nogil=True, cache=True, fastmath=False, boundscheck=False)
+
+def _define(numba, *, cache: bool) -> types.SimpleNamespace:
+    """Define (lazily compiled) the kernels; ``cache``: keep compiled code on disk."""
+
+    @numba.njit(nogil=True, cache=cache, fastmath=False, boundscheck=False)
     def ties_tail(b, xs, mode, thr, left, w, scale_w, count_vote, normalize, consts, out):
         # consts = [0, 1, λ] in the data dtype; scale_w[i]: weight i differs from 1.
         # Blocks of BLOCK entries; each step is a simple loop over the block (vectorised by
@@ -145,7 +158,7 @@ def _make_kernel():
                     r = r * lam
                 out[s + j] = r + bb[j]
 
-    @numba.njit(nogil=True, cache=True, fastmath=False, boundscheck=False)
+    @numba.njit(nogil=True, cache=cache, fastmath=False, boundscheck=False)
     def bracket(x, b, lo, hi, cand):
         # One pass over |x − b|: how many entries lie above hi and below lo, and the ones in
         # [lo, hi] copied to cand (up to its length − 1; the count says if it overflowed).
