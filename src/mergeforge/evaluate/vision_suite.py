@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -281,11 +280,11 @@ class VisionSuite:
             )
         if method.base == "none":
             return "all"
+        if method.max_models == 1:
+            return "endpoints"  # merge_inputs checks that the regime has 2 parents
         free = sorted(m.name for m in all_methods() if m.base == "none")
         pairs = sorted(m.name for m in all_methods() if m.base != "none" and m.max_models == 1
                        and m.side_inputs is None)  # fmt: skip
-        if method.max_models == 1:
-            return "endpoints"  # merge_inputs checks that the regime has 2 parents
         raise ConfigError(
             f"{run.name}: {run.method} needs a base model (it merges differences from a shared "
             f"starting point), but the vision parents ({self.family}) are trained from scratch "
@@ -330,11 +329,11 @@ class VisionSuite:
                 return
         from safetensors.torch import save_file
 
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        sd = {key: t.contiguous() for key, t in parent.state_dict.items()}
-        save_file(sd, str(tmp / MODEL_FILE), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.replace(folder)  # a killed run never leaves a half-written folder
+        from mergeforge.evaluate.text_cache import build_atomically
+
+        def build(tmp: Path) -> None:
+            sd = {key: t.contiguous() for key, t in parent.state_dict.items()}
+            save_file(sd, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+        build_atomically(folder, build)  # a killed run never leaves a half-written folder

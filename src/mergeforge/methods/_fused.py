@@ -70,7 +70,7 @@ def _define(numba, *, cache: bool) -> types.SimpleNamespace:
     @numba.njit(nogil=True, cache=cache, fastmath=False, boundscheck=False)
     def ties_tail(b, xs, mode, thr, left, w, scale_w, count_vote, normalize, consts, out):
         # consts = [0, 1, λ] in the data dtype; scale_w[i]: weight i differs from 1.
-        # Blocks of BLOCK entries; each step is a simple loop over the block (vectorised by
+        # Blocks of blk entries; each step is a simple loop over the block (vectorised by
         # LLVM) with the block's intermediates in L1, the runtime flags tested outside them.
         zero, one, lam = consts[0], consts[1], consts[2]
         use_lam = lam != one

@@ -9,7 +9,7 @@ normalisation, λ and the base — is element-wise. So:
    sampled bracket and one counting pass (:func:`._fused.kth_largest_abs_delta`); otherwise
    |x_i − θ₀| goes into *one reused buffer*, partitioned in place (NumPy's introselect);
 2. one sweep recomputes τ_i = x_i − θ₀ and runs the whole tail: a fused numba kernel
-   (:mod:`._fused`, one pass, every intermediate in registers) when numba is importable,
+   (:mod:`._fused`, one pass, intermediates in L1-sized blocks) when numba is importable,
    otherwise torch ops over cache-sized chunks.
 
 Same element-wise operations in the same order as :func:`generalized_task_arithmetic`, so the
