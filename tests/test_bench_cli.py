@@ -137,3 +137,41 @@ def test_bench_resume_reuses_finished_rows_only(tmp_path, stubbed):
     # without --resume everything runs again
     assert main(args) == 0
     assert len(stubbed) == 6
+
+
+def test_bench_exclude_reaches_the_merge_config_and_the_resume_key(tmp_path, stubbed):
+    methods = tmp_path / "methods.yaml"
+    methods.write_text(
+        "methods:\n"
+        "  - {name: ta, method: task_arithmetic, exclude: ['LayerNorm', 'bias']}\n"
+        "  - {name: avg, method: linear, exclude: embeddings}\n"
+    )
+    out = tmp_path / "res"
+    args = ["bench", "fake", "--methods", str(methods), "--out", str(out), "--no-plots"]
+    assert main(args) == 0
+    assert [c.get("exclude") for c in stubbed] == [["LayerNorm", "bias"], ["embeddings"]]
+    rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert rows["ta"]["exclude"] == ["LayerNorm", "bias"]
+    assert rows["experts (own task)"]["exclude"] == []
+    # Same exclusions: reused. Changed exclusions: merged again (the row would differ).
+    methods.write_text(
+        "methods:\n"
+        "  - {name: ta, method: task_arithmetic, exclude: ['LayerNorm', 'bias']}\n"
+        "  - {name: avg, method: linear}\n"
+    )
+    assert main([*args, "--resume"]) == 0
+    assert len(stubbed) == 3 and "exclude" not in stubbed[2]
+
+
+def test_bench_exclude_is_checked_before_work(tmp_path, stubbed, capsys):
+    for bad, match in (
+        ("exclude: '(oops'", "not a valid regex"),
+        ("exclude: {a: 1}", "a regex or a list of regexes"),
+    ):
+        methods = tmp_path / "m.yaml"
+        methods.write_text(f"methods:\n  - {{method: linear, {bad}}}\n")
+        assert main(["bench", "fake", "--methods", str(methods), "--out", str(tmp_path)]) != 0
+        assert match in capsys.readouterr().err and stubbed == []
+    methods.write_text("methods:\n  - {method: pretrained, exclude: bias}\n")
+    assert main(["bench", "fake", "--methods", str(methods), "--out", str(tmp_path)]) != 0
+    assert "takes no exclude" in capsys.readouterr().err

@@ -13,6 +13,9 @@ The methods file::
         method: ties
         parameters: {lambda: [0.5, 1.0]}
         model_parameters: {density: [0.2, 0.5]}     # per-model (same for every expert)
+      - name: ace_attention_ffn
+        method: ace
+        exclude: ["embeddings", "LayerNorm", "bias"]  # tensors kept at the base (regexes)
 
 Lists in ``parameters``/``model_parameters`` expand to their Cartesian product. Each merge runs
 in a fresh child process, so its peak RSS is that merge's own (not the evaluator's). A suite is
@@ -41,7 +44,7 @@ from mergeforge.evaluate.pool import RunResult, TaskPool, evaluate_pool
 
 REFERENCE_METHODS = ("pretrained",)  # rows that merge nothing (a suite may name its own)
 EXPERTS_ROW = "experts (own task)"
-_ENTRY_KEYS = {"name", "method", "parameters", "model_parameters"}
+_ENTRY_KEYS = {"name", "method", "parameters", "model_parameters", "exclude"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,8 @@ class BenchRun:
     parameters: Mapping[str, Any] = field(default_factory=dict)
     model_parameters: Mapping[str, Any] = field(default_factory=dict)
     swept: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    """Regexes of tensors kept at the base (the merge config's ``exclude:``)."""
 
     @property
     def params(self) -> dict[str, Any]:
@@ -181,6 +186,7 @@ def expand_entry(
     groups = {"parameters": entry.get("parameters") or {}, "model_parameters": entry.get(
         "model_parameters") or {}}  # fmt: skip
     _check_params(method, groups, where, references)
+    exclude = _check_exclude(entry.get("exclude"), method, where, references)
     axes: list[tuple[str, str, list]] = []  # (group, key, values)
     for group, params in groups.items():
         for key, value in params.items():
@@ -205,9 +211,31 @@ def expand_entry(
                 parameters=fixed["parameters"],
                 model_parameters=fixed["model_parameters"],
                 swept=swept,
+                exclude=exclude,
             )
         )
     return runs
+
+
+def _check_exclude(value, method: str, where: str, references: Sequence[str]) -> tuple[str, ...]:
+    """An entry's ``exclude:`` (a regex or a list of them) as a tuple, checked now."""
+    import re
+
+    if value is None:
+        return ()
+    patterns = [value] if isinstance(value, str) else value
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise ConfigError(f"{where}: exclude must be a regex or a list of regexes, got {value!r}")
+    if method in references:
+        raise ConfigError(f"{where}: '{method}' merges nothing and takes no exclude")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(
+                f"{where}: exclude: {pattern!r} is not a valid regex: {exc}"
+            ) from None
+    return tuple(patterns)
 
 
 def _check_params(
@@ -250,7 +278,8 @@ def merge_config(run: BenchRun, base_dir: Path, expert_dirs: Sequence[Path]) -> 
     from mergeforge.methods import get_method
 
     with_base = get_method(run.method).base != "none"
-    recipe = MergeRecipe(run.method, run.model_parameters, run.parameters, with_base=with_base)
+    recipe = MergeRecipe(run.method, run.model_parameters, run.parameters, with_base=with_base,
+                         exclude=run.exclude)  # fmt: skip
     return recipe.config(base_dir, list(expert_dirs))
 
 
@@ -374,7 +403,7 @@ def run_bench(
 
     for i, run in enumerate(runs, 1):
         console.print(f"[{i}/{len(runs)}] [bold]{run.name}[/]")
-        reused = done.get(_run_key(run.name, run.method, run.params))
+        reused = done.get(_run_key(run.name, run.method, run.params, run.exclude))
         if reused is not None:
             console.print("  reused from the previous results.json (--resume)")
             results.append(reused)
@@ -415,7 +444,8 @@ def _references(bench) -> tuple[str, ...]:
 
 def _one_run(run, bench, expert_acc, merged_root: Path, keep: bool) -> RunResult:
     common = dict(name=run.name, method=run.method, expert_accuracy=expert_acc,
-                  params=run.params, family=run.family, swept=run.swept)  # fmt: skip
+                  params=run.params, family=run.family, swept=run.swept,
+                  exclude=run.exclude)  # fmt: skip
     if run.method in _references(bench):
         reference = getattr(bench, "reference", None)  # optional in the Suite protocol
         if reference is None:
@@ -458,8 +488,8 @@ def _statistics(run: BenchRun, bench) -> None:
     prepare(request)
 
 
-def _run_key(name: str, method: str, params: Mapping[str, Any]) -> str:
-    return json.dumps([name, method, dict(params)], sort_keys=True, default=str)
+def _run_key(name: str, method: str, params: Mapping[str, Any], exclude: Sequence[str] = ()) -> str:
+    return json.dumps([name, method, dict(params), list(exclude)], sort_keys=True, default=str)
 
 
 def _settings_key(settings: Mapping[str, Any]) -> str:
@@ -476,14 +506,17 @@ def _finished_rows(path: Path, settings: Mapping[str, Any]) -> dict[str, RunResu
     if _settings_key(data.get("settings", {})) != _settings_key(settings):
         return {}
     rows = results_from_json(path)
-    return {_run_key(r.name, r.method, r.params): r for r in rows if r.method != "experts"}
+    return {
+        _run_key(r.name, r.method, r.params, r.exclude): r for r in rows if r.method != "experts"
+    }
 
 
 def results_from_json(path: str | Path) -> list[RunResult]:
     """Read the rows of a results.json back (for re-plotting or comparing runs)."""
     data = json.loads(Path(path).read_text())
     keep = set(RunResult.__dataclass_fields__)
+    tuples = ("swept", "exclude")
     return [
-        RunResult(**{k: (tuple(v) if k == "swept" else v) for k, v in row.items() if k in keep})
+        RunResult(**{k: (tuple(v) if k in tuples else v) for k, v in row.items() if k in keep})
         for row in data["runs"]
     ]

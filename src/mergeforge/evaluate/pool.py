@@ -64,6 +64,7 @@ class RunResult:
     eval_seconds: float | None = None
     family: str = ""  # methods-file entry it came from (one line per family in sweep plots)
     swept: tuple[str, ...] = field(default=())  # names of the parameters this entry sweeps
+    exclude: tuple[str, ...] = field(default=())  # regexes of tensors kept at the base
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -88,6 +89,7 @@ class RunResult:
             accuracy=dict(self.accuracy),
             expert_accuracy=dict(self.expert_accuracy),
             swept=list(self.swept),
+            exclude=list(self.exclude),
             average=self.average,
             normalized=self.normalized,
             normalized_average=self.normalized_average,
@@ -107,6 +109,7 @@ def evaluate_pool(
     peak_rss_bytes: int | None = None,
     family: str = "",
     swept: Sequence[str] = (),
+    exclude: Sequence[str] = (),
 ) -> RunResult:
     """Score ``model_dir`` on every task of ``pool`` and wrap it with its metrics."""
     import time
@@ -124,6 +127,7 @@ def evaluate_pool(
         eval_seconds=time.perf_counter() - t0,
         family=family or method,
         swept=tuple(swept),
+        exclude=tuple(exclude),
     )
 
 
@@ -135,6 +139,7 @@ class MergeRecipe:
     model_parameters: Mapping[str, float] = field(default_factory=dict)
     parameters: Mapping[str, object] = field(default_factory=dict)
     with_base: bool = True
+    exclude: Sequence[str] = ()
 
     def config(self, base_dir: Path, expert_dirs: Sequence[Path]) -> dict:
         models = [{"model": str(d), "parameters": dict(self.model_parameters)} for d in expert_dirs]
@@ -143,4 +148,6 @@ class MergeRecipe:
             config["base_model"] = str(base_dir)
         if self.parameters:
             config["parameters"] = dict(self.parameters)
+        if self.exclude:
+            config["exclude"] = list(self.exclude)
         return config
