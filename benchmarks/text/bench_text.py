@@ -1,7 +1,8 @@
 """Run the text suite with a custom fine-tuning recipe (e.g. reduced settings on a busy CPU).
 
     python benchmarks/text/bench_text.py --methods benchmarks/text/methods.yaml \
-        --steps 200 --batch-size 32 --max-length 64 --n-test 500 --out benchmarks/results/text
+        --steps 200 --batch-size 32 --max-length 64 --lr 1e-4 --n-test 500 \
+        --out benchmarks/results/text
 
 Same as ``mergeforge bench text`` but with the recipe and sizes exposed; experts are cached by
 recipe, so runs with different settings never mix.
@@ -26,12 +27,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=RECIPE.steps)
     p.add_argument("--batch-size", type=int, default=RECIPE.batch_size)
     p.add_argument("--max-length", type=int, default=RECIPE.max_length)
+    p.add_argument("--lr", type=float, default=RECIPE.lr, help="encoder learning rate")
     p.add_argument("--n-train", type=int, default=N_TRAIN)
     p.add_argument("--n-test", type=int, default=N_TEST)
     p.add_argument("--tasks", default=None, help="comma-separated subset")
     p.add_argument("--cache", default=None)
     a = p.parse_args()
-    recipe = FinetuneRecipe(steps=a.steps, batch_size=a.batch_size, max_length=a.max_length)
+    recipe = FinetuneRecipe(
+        steps=a.steps, batch_size=a.batch_size, max_length=a.max_length, lr=a.lr
+    )
 
     def suite(**kw):
         return TextSuite(**kw, recipe=recipe, n_train=a.n_train, n_test=a.n_test)
