@@ -238,3 +238,26 @@ def test_random_streams_follow_the_models_not_their_paths(llama_family, tmp_path
     # another order: the same masks, summed in another order (rounding only)
     assert all(torch.allclose(a[k], c[k], rtol=0, atol=1e-6) for k in a)
     assert any(not torch.allclose(a[k], d[k], rtol=0, atol=1e-3) for k in a)  # seed matters
+
+
+def test_only_merged_inputs_are_fingerprinted(llama_family, tmp_path, monkeypatch):
+    """The base of a DARE merge draws no random numbers: its weights are not read to name a
+    stream (for a LoRA input that read would apply the adapter)."""
+    import mergeforge.engine as engine
+
+    seen = []
+
+    def spy(ck, *a, **kw):
+        seen.append(ck.path)
+        return engine.plan.model_fingerprint(ck, *a, **kw)
+
+    monkeypatch.setattr(engine, "model_fingerprint", spy)
+    base, e = llama_family["base"], llama_family["experts"]
+    cfg = {
+        "merge_method": "dare_ties",
+        "base_model": str(base),
+        "models": [{"model": str(m), "parameters": {"weight": 1.0, "density": 0.5}} for m in e],
+        "seed": 3,
+    }
+    mergeforge.merge(cfg, tmp_path / "out", progress=False)
+    assert sorted(Path(p).parent.name for p in seen) == sorted(Path(m).name for m in e)

@@ -213,7 +213,11 @@ def run_merge(
         log.warning(w)
     _warm_up(plan, dev)
     if any(j.call is not None and j.call.method.stochastic for j in plan.jobs):
-        plan.stream_names = tuple(model_fingerprint(ck) for ck in plan.checkpoints)
+        # only the models that are merged inputs draw random numbers (not a base-only model)
+        inputs = {r.model for j in plan.jobs for r in j.inputs}
+        plan.stream_names = tuple(
+            model_fingerprint(ck) if i in inputs else "" for i, ck in enumerate(plan.checkpoints)
+        )
     specs = [(j.out_name, j.shape, j.out_dtype) for j in plan.jobs]
     meta = {"format": "pt", "mergeforge_method": plan.method.name}
     loader = Loader(plan, dev)
