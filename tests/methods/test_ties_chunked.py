@@ -153,3 +153,53 @@ def test_kernels_without_disk_cache_give_the_same_result():
     a = (x - b).abs().numpy()
     assert (above, inside, below) == ((a > 0.01).sum(), ((a >= 0.005) & (a <= 0.01)).sum(),
                                       (a < 0.005).sum())  # fmt: skip
+
+
+def test_warm_up_pending_takes_the_torch_path_with_the_same_result(small_chunks, monkeypatch):
+    """While the background warm-up for (dtype, n models) is loading, TIES does not wait for
+    it: those tensors take the torch path (same bits); once it is done the kernel is used,
+    and a second warm-up request for the same key starts no second thread."""
+    import threading
+
+    if not _fused.available():
+        pytest.skip("numba not installed")
+    dtype, n = torch.float64, 3
+    key = (dtype, n)
+    monkeypatch.setattr(_fused, "_READY", set())
+    monkeypatch.setattr(_fused, "_PENDING", set())
+    release, started, calls = threading.Event(), threading.Event(), []
+    real_warm = _fused._warm
+
+    def slow_warm(d, k):
+        calls.append((d, k))
+        started.set()
+        release.wait(10)
+        real_warm(d, k)
+
+    monkeypatch.setattr(_fused, "_warm", slow_warm)
+    m = get_method("ties")
+    p = m.params()
+    mps = tuple(m.model_params(weight=1.0, density=0.3) for _ in range(n))
+    base, xs = _inputs(4)
+    base, xs = base.double(), [x.double() for x in xs]
+
+    used = []
+    real_tail = _fused.ties_tail
+    monkeypatch.setattr(_fused, "ties_tail", lambda *a, **k: used.append(1) or real_tail(*a, **k))
+    m.warm_up(p, n, dtype, torch.device("cpu"))
+    assert started.wait(10)
+    m.warm_up(p, n, dtype, torch.device("cpu"))  # already pending: no second thread
+    assert key in _fused._PENDING and not _fused.usable(base, xs)
+    during = m.fn(base, xs, p, mps, TensorContext(key="k"))
+    assert used == []  # the torch path
+    release.set()
+    for _ in range(200):
+        if key in _fused._READY:
+            break
+        threading.Event().wait(0.05)
+    assert key in _fused._READY and key not in _fused._PENDING and calls == [key]
+    assert _fused.usable(base, xs)
+    used.clear()  # the warm-up itself ran the kernel once
+    after = m.fn(base, xs, p, mps, TensorContext(key="k"))
+    assert used  # the kernel
+    assert torch.equal(during, after)
