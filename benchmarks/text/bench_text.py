@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--n-test", type=int, default=N_TEST)
     p.add_argument("--tasks", default=None, help="comma-separated subset")
     p.add_argument("--cache", default=None)
+    p.add_argument("--resume", action="store_true", help="reuse finished rows of OUT")
     a = p.parse_args()
     recipe = FinetuneRecipe(
         steps=a.steps, batch_size=a.batch_size, max_length=a.max_length, lr=a.lr
@@ -42,7 +43,7 @@ def main() -> None:
 
     register_suite("text-custom", suite)
     tasks = a.tasks.split(",") if a.tasks else None
-    run_bench("text-custom", a.methods, a.out, cache_dir=a.cache, tasks=tasks)
+    run_bench("text-custom", a.methods, a.out, cache_dir=a.cache, tasks=tasks, resume=a.resume)
 
 
 if __name__ == "__main__":
