@@ -113,6 +113,18 @@ def yaml_field_map(cls: type) -> dict[str, str]:
     return {f.name.rstrip("_"): f.name for f in dataclasses.fields(cls)}
 
 
+def build_params(
+    cls: type, values: Mapping[str, Any], where: str = "", fmap: Mapping[str, str] | None = None
+) -> Any:
+    """A parameters dataclass from YAML-named ``values``; a bad value or name is a
+    :class:`ConfigError` prefixed with ``where``."""
+    fmap = fmap if fmap is not None else yaml_field_map(cls)
+    try:
+        return cls(**{fmap.get(k, k): v for k, v in values.items()})
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
+
+
 def check_parameter_names(method: Method, cfg: MergeConfig) -> list[str]:
     """Unknown parameter names are errors (with a suggestion); shared parameters given per model
     are ignored by mergekit, so we warn rather than refuse."""
@@ -158,13 +170,7 @@ class ParamResolver:
         key = (cls, tuple(sorted(values.items())))
         hit = self._cache.get(key)
         if hit is None:
-            try:
-                hit = cls(**{fmap[k]: v for k, v in values.items()})
-            except ConfigError as e:
-                raise ConfigError(f"{where}: {e}") from None
-            except TypeError as e:
-                raise ConfigError(f"{where}: {e}") from None
-            self._cache[key] = hit
+            hit = self._cache[key] = build_params(cls, values, where, fmap)
         return hit
 
     @staticmethod

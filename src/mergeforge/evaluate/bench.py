@@ -474,14 +474,13 @@ def _one_run(run, bench, expert_acc, merged_root: Path, keep: bool) -> RunResult
 
 def _statistics(run: BenchRun, bench) -> None:
     """Let the suite compute the statistics a data-using method reads (once per expert)."""
-    from mergeforge.engine.plan import yaml_field_map
+    from mergeforge.engine.plan import build_params
     from mergeforge.methods import get_method
 
     method = get_method(run.method)
     if method.side_inputs is None:
         return
-    fmap = yaml_field_map(method.params)
-    request = method.side_inputs(method.params(**{fmap[k]: v for k, v in run.parameters.items()}))
+    request = method.side_inputs(build_params(method.params, run.parameters, run.name))
     prepare = getattr(bench, "prepare_statistics", None)  # optional in the Suite protocol
     if prepare is None:
         raise MergeforgeError(f"suite {bench.name!r} cannot compute {request.kind} statistics")
