@@ -176,3 +176,21 @@ def test_sigkill_halfway_leaves_nothing(tmp_path):
     assert main(["merge", str(cfg), str(out), "--no-progress"]) == 0
     assert out.is_dir()
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_bad_exclude_is_refused_before_any_work():
+    """A merge config's ``exclude:`` and a bench entry's share one check."""
+    import pytest
+
+    from mergeforge.config import load_config
+    from mergeforge.errors import ConfigError
+
+    ok = {"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}]}
+    assert load_config({**ok, "exclude": "bias"}).exclude == ("bias",)
+    assert load_config({**ok, "exclude": ["bias", "norm"]}).exclude == ("bias", "norm")
+    assert load_config(ok).exclude == ()
+    for bad, match in (("(oops", "config: exclude: '\\(oops' is not a valid regex"),
+                       ({"a": 1}, "a regex or a list of regexes"),
+                       ([1], "a regex or a list of regexes")):  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            load_config({**ok, "exclude": bad})

@@ -254,14 +254,7 @@ def load_config(source: str | Path | Mapping[str, Any]) -> MergeConfig:
     seed = raw.get("seed", 0)
     if not isinstance(seed, int):
         raise ConfigError(f"config: seed must be an integer, got {seed!r}")
-    exclude = raw.get("exclude") or []
-    if isinstance(exclude, str):
-        exclude = [exclude]
-    for pat in exclude:
-        try:
-            re.compile(pat)
-        except re.error as e:
-            raise ConfigError(f"config: exclude: {pat!r} is not a valid regex: {e}") from None
+    exclude = parse_exclude(raw.get("exclude"), "config")
     return MergeConfig(
         merge_method=str(raw["merge_method"]),
         models=models,
@@ -275,7 +268,7 @@ def load_config(source: str | Path | Mapping[str, Any]) -> MergeConfig:
         seed=seed,
         out_shard_size=parse_size(raw.get("out_shard_size", 5_000_000_000), "out_shard_size"),
         allow_vocab_mismatch=bool(raw.get("allow_vocab_mismatch", False)),
-        exclude=tuple(exclude),
+        exclude=exclude,
         check_finite=bool(raw.get("check_finite", True)),
         source_text=text,
         root=root,
@@ -322,3 +315,19 @@ def evaluate_setting(setting: Setting, tensor_name: str, t: float) -> Any:
                 return evaluate_setting(cond["value"], tensor_name, t)
         return None
     raise ConfigError(f"unexpected parameter setting {setting!r}")
+
+
+def parse_exclude(value: Any, where: str) -> tuple[str, ...]:
+    """An ``exclude:`` value (a regex, a list of them, or nothing) as a tuple of checked
+    regexes; anything else is a :class:`ConfigError` prefixed with ``where``."""
+    if not value:
+        return ()
+    patterns = [value] if isinstance(value, str) else value
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise ConfigError(f"{where}: exclude must be a regex or a list of regexes, got {value!r}")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"{where}: exclude: {pattern!r} is not a valid regex: {e}") from None
+    return tuple(patterns)

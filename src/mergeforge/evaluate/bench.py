@@ -219,23 +219,12 @@ def expand_entry(
 
 def _check_exclude(value, method: str, where: str, references: Sequence[str]) -> tuple[str, ...]:
     """An entry's ``exclude:`` (a regex or a list of them) as a tuple, checked now."""
-    import re
+    from mergeforge.config import parse_exclude
 
-    if value is None:
-        return ()
-    patterns = [value] if isinstance(value, str) else value
-    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
-        raise ConfigError(f"{where}: exclude must be a regex or a list of regexes, got {value!r}")
-    if method in references:
+    exclude = parse_exclude(value, where)
+    if exclude and method in references:
         raise ConfigError(f"{where}: '{method}' merges nothing and takes no exclude")
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ConfigError(
-                f"{where}: exclude: {pattern!r} is not a valid regex: {exc}"
-            ) from None
-    return tuple(patterns)
+    return exclude
 
 
 def _check_params(
