@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--n-train", type=int, default=N_TRAIN)
     p.add_argument("--n-test", type=int, default=N_TEST)
     p.add_argument("--tasks", default=None, help="comma-separated subset")
+    p.add_argument("--backbone", default="minilm", help="minilm (default) or smollm2")
     p.add_argument("--cache", default=None)
     p.add_argument("--resume", action="store_true", help="reuse finished rows of OUT")
     a = p.parse_args()
@@ -39,7 +40,9 @@ def main() -> None:
     )
 
     def suite(**kw):
-        return TextSuite(**kw, recipe=recipe, n_train=a.n_train, n_test=a.n_test)
+        return TextSuite(
+            **kw, recipe=recipe, n_train=a.n_train, n_test=a.n_test, backbone=a.backbone
+        )
 
     register_suite("text-custom", suite)
     tasks = a.tasks.split(",") if a.tasks else None

