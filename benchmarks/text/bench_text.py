@@ -4,6 +4,9 @@
         --steps 200 --batch-size 32 --max-length 64 --lr 1e-4 --n-test 500 \
         --out benchmarks/results/text
 
+``--backbone smollm2`` fine-tunes the SmolLM2-135M decoder instead of MiniLM; recipe options
+left out take the backbone's defaults.
+
 Same as ``mergeforge bench text`` but with the recipe and sizes exposed; experts are cached by
 recipe, so runs with different settings never mix.
 """
@@ -12,37 +15,38 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mergeforge.evaluate.bench import register_suite, run_bench  # noqa: E402
-from mergeforge.evaluate.text_experts import FinetuneRecipe  # noqa: E402
-from mergeforge.evaluate.text_suite import N_TEST, N_TRAIN, RECIPE, TextSuite  # noqa: E402
+from mergeforge.evaluate.text_backbones import BACKBONES  # noqa: E402
+from mergeforge.evaluate.text_suite import N_TRAIN, TextSuite  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", default="benchmarks/text/methods.yaml")
     p.add_argument("--out", default="mergeforge-bench-text")
-    p.add_argument("--steps", type=int, default=RECIPE.steps)
-    p.add_argument("--batch-size", type=int, default=RECIPE.batch_size)
-    p.add_argument("--max-length", type=int, default=RECIPE.max_length)
-    p.add_argument("--lr", type=float, default=RECIPE.lr, help="encoder learning rate")
+    # Unset recipe options and --n-test take the backbone's defaults (text_backbones.py).
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="encoder learning rate")
     p.add_argument("--n-train", type=int, default=N_TRAIN)
-    p.add_argument("--n-test", type=int, default=N_TEST)
+    p.add_argument("--n-test", type=int, default=None)
     p.add_argument("--tasks", default=None, help="comma-separated subset")
-    p.add_argument("--backbone", default="minilm", help="minilm (default) or smollm2")
+    p.add_argument("--backbone", default="minilm", choices=sorted(BACKBONES))
     p.add_argument("--cache", default=None)
     p.add_argument("--resume", action="store_true", help="reuse finished rows of OUT")
     a = p.parse_args()
-    recipe = FinetuneRecipe(
-        steps=a.steps, batch_size=a.batch_size, max_length=a.max_length, lr=a.lr
-    )
+    backbone = BACKBONES[a.backbone]
+    given = {"steps": a.steps, "batch_size": a.batch_size, "max_length": a.max_length, "lr": a.lr}
+    recipe = replace(backbone.recipe, **{k: v for k, v in given.items() if v is not None})
+    n_test = a.n_test or backbone.n_test
 
     def suite(**kw):
-        return TextSuite(
-            **kw, recipe=recipe, n_train=a.n_train, n_test=a.n_test, backbone=a.backbone
-        )
+        return TextSuite(**kw, recipe=recipe, n_train=a.n_train, n_test=n_test, backbone=a.backbone)
 
     register_suite("text-custom", suite)
     tasks = a.tasks.split(",") if a.tasks else None

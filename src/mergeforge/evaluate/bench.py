@@ -112,6 +112,12 @@ def _text_suite(**kwargs) -> Suite:
     return TextSuite(**kwargs)
 
 
+def _text_smollm2_suite(**kwargs) -> Suite:
+    from mergeforge.evaluate.text_suite import TextSuite
+
+    return TextSuite(**kwargs, backbone="smollm2")
+
+
 def _vision_suite(**kwargs) -> Suite:
     from mergeforge.evaluate.vision_suite import VisionSuite
 
@@ -119,6 +125,7 @@ def _vision_suite(**kwargs) -> Suite:
 
 
 register_suite("text", _text_suite)
+register_suite("text-smollm2", _text_smollm2_suite)
 register_suite("vision", _vision_suite)
 
 

