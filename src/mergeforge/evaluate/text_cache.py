@@ -83,9 +83,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def base_weights_file() -> Path:
+    return base_package_dir() / "model.safetensors"
+
+
 def base_fingerprint() -> str:
     """The MiniLM base's cache key: the digest of its packaged weights."""
-    return sha256_file(base_package_dir() / "model.safetensors")
+    return sha256_file(base_weights_file())
 
 
 def dist_version(module: str) -> str:
