@@ -43,10 +43,11 @@ def main() -> None:
     backbone = BACKBONES[a.backbone]
     given = {"steps": a.steps, "batch_size": a.batch_size, "max_length": a.max_length, "lr": a.lr}
     recipe = replace(backbone.recipe, **{k: v for k, v in given.items() if v is not None})
-    n_test = a.n_test or backbone.n_test
 
     def suite(**kw):
-        return TextSuite(**kw, recipe=recipe, n_train=a.n_train, n_test=n_test, backbone=a.backbone)
+        return TextSuite(
+            **kw, recipe=recipe, n_train=a.n_train, n_test=a.n_test, backbone=a.backbone
+        )
 
     register_suite("text-custom", suite)
     tasks = a.tasks.split(",") if a.tasks else None

