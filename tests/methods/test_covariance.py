@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from methods_helpers import merge_tensor
+from methods_helpers import merge_model, merge_tensor
 from torch.testing import assert_close
 
 from mergeforge.errors import ConfigError
@@ -31,7 +31,7 @@ def merged_delta(method, deltas, params=None, key="w"):
     """Run the registered method with a random base and return θ − θ₀."""
     g = torch.Generator().manual_seed(99)
     base = torch.randn(deltas[0].shape, generator=g, dtype=deltas[0].dtype)
-    out = merge_tensor(method, base, [base + d for d in deltas], params)
+    out = merge_model(method, {key: (base, [base + d for d in deltas])}, params)[key]
     return out - base
 
 
@@ -312,6 +312,39 @@ def test_ace_equals_its_formula(ridge, prior, scales):
     assert hetero == (scales[0] == 1e-3)  # both branches are exercised
     out = merged_delta("ace", taus, {"ridge": ridge, "prior": prior, **F64})
     assert_close(out, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_ace_output_side_is_the_authors_code_on_gpt2_conv1d():
+    # The authors' code runs the formula on each weight as stored. GPT-2's Conv1D stores
+    # (in, out), so there its covariances are over the output features: side "output".
+    taus = task_vectors(4, 7, 10, seed=8, scales=[1e-3, 1.0, 30.0, 0.1])  # hetero branch too
+    p = {"ridge": "absolute", "side": "output", **F64}
+    on_stored, _ = ace_by_hand([t.T for t in taus])  # what their code does to (in, out)
+    # a Linear weight (out, in): output side = the formula on τᵀ, transposed back
+    assert_close(merged_delta("ace", taus, p), on_stored.T, rtol=1e-8, atol=1e-10)
+    # the same as reading the Linear weight as if it were stored (in, out)
+    in_out = merged_delta("ace", taus, {**p, "side": "input", "orientation": "in_out"})
+    assert_close(merged_delta("ace", taus, p), in_out, rtol=1e-12, atol=0)
+    # a GPT-2 Conv1D weight stored (in, out): side "output" is their code on it, untransposed
+    stored = [t.T.contiguous() for t in taus]
+    conv = merged_delta("ace", stored, p, key="h.0.mlp.c_fc.weight")
+    assert_close(conv, on_stored, rtol=1e-8, atol=1e-10)
+    # and side "input" there is the formula on the (out, in) reading, as for a Linear
+    conv_in = merged_delta("ace", stored, {**p, "side": "input"}, key="h.0.mlp.c_fc.weight")
+    assert_close(conv_in, ace_by_hand(taus)[0].T, rtol=1e-8, atol=1e-10)
+    assert not torch.allclose(conv, conv_in)
+
+
+@pytest.mark.parametrize("method", ["wudi", "swudi", "swudi_a", "ace"])
+def test_output_side_solves_the_transpose(method):
+    taus = task_vectors(3, 5, 9, seed=4)  # D1 ≠ D2, so the two sides differ in size
+    p = {"iterations": 20} if method == "wudi" else {}
+    out = merged_delta(method, taus, {**p, "side": "output", **F64})
+    on_t = merged_delta(method, [t.T.contiguous() for t in taus], {**p, **F64})
+    assert_close(out, on_t.T, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(out, merged_delta(method, taus, {**p, **F64}))
+    with pytest.raises(ConfigError, match="'side'"):
+        get_method(method).params(side="rows")
 
 
 def test_ace_absolute_ridge_swamps_small_task_vectors():

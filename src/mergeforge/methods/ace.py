@@ -14,6 +14,14 @@ Per 2-D weight (out, in), T task vectors τ_t (ALGORITHMS.md §3; authors' code
 
 ``ridge: absolute, prior: code`` reproduce the authors' code. Defaults differ in the ridge:
 see :class:`AceParams`.
+
+``side`` picks the dimension the covariances live on. The formula above (``side: input``) is
+the paper's and the authors' code on ``nn.Linear`` models (BERT, ViT). On GPT-2 the authors'
+code applies the same lines to the ``Conv1D`` weights as stored, (in, out), with no transpose,
+so its GPT-2 numbers (the paper's +4 over TA / TIES) use (out, out) covariances over the
+*output* features: ``side: output`` (shared with WUDI / SWUDI, :class:`ProxyGramParams`; with
+``orientation: auto`` it means the output features for ``Linear`` and ``Conv1D`` alike).
+Measured on the text suites (BENCHMARKS.md §3d) the output side scores higher.
 """
 
 from __future__ import annotations
@@ -28,11 +36,11 @@ from torch import Tensor
 from mergeforge.methods.base import Method, register
 from mergeforge.methods.checks import check_choice, check_real
 from mergeforge.methods.covariance import Quadratic, mean, negligible, solve_exact
-from mergeforge.methods.matrix import MatrixParams, merge_matrices
+from mergeforge.methods.matrix import ProxyGramParams, merge_matrices
 
 
 @dataclass(frozen=True)
-class AceParams(MatrixParams):
+class AceParams(ProxyGramParams):
     eps: float = 1e-2
     """Ridge ε added to each task covariance."""
     hetero_threshold: float = 0.3
@@ -163,6 +171,7 @@ register(
         params=AceParams,
         notes="Data-free. Per 2-D weight (out, in); other tensors get the mean task vector. "
         "Defaults ridge: relative (scale-free; the authors' absolute eps swamps small "
-        "fine-tunes), prior: code. ridge: absolute + prior: code reproduce the authors' code.",
+        "fine-tunes), prior: code, side: input. ridge: absolute + prior: code reproduce the "
+        "authors' code; add side: output for what it computes on GPT-2 (Conv1D as stored).",
     )
 )

@@ -10,7 +10,9 @@ a simple rule. One wrapper, :func:`merge_matrices`, does what they all share:
    vocabulary rather than the stored second dimension);
 3. orientation: GPT-2's ``Conv1D`` modules (``c_attn``, ``c_proj``, ``c_fc``) store the weight
    as ``(in, out)``; with ``orientation: auto`` they are transposed to ``(out, in)`` for the
-   solve and back after (``out_in`` / ``in_out`` force one reading for every matrix);
+   solve and back after (``out_in`` / ``in_out`` force one reading for every matrix). The
+   proxy-covariance methods (WUDI, SWUDI, SWUDI-A, ACE) also take ``side``: ``output`` solves
+   on τᵀ, so their task Grams are over the output features (:class:`ProxyGramParams`);
 4. matrices go to the method's solver, other tensors get ``non_matrix``: ``mean`` (the mean
    task vector) or ``base`` (stay at θ₀);
 5. θ = θ₀ + ``scaling`` · τ_merged (the merged delta cast to the base's dtype, so zero task
@@ -96,6 +98,22 @@ def stored_in_out(key: str, params: MatrixParams) -> bool:
     return params.orientation == "in_out"
 
 
+@dataclass(frozen=True)
+class ProxyGramParams(MatrixParams):
+    """Options of the methods whose Grams are built from the task vectors themselves."""
+
+    side: str = "input"
+    """Which features the task-vector Grams are over: ``input`` (τᵀτ, (in, in): the papers'
+    formulas, where the Gram stands in for the layer's input covariance) or ``output`` (ττᵀ,
+    (out, out): the solve runs on τᵀ and is transposed back). ``output`` is what the ACE
+    authors' code computes on GPT-2, whose ``Conv1D`` weights it takes as stored, (in, out);
+    measured higher for ACE and SWUDI on every text suite here (BENCHMARKS.md §3d)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("side", self.side, ("input", "output"))
+
+
 MatrixSolver = Callable[[list[Tensor]], Tensor]
 """``solve(deltas) -> merged delta``: each delta (out, in) in the solve dtype."""
 
@@ -118,7 +136,9 @@ def merge_matrices(
     if weights is not None:
         deltas = [d * float(w) for d, w in zip(deltas, weights, strict=True)]
     if is_matrix(ctx.key, base.shape, params):
-        flip = stored_in_out(ctx.key, params)
+        # solve on the transposed weight if it is stored (in, out) xor the Grams are wanted
+        # over the outputs
+        flip = stored_in_out(ctx.key, params) != (getattr(params, "side", "input") == "output")
         merged = solve([d.T for d in deltas] if flip else deltas)
         if flip:
             merged = merged.T

@@ -33,7 +33,7 @@ from mergeforge.methods.covariance import (
     spectrum,
     wudi_quadratic,
 )
-from mergeforge.methods.matrix import MatrixParams, merge_matrices
+from mergeforge.methods.matrix import ProxyGramParams, merge_matrices
 
 FILTERS = ("exp", "landweber", "tikhonov", "none")
 INITS = ("sum", "zero", "mean")
@@ -51,7 +51,7 @@ def _ceil(x: float) -> int:
 
 
 @dataclass(frozen=True)
-class WudiParams(MatrixParams):
+class WudiParams(ProxyGramParams):
     iterations: int = 300
     """Adam steps (the paper's 300; FusionBench's configs use 400)."""
     lr: float = 1e-5
@@ -150,7 +150,7 @@ def spectral_merge(deltas: list[Tensor], init: str, gain_of: Callable[[Spectrum]
 
 
 @dataclass(frozen=True)
-class SwudiParams(MatrixParams):
+class SwudiParams(ProxyGramParams):
     exp_time: float = 300.0
     """t of the ``exp`` filter (scale-free: tr C = N). Authors: 300 (their standalone copy,
     CLIP-B/32 and Llama-3B), 1300 / 1800 in their B/32 / B/16 configs."""
@@ -189,7 +189,7 @@ def swudi(base, tensors, params: SwudiParams, model_params, ctx):
 
 
 @dataclass(frozen=True)
-class SwudiAParams(MatrixParams):
+class SwudiAParams(ProxyGramParams):
     rank_rule: str = "participation_sqrt"
     """Per-layer K from C's spectrum: ``participation_sqrt`` (the authors' default),
     ``gavish_donoho`` (their choice for full-parameter LLM deltas), ``entropy``."""
