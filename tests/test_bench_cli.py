@@ -139,6 +139,21 @@ def test_bench_resume_reuses_finished_rows_only(tmp_path, stubbed):
     assert len(stubbed) == 6
 
 
+def test_bench_resume_reads_a_setting_added_later_as_its_default(tmp_path, stubbed, monkeypatch):
+    methods = tmp_path / "methods.yaml"
+    methods.write_text("methods:\n  - {name: ta, method: task_arithmetic}\n")
+    out = tmp_path / "res"
+    args = ["bench", "fake", "--methods", str(methods), "--out", str(out), "--no-plots"]
+    assert main(args) == 0 and len(stubbed) == 1  # results.json without "backbone"
+    # The suite then gains a setting; older files are read as having its default.
+    monkeypatch.setattr(FakeSuite, "settings", lambda self: {"quick": False, "backbone": "a"})
+    monkeypatch.setattr(FakeSuite, "settings_defaults", {"backbone": "a"}, raising=False)
+    assert main([*args, "--resume"]) == 0 and len(stubbed) == 1  # reused
+    # Another value of the new setting is another experiment: nothing is reused.
+    monkeypatch.setattr(FakeSuite, "settings", lambda self: {"quick": False, "backbone": "b"})
+    assert main([*args, "--resume"]) == 0 and len(stubbed) == 2
+
+
 def test_bench_exclude_reaches_the_merge_config_and_the_resume_key(tmp_path, stubbed):
     methods = tmp_path / "methods.yaml"
     methods.write_text(

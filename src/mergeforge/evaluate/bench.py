@@ -380,7 +380,13 @@ def run_bench(
         )  # fmt: skip
     ]
     failed: dict[str, str] = {}
-    done = _finished_rows(out_dir / "results.json", bench.settings()) if resume else {}
+    done = (
+        _finished_rows(
+            out_dir / "results.json", bench.settings(), getattr(bench, "settings_defaults", {})
+        )
+        if resume
+        else {}
+    )
     merged_root = out_dir / "merged" if keep_merged else Path(tempfile.mkdtemp(prefix="mf-bench-"))
 
     def payload(complete: bool) -> dict:
@@ -493,12 +499,17 @@ def _settings_key(settings: Mapping[str, Any]) -> str:
                       default=str)  # fmt: skip
 
 
-def _finished_rows(path: Path, settings: Mapping[str, Any]) -> dict[str, RunResult]:
-    """Rows of an earlier results.json that --resume may reuse (none if settings differ)."""
+def _finished_rows(
+    path: Path, settings: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+) -> dict[str, RunResult]:
+    """Rows of an earlier results.json that --resume may reuse (none if settings differ).
+    ``defaults``: settings a suite added after results were first written, with the value
+    every older results.json implicitly had (a file without the key is read as having it)."""
     if not path.exists():
         return {}
     data = json.loads(path.read_text())
-    if _settings_key(data.get("settings", {})) != _settings_key(settings):
+    old = {**(defaults or {}), **data.get("settings", {})}
+    if _settings_key(old) != _settings_key(settings):
         return {}
     rows = results_from_json(path)
     return {

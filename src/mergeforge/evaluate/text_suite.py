@@ -176,6 +176,10 @@ class TextSuite:
                                 request.kind, self.recipe.max_length)  # fmt: skip
             self.timings.setdefault("stats_s", {})[f"{t}/{request.kind}"] = time.perf_counter() - t0
 
+    settings_defaults = {"backbone": "minilm"}
+    """Settings added after results were written: results.json files from before session 5
+    have no ``backbone`` and are MiniLM runs (``--resume`` reads them so)."""
+
     def settings(self) -> dict:
         return {
             "base": self.backbone.label,
