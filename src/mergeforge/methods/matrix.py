@@ -107,7 +107,9 @@ class ProxyGramParams(MatrixParams):
     formulas, where the Gram stands in for the layer's input covariance) or ``output`` (ττᵀ,
     (out, out): the solve runs on τᵀ and is transposed back). ``output`` is what the ACE
     authors' code computes on GPT-2, whose ``Conv1D`` weights it takes as stored, (in, out);
-    measured higher for ACE and SWUDI on every text suite here (BENCHMARKS.md §3d)."""
+    measured higher for ACE and SWUDI on every text suite here (BENCHMARKS.md §3d). Keep
+    embeddings and output heads skipped (the default ``skip``) with ``output``: their output
+    side is the vocabulary, a Gram of vocabulary² entries."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
