@@ -86,8 +86,19 @@ def cmd_methods(args: argparse.Namespace) -> int:
         fmt = lambda d: "\n".join(f"{k.rstrip('_')}={v!r}" for k, v in d.items()) or "-"  # noqa: E731
         table.add_row(m.name, m.summary, m.reference, m.base, fmt(f["shared"]), fmt(f["per_model"]))
     con.print(table)
-    if args.name and methods[0].notes:  # one method asked for: its notes too
-        con.print(f"[bold]notes:[/] {methods[0].notes}")
+    if args.name:  # one method asked for: its notes and what each parameter means
+        m = methods[0]
+        if m.notes:
+            con.print(f"[bold]notes:[/] {m.notes}")
+        fields, docs = m.param_fields(), m.param_docs()
+        params = Table(title=f"{m.name} parameters", show_lines=True)
+        for col in ("parameter", "scope", "default", "meaning"):
+            params.add_column(col, overflow="fold")
+        for scope in ("shared", "per_model"):
+            for k, v in fields[scope].items():
+                params.add_row(k.rstrip("_"), scope.replace("_", "-"), repr(v), docs[scope][k])
+        if params.row_count:
+            con.print(params)
     return 0
 
 

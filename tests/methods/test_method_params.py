@@ -78,3 +78,45 @@ def test_linear_weights_summing_to_zero():
 
     with pytest.raises(ConfigError, match="sum to 0"):
         merge_tensor("linear", None, [torch.ones(2)] * 2, {}, [{"weight": 1}, {"weight": -1}])
+
+
+def test_every_parameter_says_what_it_means():
+    # `mergeforge methods NAME` prints these; a new field without a docstring fails here
+    missing = [
+        f"{m.name}.{name}"
+        for m in methods.all_methods()
+        for scope in m.param_docs().values()
+        for name, doc in scope.items()
+        if not doc
+    ]
+    assert missing == []
+    docs = get_method("ace").param_docs()["shared"]
+    assert docs["eps"] == "Ridge ε added to each task covariance."  # the field's own
+    assert docs["scaling"].startswith("θ = θ₀ + scaling")  # inherited from MatrixParams
+    assert "output features" not in docs["skip"] and "(out, out)" in docs["side"]
+
+
+def test_methods_command_prints_one_method_with_its_parameters(capsys, monkeypatch):
+    from mergeforge.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["methods", "ace"]) == 0
+    out = capsys.readouterr().out
+    assert "ace parameters" in out and "hetero_threshold" in out
+    assert "Which features the task-vector Grams are over" in out
+
+
+def test_readme_method_table_is_the_live_one(capsys):
+    from pathlib import Path
+
+    from mergeforge.cli import main
+
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    assert main(["methods", "--markdown"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| `")]
+    assert len(rows) == len(list(methods.all_methods()))
+    text = readme.read_text()
+    stale = [r.split("|")[1].strip() for r in rows if r not in text]
+    assert stale == [], (
+        f"README's method table is stale for {stale}: paste `mergeforge methods --markdown`"
+    )

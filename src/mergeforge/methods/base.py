@@ -28,9 +28,13 @@ finished statistic is given to ``fn`` as ``ctx.plan``.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any, Literal, Protocol
 
 import torch
@@ -158,6 +162,41 @@ class Method:
                 else:
                     out[scope][f.name] = "required"
         return out
+
+    def param_docs(self) -> dict[str, dict[str, str]]:
+        """The docstring under each parameter's field (first paragraph, one line), by scope as
+        in :meth:`param_fields`; ``""`` where a field has none."""
+        out: dict[str, dict[str, str]] = {}
+        for scope, cls in (("shared", self.params), ("per_model", self.model_params)):
+            docs = field_docs(cls)
+            out[scope] = {f.name: docs.get(f.name, "") for f in dataclasses.fields(cls)}
+        return out
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field: docstring}`` of a dataclass and its bases, read from the source: the string
+    literal right under an annotated field (base classes first, subclasses override)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):  # no source (frozen app, REPL): no docs
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, nxt in zip(body, body[1:], strict=False):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                first = inspect.cleandoc(nxt.value.value).split("\n\n")[0]
+                docs[node.target.id] = " ".join(first.split())
+    return docs
 
 
 _REGISTRY: dict[str, Method] = {}
