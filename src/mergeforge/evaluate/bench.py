@@ -380,13 +380,10 @@ def run_bench(
         )  # fmt: skip
     ]
     failed: dict[str, str] = {}
-    done = (
-        _finished_rows(
-            out_dir / "results.json", bench.settings(), getattr(bench, "settings_defaults", {})
-        )
-        if resume
-        else {}
-    )
+    done: dict[str, RunResult] = {}
+    if resume:  # settings a suite added later are read with their implied value
+        defaults = getattr(bench, "settings_defaults", {})
+        done = _finished_rows(out_dir / "results.json", bench.settings(), defaults)
     merged_root = out_dir / "merged" if keep_merged else Path(tempfile.mkdtemp(prefix="mf-bench-"))
 
     def payload(complete: bool) -> dict:

@@ -116,6 +116,13 @@ class ProxyGramParams(MatrixParams):
         check_choice("side", self.side, ("input", "output"))
 
 
+def solve_transposed(key: str, params: MatrixParams) -> bool:
+    """Whether the solver gets τᵀ: the weight is stored (in, out), or (exclusive) a proxy-Gram
+    method wants its Grams over the output features."""
+    flip = stored_in_out(key, params)
+    return not flip if isinstance(params, ProxyGramParams) and params.side == "output" else flip
+
+
 MatrixSolver = Callable[[list[Tensor]], Tensor]
 """``solve(deltas) -> merged delta``: each delta (out, in) in the solve dtype."""
 
@@ -138,9 +145,7 @@ def merge_matrices(
     if weights is not None:
         deltas = [d * float(w) for d, w in zip(deltas, weights, strict=True)]
     if is_matrix(ctx.key, base.shape, params):
-        # solve on the transposed weight if it is stored (in, out) xor the Grams are wanted
-        # over the outputs
-        flip = stored_in_out(ctx.key, params) != (getattr(params, "side", "input") == "output")
+        flip = solve_transposed(ctx.key, params)
         merged = solve([d.T for d in deltas] if flip else deltas)
         if flip:
             merged = merged.T
