@@ -200,7 +200,7 @@ def test_lora_adapter_input_relative_to_yaml(llama_family, tmp_path):
 def test_mergekit_method_we_lack_is_named_as_not_implemented():
     from mergeforge.methods import get_method
 
-    with pytest.raises(ConfigError, match="does not implement yet"):
+    with pytest.raises(ConfigError, match="not implemented in mergeforge yet; the closest"):
         get_method("sce")
 
 

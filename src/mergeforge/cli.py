@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
 from mergeforge import __version__
+from mergeforge._signals import Interrupted, handle_signals
 from mergeforge.errors import MergeforgeError
+from mergeforge.mergekit_cli import add_mergekit_options
 
 
 def human(n: float) -> str:
@@ -21,24 +24,39 @@ def human(n: float) -> str:
 
 
 def _console():
+    """The commands' rich console on stdout. Not on a terminal (a pipe, a log file) it never
+    breaks a printed line (``soft_wrap``): there is no width to fit, and a broken path or
+    tensor name is unusable to ``grep``."""
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False)
+    con = Console(stderr=False, highlight=False)
+    con.soft_wrap = not con.is_terminal
+    return con
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from mergeforge.config import parse_size
-    from mergeforge.engine import run_merge
+    """``merge``: mergeforge's options and mergekit-yaml's (see ``mergekit_cli``)."""
+    import dataclasses
 
+    from mergeforge.config import load_config
+    from mergeforge.engine import run_merge
+    from mergeforge.mergekit_cli import merge_options, print_note
+
+    opts = merge_options(args, print_note)
+    seed, quiet = opts.pop("seed"), opts.pop("quiet")
+    config = args.config
+    if seed is not None:  # --random-seed: the command line wins over the config's seed:
+        config = dataclasses.replace(load_config(config), seed=seed)
     res = run_merge(
-        args.config,
+        config,
         args.out,
-        device=args.device,
         overwrite=args.overwrite,
-        progress=False if args.no_progress else None,
-        shard_size=parse_size(args.shard_size, "--shard-size") if args.shard_size else None,
+        progress=False if args.no_progress or quiet else None,
         durable=args.fsync,
+        **opts,
     )
+    if quiet:
+        return 0
     print(
         f"wrote {res.out} ({res.method}): {res.tensors} tensors, {human(res.bytes_written)} "
         f"in {res.seconds:.1f} s, peak RSS {res.peak_rss_bytes / 2**30:.2f} GiB"
@@ -62,80 +80,159 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_methods(args: argparse.Namespace) -> int:
-    from rich.table import Table
+def _print_lines(lines) -> None:
+    """Print ``lines`` to stdout; a reader that stops early (``| head``) ends it quietly, as
+    for any Unix filter, instead of with a BrokenPipeError."""
+    try:
+        for line in lines:
+            print(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python's own advice: point stdout at devnull so the exit-time flush does not raise.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
+
+def _fit(text: str, width: int) -> str:
+    """``text`` cut to ``width`` terminal cells, ending in "…" when cut."""
+    from rich.cells import cell_len, set_cell_size
+
+    return text if cell_len(text) <= width else set_cell_size(text, max(width - 1, 0)) + "…"
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """List the methods, one line each; with a name, that method's parameter table.
+
+    On a terminal lines are fitted to its width (summaries cut with "…", parameter names never
+    wrapped); anywhere else (a pipe, a file) every line is printed whole, one method or one
+    parameter a line, for ``grep``/``head``. ``--markdown`` is README's table."""
     from mergeforge.methods import all_methods, get_method
 
     con = _console()
     methods = [get_method(args.name)] if args.name else list(all_methods())
     if args.markdown:
-        print("| method | what it does | reference | base | shared parameters | per-model |")
-        print("|---|---|---|---|---|---|")
+        lines = ["| method | what it does | reference | base | shared parameters | per-model |",
+                 "|---|---|---|---|---|---|"]  # fmt: skip
         for m in methods:
             f = m.param_fields()
             fmt = lambda d: ", ".join(f"`{k.rstrip('_')}={v!r}`" for k, v in d.items()) or "–"  # noqa: E731
-            print(f"| `{m.name}` | {m.summary} | {m.reference} | {m.base} | {fmt(f['shared'])} "
-                  f"| {fmt(f['per_model'])} |")  # fmt: skip
+            lines.append(f"| `{m.name}` | {m.summary} | {m.reference} | {m.base} | "
+                         f"{fmt(f['shared'])} | {fmt(f['per_model'])} |")  # fmt: skip
+        _print_lines(lines)
         return 0
-    table = Table(title="mergeforge merge methods", show_lines=True)
-    for col in ("method", "summary", "reference", "base", "shared parameters", "per-model"):
-        table.add_column(col, overflow="fold")
-    for m in methods:
-        f = m.param_fields()
-        fmt = lambda d: "\n".join(f"{k.rstrip('_')}={v!r}" for k, v in d.items()) or "-"  # noqa: E731
-        table.add_row(m.name, m.summary, m.reference, m.base, fmt(f["shared"]), fmt(f["per_model"]))
-    con.print(table)
-    if args.name:  # one method asked for: its notes and what each parameter means
-        m = methods[0]
-        if m.notes:
-            con.print(f"[bold]notes:[/] {m.notes}")
-        fields, docs = m.param_fields(), m.param_docs()
-        params = Table(title=f"{m.name} parameters", show_lines=True)
-        for col in ("parameter", "scope", "default", "meaning"):
-            params.add_column(col, overflow="fold")
-        for scope in ("shared", "per_model"):
-            for k, v in fields[scope].items():
-                params.add_row(k.rstrip("_"), scope.replace("_", "-"), repr(v), docs[scope][k])
-        if params.row_count:
-            con.print(params)
+    if not args.name:
+        pad = max(len(m.name) for m in methods) + 2
+        lines = [f"{m.name:<{pad}}{m.summary}" for m in methods]
+        if con.is_terminal:
+            lines = [_fit(line, con.width) for line in lines]
+        _print_lines(lines)
+        if con.is_terminal:  # a hint for people; a pipe gets exactly one line per method
+            con.print("[dim]mergeforge methods NAME: its parameters; --markdown: every one[/]")
+        return 0
+    m = methods[0]
+    head = [
+        f"{m.name}: {m.summary}",
+        f"reference: {m.reference}",
+        f"base model: {m.base}",
+        *([f"notes: {m.notes}"] if m.notes else []),
+    ]
+    fields, docs = m.param_fields(), m.param_docs()
+    rows = [
+        (k.rstrip("_"), scope.replace("_", "-"), repr(v), docs[scope][k])
+        for scope in ("shared", "per_model")
+        for k, v in fields[scope].items()
+    ]
+    if not con.is_terminal:  # the same table, one whole line per parameter
+        table = [("parameter", "scope", "default", "meaning"), *rows] if rows else []
+        widths = [max((len(r[i]) for r in table), default=0) for i in range(3)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[3]
+                 for r in table]  # fmt: skip
+        _print_lines(head + ([f"{m.name} parameters:", *lines] if lines else []))
+        return 0
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    for line in head:
+        con.print(escape(line))
+    if not rows:
+        return 0
+    params = Table(title=f"{m.name} parameters", box=box.SIMPLE_HEAD, title_justify="left")
+    for col in ("parameter", "scope", "default"):  # names and values stay whole
+        params.add_column(col, no_wrap=True)
+    params.add_column("meaning", ratio=1, overflow="fold")  # only the prose wraps
+    for r in rows:
+        params.add_row(*map(escape, r))
+    con.print(params)
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from rich.table import Table
+    """Tensors of a checkpoint: name, shape, dtype, MB, file.
 
+    Tensor names are never wrapped: on a terminal the other columns are dropped (file, MB,
+    dtype, shape, in that order) until the names fit, and if even the names alone do not fit,
+    plain lines are printed, as they are when not on a terminal (tab-separated, a header line)."""
     from mergeforge.checkpoint import inspect_checkpoint
 
     infos = inspect_checkpoint(args.path)
     con = _console()
-    table = Table(title=str(args.path))
-    for col in ("tensor", "shape", "dtype", "MB", "file"):
-        table.add_column(col, overflow="fold")
     total = 0
     dtypes: dict[str, int] = {}
+    rows = []
     for i in infos:
         total += i.numel
         key = str(i.dtype).removeprefix("torch.")
         dtypes[key] = dtypes.get(key, 0) + i.numel
         if args.all or len(infos) <= 60 or i in infos[:30] or i in infos[-10:]:
-            table.add_row(i.name, str(list(i.shape)), key, f"{i.nbytes / 1e6:.2f}",
-                          os.path.basename(i.file))  # fmt: skip
-    con.print(table)
+            rows.append((i.name, str(list(i.shape)), key, f"{i.nbytes / 1e6:.2f}",
+                         os.path.basename(i.file)))  # fmt: skip
+    cols = ["tensor", "shape", "dtype", "MB", "file"]
+    table = _inspect_table(str(args.path), cols, rows, con.width) if con.is_terminal else None
+    if table is not None:
+        con.print(table)
+    lines = [] if table is not None else ["\t".join(r) for r in [tuple(cols), *rows]]
     if len(infos) > 60 and not args.all:
-        con.print(f"({len(infos) - 40} tensors not shown; --all shows every tensor)")
+        lines.append(f"({len(infos) - 40} tensors not shown; --all shows every tensor)")
     nbytes = sum(i.nbytes for i in infos)
-    con.print(
+    lines.append(
         f"{len(infos)} tensors, {total:,} parameters, {human(nbytes)}; dtypes: "
         + ", ".join(f"{k} {v:,}" for k, v in dtypes.items())
     )
+    if table is not None:  # prose: wrapped between words to the terminal
+        for line in lines:
+            con.print(line, markup=False)
+    else:
+        _print_lines(lines)
     return 0
+
+
+def _inspect_table(title: str, cols: list[str], rows: list[tuple[str, ...]], width: int):
+    """A rich table of as many of ``cols`` as fit ``width`` with every cell whole (the first
+    column always, the others dropped from the right), or None when even the first alone does
+    not fit."""
+    from rich import box
+    from rich.cells import cell_len
+    from rich.markup import escape
+    from rich.table import Table
+
+    need = [max([cell_len(c), *(cell_len(r[i]) for r in rows)]) + 2 for i, c in enumerate(cols)]
+    keep = len(cols)
+    while keep and sum(need[:keep]) + keep + 1 > width:  # + the box's vertical lines
+        keep -= 1
+    if not keep:
+        return None
+    table = Table(title=escape(title), box=box.SQUARE)
+    for c in cols[:keep]:
+        table.add_column(c, no_wrap=True, justify="right" if c == "MB" else "left")
+    for r in rows:
+        table.add_row(*map(escape, r[:keep]))
+    return table
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from mergeforge.quickstart import run_quickstart
 
-    run_quickstart(out_dir=args.out, cache_dir=args.cache)
+    run_quickstart(out_dir=args.out, cache_dir=args.cache, console=_console())
     return 0
 
 
@@ -182,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge models as a (mergekit-compatible) YAML describes")
     m.add_argument("config", help="YAML config (mergekit format, plus mergeforge extras)")
     m.add_argument("out", help="output folder (written atomically)")
-    m.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu or cuda")
+    m.add_argument("--device", default=None, help="where the arithmetic runs: cpu (default), "
+                   "cuda, or auto (cuda when there is a GPU)")  # fmt: skip
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     m.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
     m.add_argument("--shard-size", help="output shard size, e.g. 5GB (default from config)")
@@ -190,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fsync", action="store_true",
         help="flush the output to disk before it appears (survives power loss; slower)",
     )  # fmt: skip
+    add_mergekit_options(m)
     m.set_defaults(fn=cmd_merge)
 
     v = sub.add_parser("validate", help="check a config and its inputs without merging")
@@ -209,8 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser(
         "quickstart", help="build a small real base + experts (MiniLM) and merge them"
     )
-    q.add_argument("--out", default="mergeforge-quickstart", help="where merged models go")
-    q.add_argument("--cache", default=None, help="cache folder for the base and experts")
+    q.add_argument(
+        "--out", default=None,
+        help="where the merged models and results.json go (default: CACHE/merged)",
+    )  # fmt: skip
+    q.add_argument(
+        "--cache", default=None,
+        help="cache folder for the base, experts and merges (default: $MERGEFORGE_CACHE/"
+        "quickstart or ~/.cache/mergeforge/quickstart)",
+    )  # fmt: skip
     q.set_defaults(fn=cmd_quickstart)
 
     b = sub.add_parser(
@@ -297,14 +403,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        return args.fn(args)
-    except MergeforgeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written at the output path", file=sys.stderr)
-        return 130
+    with handle_signals():  # SIGTERM and SIGHUP stop a run as Ctrl-C does (see _signals.py)
+        try:
+            return args.fn(args)
+        except MergeforgeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
+        except KeyboardInterrupt as e:
+            sig = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
+            staging = sys.modules.get("mergeforge.checkpoint._staging")
+            if staging is not None:  # a partial folder the signal caught before its writer
+                staging.discard_active()
+            what = "nothing was written at the output path" if args.command == "merge" else ""
+            print(f"interrupted by {sig.name}: stopped" + (f"; {what}" if what else ""),
+                  file=sys.stderr)  # fmt: skip
+            return sig.exit_code
 
 
 def run() -> None:
@@ -313,6 +426,22 @@ def run() -> None:
     ``main`` returns; skipping the finalizers (torch, numba, thread pools, large unmaps) saves
     ~0.7–1.1 s per run (measured on a 271M-parameter TIES merge, BENCHMARKS.md §1)."""
     code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def yaml_main(argv: Sequence[str] | None = None) -> int:
+    """``mergeforge-yaml CONFIG_FILE OUT_PATH [OPTIONS]``: mergekit-yaml's command line, run as
+    ``mergeforge merge`` (which takes every mergekit-yaml option, see ``mergekit_cli``), so a
+    script changes only the executable name."""
+    return main(["merge", *(sys.argv[1:] if argv is None else argv)])
+
+
+def run_yaml() -> None:
+    """The ``mergeforge-yaml`` console command: :func:`yaml_main`, exiting as :func:`run`."""
+    code = yaml_main()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -5,7 +5,10 @@ Everything a mergekit YAML may say for a method both tools support means the sam
 ``sources`` and ``layer_range``), global ``parameters``, ``dtype``, ``out_dtype``,
 ``tokenizer_source: base``. Parameter values may be scalars, gradients (lists interpolated over
 depth) or filter lists (``[{filter: mlp, value: 0.5}, {value: 1}]``), with mergekit's precedence:
-per-model > slice > global.
+per-model > slice > global. A parameter name the chosen method does not use but some method
+(ours or mergekit's) knows is ignored with one warning, as mergekit ignores it; mergekit
+features mergeforge lacks raise :func:`not_implemented`'s one message with the closest
+alternative.
 
 mergeforge additions (all optional):
 
@@ -25,6 +28,7 @@ mergeforge additions (all optional):
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from mergeforge.errors import ConfigError
+from mergeforge.errors import ConfigError, not_implemented
 
 TOP_LEVEL_KEYS = {
     # mergekit
@@ -46,6 +50,46 @@ TOP_LEVEL_KEYS = {
 DTYPES = {"float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16"}
 
 Setting = Any  # scalar | list (gradient) | list of {filter, value}
+
+# ----------------------------------------------------------------------------------------------
+# mergekit 0.1.5, as facts: mergekit is a test-only dependency, so what we need to know about it
+# is written here and checked against its registry by tests/test_mergekit_params.py.
+
+MERGEKIT_METHOD_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "arcee_fusion": (),
+    "breadcrumbs": ("int8_mask", "normalize", "rescale", "lambda", "weight", "density", "gamma"),
+    "breadcrumbs_ties": (
+        "int8_mask", "normalize", "rescale", "lambda", "weight", "density", "gamma",
+    ),
+    "dare_linear": ("int8_mask", "normalize", "rescale", "lambda", "weight", "density"),
+    "dare_ties": ("int8_mask", "normalize", "rescale", "lambda", "weight", "density"),
+    "della": ("int8_mask", "normalize", "rescale", "lambda", "weight", "density", "epsilon"),
+    "della_linear": (
+        "int8_mask", "normalize", "rescale", "lambda", "weight", "density", "epsilon",
+    ),
+    "karcher": ("max_iter", "tol"),
+    "linear": ("weight", "normalize"),
+    "model_stock": ("filter_wise",),
+    "multislerp": ("weight", "normalize_weights", "eps"),
+    "nearswap": ("t",),
+    "nuslerp": ("weight", "nuslerp_row_wise", "nuslerp_flatten"),
+    "passthrough": ("scale",),
+    "ram": ("epsilon",),
+    "ramplus_tl": ("r", "alpha", "epsilon"),
+    "sce": ("int8_mask", "select_topk"),
+    "slerp": ("t",),
+    "task_arithmetic": ("int8_mask", "normalize", "rescale", "lambda", "weight", "density"),
+    "ties": ("int8_mask", "normalize", "rescale", "lambda", "weight", "density"),
+}  # fmt: skip
+"""Every merge method mergekit 0.1.5 registers, with the parameter names it declares. mergekit
+resolves only the chosen method's names and silently ignores any other; mergeforge ignores a
+name some method of either tool knows with one warning, and refuses one no method knows."""
+
+
+MERGEKIT_MOE_KEYS = {"experts", "gate_mode", "experts_per_token", "shared_experts"}
+"""Top-level keys of mergekit-moe's config format (a different tool's YAML)."""
+
+CONFIG_DOCS = "README, 'Config: mergekit's YAML, plus a little'"
 
 
 @dataclass(frozen=True)
@@ -82,6 +126,9 @@ class MergeConfig:
     """The YAML as given (copied to the output folder)."""
     root: Path | None = None
     """Folder relative model paths are resolved against (the YAML's folder)."""
+    warnings: tuple[str, ...] = ()
+    """What was accepted but is ignored (e.g. mergekit's unused ``residual_weight``); the
+    planner passes these on to the plan's warnings."""
 
     def referenced_models(self) -> list[str]:
         """Every model path, base first, each once, in order of appearance."""
@@ -103,14 +150,43 @@ class MergeConfig:
         return self.source_text
 
 
-def _model_ref(value: Any, where: str) -> str:
-    if isinstance(value, Mapping) and "model" in value:  # mergekit ModelReference dict form
-        value = value["model"]
-        if isinstance(value, Mapping) and "path" in value:
-            value = value["path"]
+def _model_path(value: Any, where: str) -> str:
+    """mergekit's ``ModelPath``: a string ``PATH`` / ``PATH@REVISION``, or a mapping ``{path,
+    revision}``; returned as the string form."""
+    if isinstance(value, Mapping):
+        _check_keys(value, {"path", "revision"}, where)
+        if "path" not in value:
+            raise ConfigError(f"{where}: missing 'path:' (a local path or a Hugging Face id)")
+        rev = value.get("revision")
+        if rev is not None and (not isinstance(rev, str) or not re.fullmatch(r"[^@+\s]+", rev)):
+            raise ConfigError(
+                f"{where}.revision: expected a branch, tag or commit hash, got {rev!r}"
+            )
+        path = _model_path(value["path"], f"{where}.path")
+        return f"{path}@{rev}" if rev is not None else path
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{where}: expected a model path (a string), got {value!r}")
     return value.strip()
+
+
+def _model_ref(value: Any, where: str) -> str:
+    """A model reference as mergekit's ``ModelReference`` reads it, as one string
+    ``MODEL[@REV][+ADAPTER[@REV]]``: a string as it is, or a mapping ``{model: PATH, lora:
+    PATH}`` whose PATHs are strings or ``{path, revision}`` mappings."""
+    if not isinstance(value, Mapping):
+        return _model_path(value, where)
+    _check_keys(value, {"model", "lora", "override_architecture"}, where)
+    if value.get("override_architecture") is not None:
+        raise ConfigError(
+            f"{where}.override_architecture: not supported yet; mergeforge reads each model's "
+            "architecture from its config.json and tensors: remove the key"
+        )
+    if "model" not in value:
+        raise ConfigError(f"{where}: missing 'model:' (a local path or a Hugging Face id)")
+    ref = _model_path(value["model"], f"{where}.model")
+    if value.get("lora") is not None:
+        ref += "+" + _model_path(value["lora"], f"{where}.lora")
+    return ref
 
 
 def _check_keys(d: Mapping, allowed: set[str], where: str) -> None:
@@ -128,6 +204,8 @@ def _params(value: Any, where: str) -> dict[str, Setting]:
         return {}
     if not isinstance(value, Mapping):
         raise ConfigError(f"{where}: 'parameters' must be a mapping, got {type(value).__name__}")
+    for name, setting in value.items():
+        check_setting(setting, f"{where}.{name}")
     return dict(value)
 
 
@@ -192,29 +270,29 @@ def load_config(source: str | Path | Mapping[str, Any]) -> MergeConfig:
             text = str(source)
             where = "config"
         try:
-            raw = yaml.safe_load(text)
+            docs = [d for d in yaml.safe_load_all(text) if d is not None]
         except yaml.YAMLError as e:
             raise ConfigError(f"{where}: invalid YAML: {e}") from None
+        if len(docs) > 1:
+            raise not_implemented(
+                f"{where}: multi-document YAML ({len(docs)} documents separated by '---', "
+                "mergekit-multi's format of named intermediate merges)",
+                "one config per document, merged in order with `mergeforge merge`, each later "
+                "one naming the output folder of the earlier merge it uses",
+                CONFIG_DOCS,
+            )
+        raw = docs[0] if docs else None
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{where}: expected a YAML mapping with 'merge_method:'")
+    _check_mergekit_only_keys(raw)
     _check_keys(raw, TOP_LEVEL_KEYS, "config")
     if "merge_method" not in raw:
         raise ConfigError("config: missing 'merge_method:' (run `mergeforge methods` for a list)")
-    if raw.get("modules"):
-        raise ConfigError(
-            "config: 'modules:' (multi-module architectures) is not supported yet; use "
-            "'models:' or 'slices:'"
-        )
-    if raw.get("tokenizer"):
-        raise ConfigError(
-            "config: 'tokenizer:' (vocabulary alignment and added tokens) is not supported yet; "
-            "merge models that share a tokenizer and use 'tokenizer_source: base'"
-        )
-    has_models, has_slices = bool(raw.get("models")), bool(raw.get("slices"))
-    if has_models == has_slices:
-        raise ConfigError("config: give exactly one of 'models:' or 'slices:'")
+    _check_inputs_given(raw)
+    warnings: list[str] = []
 
     models = tuple(_input(m, f"models[{i}]") for i, m in enumerate(raw.get("models") or []))
+    _check_listed_once(models, "models")
     slices = []
     for i, s in enumerate(raw.get("slices") or []):
         where = f"slices[{i}]"
@@ -222,16 +300,21 @@ def load_config(source: str | Path | Mapping[str, Any]) -> MergeConfig:
             raise ConfigError(f"{where}: expected a mapping with 'sources:'")
         _check_keys(s, {"sources", "parameters", "base_model", "residual_weight"}, where)
         if s.get("residual_weight") is not None:
-            raise ConfigError(f"{where}: 'residual_weight' is not supported yet")
+            # mergekit 0.1.5 parses it but no code reads it: accepted and ignored, said once
+            warnings.append(
+                f"{where}.residual_weight is ignored: mergekit 0.1.5 reads it but never uses "
+                "it, so a mergekit merge of this config ignores it too"
+            )
         srcs = s.get("sources") or []
         if not srcs:
             raise ConfigError(f"{where}: 'sources:' must list at least one model")
+        sources = tuple(
+            _input(x, f"{where}.sources[{j}]", slice_source=True) for j, x in enumerate(srcs)
+        )
+        _check_listed_once(sources, f"{where}.sources")
         slices.append(
             OutputSlice(
-                sources=tuple(
-                    _input(x, f"{where}.sources[{j}]", slice_source=True)
-                    for j, x in enumerate(srcs)
-                ),
+                sources=sources,
                 parameters=_params(s.get("parameters"), f"{where}.parameters"),
                 base_model=_model_ref(s["base_model"], f"{where}.base_model")
                 if s.get("base_model")
@@ -247,9 +330,12 @@ def load_config(source: str | Path | Mapping[str, Any]) -> MergeConfig:
             )
     tok = raw.get("tokenizer_source")
     if tok is not None and tok != "base":
-        raise ConfigError(
-            f"config: tokenizer_source: {tok!r} is not supported yet (only 'base', which copies "
-            "the base model's tokenizer). Vocabulary union/permutation is on the roadmap."
+        raise not_implemented(
+            f"config: tokenizer_source: {tok!r} (a vocabulary union or another model's "
+            "tokenizer, with embedding rows permuted to match)",
+            "'tokenizer_source: base' (copies the base model's tokenizer) for models that share "
+            "one tokenizer",
+            CONFIG_DOCS,
         )
     seed = raw.get("seed", 0)
     if not isinstance(seed, int):
@@ -272,7 +358,82 @@ def load_config(source: str | Path | Mapping[str, Any]) -> MergeConfig:
         check_finite=bool(raw.get("check_finite", True)),
         source_text=text,
         root=root,
+        warnings=tuple(warnings),
     )
+
+
+def _check_mergekit_only_keys(raw: Mapping[str, Any]) -> None:
+    """mergekit keys whose feature mergeforge lacks: the one "not implemented yet" message
+    instead of silently dropping them (mergekit would act on each)."""
+    moe = sorted(MERGEKIT_MOE_KEYS & set(raw))
+    if moe:
+        raise not_implemented(
+            f"config: {', '.join(repr(k) for k in moe)}: a mergekit-moe config (mixture of "
+            "experts built from dense models)",
+            "none for mixtures of experts; merge the experts into one dense model with "
+            "'merge_method: ties' or 'task_arithmetic'",
+        )
+    if raw.get("modules"):
+        raise not_implemented(
+            "config: 'modules:' (per-module merges of multi-module architectures)",
+            "'models:' or 'slices:' (one merge over the whole model)",
+            CONFIG_DOCS,
+        )
+    if raw.get("tokenizer"):
+        raise not_implemented(
+            "config: a 'tokenizer:' block (vocabulary alignment and added tokens)",
+            "'tokenizer_source: base' (copies the base model's tokenizer) for models that share "
+            "one tokenizer",
+            CONFIG_DOCS,
+        )
+    if raw.get("chat_template"):
+        raise not_implemented(
+            "config: 'chat_template:' (writing a chosen chat template into the tokenizer)",
+            "leave it out: the reference model's tokenizer files are copied with their own chat "
+            "template; edit chat_template.jinja / tokenizer_config.json in the output",
+            CONFIG_DOCS,
+        )
+
+
+def _check_inputs_given(raw: Mapping[str, Any]) -> None:
+    """Exactly one non-empty list of inputs, ``models:`` or ``slices:``, each with its own
+    message (mergekit's rule: exactly one of them is present and non-empty)."""
+    models, slices = raw.get("models"), raw.get("slices")
+    for key, value in (("models", models), ("slices", slices)):
+        if value is not None and not isinstance(value, list):
+            raise ConfigError(
+                f"config: '{key}:' must be a list (one '- model: PATH' entry per model), got "
+                f"{type(value).__name__}"
+            )
+    if models and slices:
+        raise ConfigError(
+            "config: give only one of 'models:' (merge whole models) and 'slices:' (merge layer "
+            "ranges), not both"
+        )
+    if not models and not slices:
+        if "models" in raw:
+            raise ConfigError(
+                "config: 'models:' is empty; list the models to merge, e.g. "
+                "'models: [{model: ./expert1}, {model: ./expert2}]'"
+            )
+        if "slices" in raw:
+            raise ConfigError("config: 'slices:' is empty; list at least one slice with 'sources:'")
+        raise ConfigError(
+            "config: missing 'models:' (the models to merge) or 'slices:' (layer ranges to merge)"
+        )
+
+
+def _check_listed_once(inputs: Sequence[InputModel], where: str) -> None:
+    """The same model twice in one list would count it twice (mergekit refuses it too)."""
+    seen: dict[str, int] = {}
+    for i, m in enumerate(inputs):
+        key = os.path.normpath(m.model)
+        if key in seen:
+            raise ConfigError(
+                f"{where}[{i}]: {m.model!r} is already listed as {where}[{seen[key]}]; list each "
+                "model once (to give it more influence, raise its 'weight')"
+            )
+        seen[key] = i
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,16 +466,67 @@ def evaluate_setting(setting: Setting, tensor_name: str, t: float) -> Any:
             frac = scaled - i0
             return (1 - frac) * setting[i0] + frac * setting[i1]
         for cond in setting:
-            if not isinstance(cond, Mapping) or "value" not in cond:
-                raise ConfigError(
-                    f"parameter setting {setting!r}: a list must be all scalars (a gradient) "
-                    "or all {filter: ..., value: ...} mappings"
-                )
+            _check_condition(cond, f"parameter setting {setting!r}")
             flt = cond.get("filter")
             if flt is None or flt == "*" or (tensor_name and str(flt) in tensor_name):
                 return evaluate_setting(cond["value"], tensor_name, t)
         return None
     raise ConfigError(f"unexpected parameter setting {setting!r}")
+
+
+CONDITION_KEYS = ("filter", "value")
+
+
+def _check_condition(cond: Any, where: str) -> None:
+    """One ``{filter, value}`` mapping of a filter list. Any other key is an error: mergekit
+    drops unknown keys silently (``{pattern: mlp, value: 0.5}``, as in one of its own examples,
+    becomes an unfiltered 0.5 for *every* tensor), which loses what the user meant."""
+    if not isinstance(cond, Mapping):
+        raise ConfigError(
+            f"{where}: a list must be all scalars (a gradient) or all "
+            "{filter: ..., value: ...} mappings"
+        )
+    unknown = [k for k in cond if k not in CONDITION_KEYS]
+    if unknown:
+        key = unknown[0]
+        hint = difflib.get_close_matches(str(key), CONDITION_KEYS, n=1)
+        guess = hint[0] if hint else ("filter" if "filter" not in cond else "value")
+        raise ConfigError(
+            f"{where}: unknown key {key!r} in a filter setting; did you mean {guess!r}? A filter "
+            "setting is {filter: SUBSTRING, value: V} (the first whose filter occurs in the "
+            "tensor name wins; no filter matches every tensor). mergekit would silently drop "
+            f"{key!r} and apply the value to every tensor."
+        )
+    if "value" not in cond:
+        raise ConfigError(f"{where}: a filter setting needs 'value:' ({{filter: ..., value: V}})")
+    flt = cond.get("filter")
+    if flt is not None and not isinstance(flt, str):
+        raise ConfigError(
+            f"{where}: filter {flt!r} must be a string (a substring of tensor names, or '*')"
+        )
+
+
+def check_setting(setting: Setting, where: str) -> None:
+    """Structure of one parameter setting, checked when the config is read so that a mistake
+    is reported with its place (``models[1].parameters.weight[0]``) before any model is
+    opened: a scalar, a gradient (a list of scalars), or filter mappings (one or a list)."""
+    if isinstance(setting, (bool, int, float, str)) or setting is None:
+        return
+    if isinstance(setting, Mapping):
+        _check_condition(setting, where)
+        check_setting(setting["value"], f"{where}.value")
+        return
+    if isinstance(setting, Sequence):
+        if all(isinstance(e, (bool, int, float, str)) for e in setting):
+            return
+        for i, cond in enumerate(setting):
+            _check_condition(cond, f"{where}[{i}]")
+            check_setting(cond["value"], f"{where}[{i}].value")
+        return
+    raise ConfigError(
+        f"{where}: {setting!r} is not a parameter setting; give a number, a list of numbers "
+        "(a gradient over depth) or {filter: ..., value: ...} mappings"
+    )
 
 
 def parse_exclude(value: Any, where: str) -> tuple[str, ...]:

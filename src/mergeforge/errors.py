@@ -19,3 +19,12 @@ class CheckpointError(MergeforgeError):
 
 class ValidationError(MergeforgeError):
     """Inputs are readable but cannot be merged together (missing tensor, shape, vocab, NaN)."""
+
+
+def not_implemented(what: str, closest: str, see: str = "`mergeforge methods`") -> ConfigError:
+    """The one message for a mergekit feature mergeforge does not have yet: what it is, the
+    closest thing that works, and where to read more. Returned, for the caller to raise."""
+    return ConfigError(
+        f"{what} (mergekit) is not implemented in mergeforge yet; the closest available: "
+        f"{closest}. See {see}."
+    )

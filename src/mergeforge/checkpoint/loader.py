@@ -3,46 +3,113 @@
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergeforge.checkpoint.base import Checkpoint, TensorInfo
 from mergeforge.checkpoint.hf import find_weights, read_config
+from mergeforge.checkpoint.hub import parse_hub_ref, resolve_hub
 from mergeforge.checkpoint.lora import LoraSource
 from mergeforge.checkpoint.sharded import ShardedSource, open_weights_file
 from mergeforge.errors import CheckpointError
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
 
 def _missing(path: str) -> CheckpointError:
-    msg = f"{path}: no such file or folder."
-    if _HUB_ID.fullmatch(path):
-        msg += (
-            " It looks like a Hugging Face Hub id, but mergeforge works offline: download it "
-            f"first (`hf download {path} --local-dir DIR`) and pass the local folder."
-        )
-    return CheckpointError(msg)
+    return CheckpointError(
+        f"{path}: no such file or folder (nor a Hugging Face id `org/name[@revision]`); check "
+        "the path: relative paths are read from the current folder, then the config's folder."
+    )
 
 
-def split_lora_spec(spec: str) -> tuple[str, str] | None:
+def _local(part: str, root: Path | None) -> str | None:
+    """``part`` as an existing local path: as given (absolute, or relative to the current
+    folder), else relative to ``root`` (a config's folder); ``None`` if neither exists."""
+    if os.path.exists(part):
+        return part
+    if root is not None and not os.path.isabs(part) and (root / part).exists():
+        return str(root / part)
+    return None
+
+
+def split_lora_spec(spec: str, root: Path | None = None) -> tuple[str, str] | None:
     """``BASE+ADAPTER`` -> ``(BASE, ADAPTER)``; ``None`` if ``spec`` exists as-is or has no ``+``.
 
-    Paths may contain ``+``: the split chosen is the one where both sides exist; failing that,
-    the first where the base exists (so the error names the missing adapter), else the last.
+    Each side is a local path (as given, or relative to ``root``) or a Hugging Face id
+    (``org/name[@revision]``, which never contains ``+``). Paths may contain ``+``: the split
+    chosen is the one where both sides exist locally; failing that, the one where each side
+    exists locally or is a Hub id; failing that, the first where the base exists (so the error
+    names the missing adapter), else the last.
     """
-    if "+" not in spec or os.path.exists(spec):
+    if "+" not in spec or _local(spec, root) is not None:
         return None
     splits = [(spec[:i], spec[i + 1 :]) for i, c in enumerate(spec) if c == "+"]
-    both = [s for s in splits if os.path.exists(s[0]) and os.path.exists(s[1])]
+
+    def local(side: str) -> bool:
+        return _local(side, root) is not None
+
+    def usable(side: str) -> bool:
+        return local(side) or parse_hub_ref(side) is not None
+
+    both = [s for s in splits if local(s[0]) and local(s[1])]
     if len(both) > 1:
         raise CheckpointError(
             f"{spec}: ambiguous BASE+ADAPTER spec, it splits into existing paths "
             f"{' or '.join(repr(b) + ' + ' + repr(a) for b, a in both)}; rename one of them."
         )
-    return (both or [s for s in splits if os.path.exists(s[0])] or splits[-1:])[0]
+    return (
+        both
+        or [s for s in splits if usable(s[0]) and usable(s[1])]
+        or [s for s in splits if local(s[0])]
+        or splits[-1:]
+    )[0]
+
+
+def locate(spec: str, root: Path | None = None) -> tuple[str, str | None]:
+    """A model reference as local paths: ``(model, adapter or None)``.
+
+    ``spec`` is a local path (as given, then relative to ``root``; a local path always wins), a
+    Hugging Face id ``org/name`` or ``org/name@revision`` (resolved to its snapshot folder in
+    the local Hugging Face cache, downloaded first when the Hub may be used: see ``hub``), or
+    ``BASE+ADAPTER`` with each side either of those. Raises :class:`CheckpointError` naming
+    what is missing and how to get it.
+    """
+    if (path := _local(spec, root)) is not None:
+        return path, None
+    parts = split_lora_spec(spec, root)
+    if parts is None:
+        if (ref := parse_hub_ref(spec)) is not None:
+            return str(resolve_hub(ref)), None
+        raise _missing(spec)
+    base_spec, adapter_spec = parts
+    base, adapter = _local(base_spec, root), _local(adapter_spec, root)
+    base_ref = parse_hub_ref(base_spec) if base is None else None
+    adapter_ref = parse_hub_ref(adapter_spec) if adapter is None else None
+    if base is None and base_ref is None:
+        raise CheckpointError(
+            f"{spec}: no such file or folder, nor, read as BASE+ADAPTER, the base {base_spec}"
+            + ("" if adapter or adapter_ref else f" or the adapter {adapter_spec}")
+            + "."
+        )
+    if adapter_ref is None and (adapter is None or not os.path.isdir(adapter)):
+        raise CheckpointError(
+            f"{spec}: read as BASE+ADAPTER, the adapter {adapter_spec} "
+            + ("is not a folder" if adapter is not None else "does not exist")
+            + "; it must be a PEFT adapter folder (adapter_config.json + "
+            "adapter_model.safetensors) or a Hugging Face id of one."
+        )
+    if base_ref is not None:
+        base = str(resolve_hub(base_ref))
+    if adapter_ref is not None:
+        adapter = str(resolve_hub(adapter_ref, adapter=True))
+    return base, adapter
+
+
+def resolve_model_spec(spec: str, root: Path | None = None) -> str:
+    """:func:`locate` as one string that :func:`open_checkpoint` opens: the model's local path,
+    or ``BASE+ADAPTER`` of local paths (Hub ids replaced by their cache snapshot folders)."""
+    base, adapter = locate(spec, root)
+    return base if adapter is None else f"{base}+{adapter}"
 
 
 def _open_path(path: Path) -> Checkpoint:
@@ -66,27 +133,18 @@ def _open_path(path: Path) -> Checkpoint:
 
 
 def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
-    """Open a model lazily: a safetensors/torch file, a shard index, a Hugging Face folder, or
-    ``BASE+ADAPTER`` (a PEFT LoRA adapter folder applied to BASE on the fly).
+    """Open a model lazily: a safetensors/torch file, a shard index, a Hugging Face folder, a
+    Hugging Face id ``org/name[@revision]`` (from the local cache, see :func:`locate`), or
+    ``BASE+ADAPTER`` (a PEFT LoRA adapter folder or id applied to BASE on the fly). Only a
+    ``str`` is parsed as an id or ``BASE+ADAPTER``; a ``Path`` is always a local path.
 
     Only headers are read here (torch pickles are loaded, see ``torch_file``); every structural
     problem raises :class:`~mergeforge.errors.CheckpointError` now, not mid-merge.
     """
-    if isinstance(spec, str) and (parts := split_lora_spec(spec)) is not None:
-        base_spec, adapter = parts
-        if not os.path.exists(base_spec):
-            raise CheckpointError(
-                f"{spec}: no such file or folder, nor, read as BASE+ADAPTER, the base {base_spec}"
-                + ("" if os.path.exists(adapter) else f" or the adapter {adapter}")
-                + "."
-            )
-        if not os.path.isdir(adapter):
-            raise CheckpointError(
-                f"{spec}: read as BASE+ADAPTER, the adapter {adapter} "
-                + ("is not a folder" if os.path.exists(adapter) else "does not exist")
-                + "; it must be a PEFT adapter folder (adapter_config.json + "
-                "adapter_model.safetensors)."
-            )
+    if isinstance(spec, str):
+        base_spec, adapter = locate(spec)
+        if adapter is None:
+            return _open_path(Path(base_spec))
         base = _open_path(Path(base_spec))
         try:
             return Checkpoint(LoraSource(base, adapter), folder=base.folder, config=base.config)

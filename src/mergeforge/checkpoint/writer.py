@@ -19,7 +19,7 @@ import os
 import shutil
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -77,6 +77,11 @@ class ShardedWriter:
 
     Use as a context manager: leaving the block normally commits, an exception aborts. Nothing
     appears at ``out_dir`` before :meth:`commit`; see :mod:`mergeforge.checkpoint._staging`.
+
+    ``overwrite``: replace an existing non-empty ``out_dir`` at commit (only if
+    ``replaceable(out_dir)`` is true, when given; checked at construction and at commit).
+    Every file-system failure (permissions, a full disk) is a :class:`CheckpointError` naming
+    the output, and the partial folder is removed.
     """
 
     def __init__(
@@ -88,6 +93,7 @@ class ShardedWriter:
         metadata: dict[str, str] | None = None,
         overwrite: bool = False,
         durable: bool = True,
+        replaceable: Callable[[Path], bool] | None = None,
     ) -> None:
         # durable: fsync the shards before the rename, so the output survives a power loss or
         # OS crash too (a killed process can never leave a partial output either way: the
@@ -120,13 +126,22 @@ class ShardedWriter:
         self._lock = threading.Condition()
         self._fds: list[int] = []
         self._state = "open"
-        self._staging = Staging(self.out_dir, overwrite=overwrite)
+        self._staging = Staging(self.out_dir, overwrite=overwrite, replaceable=replaceable)
         try:
             for shard, members in enumerate(plan):
                 self._start_shard(shard, [specs[i] for i in members], meta)
-        except BaseException:
+        except BaseException as e:
             self.abort()
+            if isinstance(e, OSError):
+                raise self._os_error("creating the shard files", e) from None
             raise
+
+    def _os_error(self, doing: str, e: OSError) -> CheckpointError:
+        return CheckpointError(
+            f"{self.out_dir}: {doing} failed ({e.strerror or e}"
+            + (f": {e.filename}" if e.filename else "")
+            + "); check free disk space and permissions. Nothing was written at the output path."
+        )
 
     def _start_shard(self, shard: int, specs: list[Any], meta: dict[str, str]) -> None:
         specs = sorted(specs, key=lambda s: -itemsize(s[2]))  # stable: keeps given order
@@ -194,8 +209,11 @@ class ShardedWriter:
     def write_text(self, relpath: str, text: str) -> None:
         """Write a side file (e.g. ``config.json``) into the output folder."""
         path = self._side_path(relpath)
-        path.write_text(text, encoding="utf-8")
-        fsync_path(path)
+        try:
+            path.write_text(text, encoding="utf-8")
+            fsync_path(path)
+        except OSError as e:
+            raise self._os_error(f"writing {relpath}", e) from None
 
     def copy_file(self, src: str | os.PathLike[str], relpath: str | None = None) -> None:
         """Copy a side file (tokenizer, config) into the output, by default under its name."""
@@ -203,8 +221,11 @@ class ShardedWriter:
         if not src.is_file():
             raise CheckpointError(f"{src}: cannot copy it into the output, it is not a file.")
         path = self._side_path(relpath or src.name)
-        shutil.copyfile(src, path)
-        fsync_path(path)
+        try:
+            shutil.copyfile(src, path)
+            fsync_path(path)
+        except OSError as e:
+            raise self._os_error(f"copying {src} as {relpath or src.name}", e) from None
 
     def _side_path(self, relpath: str) -> Path:
         self._check_open()
@@ -214,7 +235,10 @@ class ShardedWriter:
         if str(rel) in (*self.shard_names, INDEX_NAME):
             raise CheckpointError(f"{relpath!r} would overwrite the weights; use another name.")
         path = self._staging.path / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise self._os_error(f"creating {rel.parent}", e) from None
         return path
 
     def commit(self) -> Path:
@@ -232,13 +256,16 @@ class ShardedWriter:
             self._state = "committing"
         index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
         path = self._staging.path / INDEX_NAME
-        path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        fsync_path(path)
-        if self._durable:
-            for fd in self._fds:
-                os.fsync(fd)
-        self._close_fds()
-        self._staging.commit()
+        try:
+            path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+            fsync_path(path)
+            if self._durable:
+                for fd in self._fds:
+                    os.fsync(fd)
+            self._close_fds()
+            self._staging.commit()
+        except OSError as e:
+            raise self._os_error("putting the output in place", e) from None
         self._state = "committed"
         return self.out_dir
 

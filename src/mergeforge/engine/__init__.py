@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import resource
 import time
 from collections.abc import Mapping
@@ -20,11 +21,18 @@ from typing import Any
 import torch
 import yaml
 
+from mergeforge.checkpoint._staging import probe_writable
 from mergeforge.config import MergeConfig, load_config
 from mergeforge.engine.execute import Loader, Progress, run_jobs, run_statistics
+from mergeforge.engine.output import (
+    check_not_an_input,
+    check_output_location,
+    check_replaceable,
+    is_previous_output,
+)
 from mergeforge.engine.plan import MergePlan, build_plan, model_fingerprint, output_config
 from mergeforge.engine.side import close_side_files
-from mergeforge.errors import CheckpointError, ConfigError
+from mergeforge.errors import ConfigError
 
 log = logging.getLogger("mergeforge")
 
@@ -56,16 +64,14 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def _resolve_path(cfg: MergeConfig, spec: str) -> str:
-    """Relative model paths are taken against the YAML's folder when they exist there (each
-    side of a ``BASE+ADAPTER`` spec on its own)."""
-    if cfg.root is None or os.path.isabs(spec) or os.path.exists(spec):
-        return spec
-    cand = cfg.root / spec
-    if cand.exists():
-        return str(cand)
-    if "+" in spec:
-        return "+".join(_resolve_path(cfg, part) for part in spec.split("+"))
-    return spec
+    """A model reference of the config as local paths that ``open_checkpoint`` opens: relative
+    paths as given (current folder), else against the YAML's folder (each side of a
+    ``BASE+ADAPTER`` spec on its own); Hugging Face ids ``org/name[@rev]`` that are no local
+    path become their snapshot folder in the local Hugging Face cache (see
+    ``checkpoint.loader.locate``). The config and the model card keep the spec as written."""
+    from mergeforge.checkpoint.loader import resolve_model_spec
+
+    return resolve_model_spec(spec, cfg.root)
 
 
 def prepare(config: str | Path | Mapping[str, Any] | MergeConfig) -> MergePlan:
@@ -85,8 +91,21 @@ def prepare(config: str | Path | Mapping[str, Any] | MergeConfig) -> MergePlan:
         raise
 
 
-def _side_files(plan: MergePlan, writer) -> None:
+_TOKENIZER_FILES = frozenset({
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
+})  # fmt: skip
+"""The side files left out by ``copy_tokenizer=False`` (mergekit's ``--no-copy-tokenizer``)."""
+
+
+def _side_files(plan: MergePlan, writer, copy_tokenizer: bool = True) -> None:
+    """config.json (see ``output_config``) and the reference model's side files; without
+    ``copy_tokenizer`` the tokenizer files are left out, unless the config asks for
+    ``tokenizer_source`` (as mergekit, which then writes a tokenizer whatever the flag)."""
     from mergeforge.checkpoint import SIDE_FILES
+
+    copy_tokenizer = copy_tokenizer or plan.config.tokenizer_source is not None
 
     ref = plan.checkpoints[plan.reference]
     cfg_json = output_config(plan)
@@ -96,21 +115,59 @@ def _side_files(plan: MergePlan, writer) -> None:
         return
     folder = Path(ref.folder)
     for name in SIDE_FILES:
-        if name == "config.json":
+        if name == "config.json" or (not copy_tokenizer and name in _TOKENIZER_FILES):
             continue
         p = folder / name
         if p.is_file():
             writer.copy_file(p, name)
 
 
+# A Hugging Face repo id "org/name" (letters, digits, "-", "_", "."); "@revision" and "+adapter"
+# are mergeforge/mergekit syntax around it. Bare legacy names ("gpt2") are left out: a bare word
+# is as likely a local folder named relative to somewhere else.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def _hub_ids(spec: str, root: Path | None) -> list[str]:
+    """The Hugging Face repo ids a model reference names: each ``+``-part (model, adapter) that
+    looks like ``org/name`` (``@revision`` dropped) and is not a local path. Local folders are
+    not ids: the Hub's ``base_model`` field must name repos that exist on the Hub."""
+    ids = []
+    for part in spec.split("+"):
+        repo = part.split("@", 1)[0]
+        local = os.path.exists(part) or (root is not None and (root / part).exists())
+        if _HUB_ID.fullmatch(repo) and ".." not in repo and not local:
+            ids.append(repo)
+    return ids
+
+
+def _card_data(plan: MergePlan):
+    """The card's Hugging Face metadata (``huggingface_hub.ModelCardData``): ``library_name``,
+    ``tags: [merge, mergeforge]``, and ``base_model`` = the inputs that are Hub repo ids (base
+    first; local folders are listed in the card's text only), with ``base_model_relation:
+    merge`` when the model is made from several inputs."""
+    from huggingface_hub import ModelCardData
+
+    bases: list[str] = []
+    for spec in plan.models:
+        bases += [i for i in _hub_ids(spec, plan.config.root) if i not in bases]
+    data = ModelCardData(library_name="transformers", tags=["merge", "mergeforge"])
+    if bases:
+        data.base_model = bases[0] if len(bases) == 1 else bases
+        if len(plan.models) > 1:
+            data.base_model_relation = "merge"
+    return data
+
+
 def _model_card(plan: MergePlan, seconds: float) -> str:
+    """The output's ``README.md``: Hugging Face metadata front matter (see :func:`_card_data`;
+    loads with ``huggingface_hub.ModelCard``), then what was merged, how, and the config."""
     from mergeforge import __version__
 
     m = plan.method
     lines = [
         "---",
-        "library_name: transformers",
-        "tags: [mergeforge, merge]",
+        _card_data(plan).to_yaml().rstrip(),
         "---",
         "# Merged model",
         "",
@@ -188,27 +245,40 @@ def run_merge(
     shard_size: int | None = None,
     workers: int | None = None,
     durable: bool = False,
+    copy_tokenizer: bool = True,
+    write_model_card: bool = True,
 ) -> MergeResult:
     """Merge as the config says and write a Hugging Face-loadable folder at ``out``, atomically.
 
+    ``out`` may not be, contain or lie inside any input (ConfigError), and must be writable
+    (CheckpointError), both checked before any tensor is read. ``overwrite``: replace a
+    previous mergeforge output at ``out`` once the new one is complete; any other non-empty
+    folder is refused. See ``engine/output.py``.
     ``progress``: ``None`` = a bar on a terminal, log lines otherwise; ``False`` = silent.
     ``workers``: tensors merged concurrently (default: 2, or 1 on a single core).
     ``durable``: fsync the shards before the final rename (survives power loss; slower by the
     disk write-back). Without it the output is still atomic against crashes and kills.
+    ``copy_tokenizer=False``: leave the tokenizer files out (mergekit's --no-copy-tokenizer).
+    ``write_model_card=False``: no README.md (mergekit's --no-write-model-card); the config
+    files mergeforge_config.yml and mergeforge_resolved.yml are still written.
     """
     from mergeforge.checkpoint import ShardedWriter
 
     t0 = time.perf_counter()
     dev = resolve_device(device)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"output path {str(out)!r} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(
-            f"output folder {str(out)!r} exists and is not empty; pass --overwrite "
-            "(overwrite=True) to replace it, or choose another folder"
-        )
+    # inputs are never written and only our own outputs replaced: engine/output.py
+    check_output_location(out)
     plan = prepare(config)
+    try:
+        check_not_an_input(out, plan)
+        check_replaceable(out, overwrite=overwrite)
+        probe_writable(out)
+    except BaseException:
+        for ck in plan.checkpoints:
+            ck.close()
+        close_side_files(plan)
+        raise
     for w in plan.warnings:
         log.warning(w)
     _warm_up(plan, dev)
@@ -228,14 +298,16 @@ def run_merge(
         with ShardedWriter(
             out, specs, max_shard_bytes=shard_size or plan.config.out_shard_size,
             metadata=meta, overwrite=overwrite, durable=durable,
+            replaceable=is_previous_output,
         ) as writer:  # fmt: skip
             run_jobs(plan, loader, stat_plan, dev, writer, workers or default_workers(),
                      bar.advance if bar is not None else (lambda _j: None))  # fmt: skip
-            _side_files(plan, writer)
+            _side_files(plan, writer, copy_tokenizer)
             seconds = time.perf_counter() - t0
             writer.write_text("mergeforge_config.yml", plan.config.to_yaml())
             writer.write_text("mergeforge_resolved.yml", _resolved(plan))
-            writer.write_text("README.md", _model_card(plan, seconds))
+            if write_model_card:
+                writer.write_text("README.md", _model_card(plan, seconds))
             writer.commit()
     finally:
         if bar is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 _LAYER = re.compile(r"^(?P<prefix>(?:[^.]+\.)*?[^.]+\.)(?P<idx>\d+)\.(?P<rest>.+)$")
@@ -19,6 +19,51 @@ _LAYER = re.compile(r"^(?P<prefix>(?:[^.]+\.)*?[^.]+\.)(?P<idx>\d+)\.(?P<rest>.+
 _PRE = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings)")
 
 NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+TIED_NAMES: dict[str, tuple[str, ...]] = {
+    "lm_head.weight": (
+        "model.embed_tokens.weight", "transformer.wte.weight", "wte.weight",
+        "backbone.embeddings.weight", "model.language_model.embed_tokens.weight",
+        "model.lm_head.weight", "shared.weight", "encoder.embed_tokens.weight",
+        "decoder.embed_tokens.weight",
+    ),
+    "cls.predictions.decoder.weight": ("bert.embeddings.word_embeddings.weight",),
+    "vocab_projector.weight": ("distilbert.embeddings.word_embeddings.weight",),
+    "output.weight": ("model.tok_embeddings.weight",),
+    "lm_head.decoder.weight": ("roberta.embeddings.word_embeddings.weight",),
+    "decoder.embed_tokens.weight": (
+        "shared.weight", "lm_head.weight", "encoder.embed_tokens.weight",
+    ),
+    "encoder.embed_tokens.weight": (
+        "shared.weight", "lm_head.weight", "decoder.embed_tokens.weight",
+    ),
+}  # fmt: skip
+"""Tied weights: a tensor a checkpoint may leave out because the model ties it to another
+(``lm_head.weight`` -> ``model.embed_tokens.weight`` when ``tie_word_embeddings``), with the
+names it may be stored under, first found wins. mergekit 0.1.5's architecture tables
+(``tied_names``), merged over its architectures; tests/test_tied_embeddings.py checks the
+match."""
+
+
+def tied_source(name: str, names: Collection[str]) -> str | None:
+    """The tensor a checkpoint with tensor names ``names`` stores ``name`` as, when it leaves
+    ``name`` out because it is tied (mergekit's loader falls back the same way); ``None``
+    when ``name`` is not a tied weight or none of its tied names is there."""
+    return next((t for t in TIED_NAMES.get(name, ()) if t in names), None)
+
+
+def heads_to_add(reference: Collection[str], others: Iterable[Collection[str]]) -> list[str]:
+    """Tied weights the reference model leaves out (it stores what they are tied to) but some
+    other input stores: the output gets them too, merged with each tied input's embedding in
+    their place. mergekit's rule: an optional weight is written when any input has it."""
+    others = list(others)
+    return [
+        name
+        for name in TIED_NAMES
+        if name not in reference
+        and tied_source(name, reference) is not None
+        and any(name in o for o in others)
+    ]
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,20 @@ from typing import Any
 import torch
 
 from mergeforge.checkpoint import Checkpoint
-from mergeforge.config import MergeConfig, evaluate_setting
-from mergeforge.engine.layout import NUM_LAYERS_KEYS, Layout, infer_layout
+from mergeforge.config import (
+    MERGEKIT_METHOD_PARAMETERS,
+    MergeConfig,
+    evaluate_setting,
+)
+from mergeforge.engine.layout import (
+    NUM_LAYERS_KEYS,
+    Layout,
+    heads_to_add,
+    infer_layout,
+    tied_source,
+)
 from mergeforge.errors import ConfigError, ValidationError
-from mergeforge.methods import Method, get_method
+from mergeforge.methods import Method, all_methods, get_method
 from mergeforge.methods.base import MethodCall
 
 DTYPE_NAMES = {
@@ -75,6 +85,9 @@ class MergePlan:
     warnings: list[str] = field(default_factory=list)
     side_files: dict[tuple[int, str], Any] = field(default_factory=dict)
     """Opened statistics files, by (model index, kind) (methods with ``side_inputs``)."""
+    untied: tuple[str, ...] = ()
+    """Tied weights (``lm_head.weight``) the reference model leaves out but the output has,
+    because another input stores its own: the output's config is then untied."""
     stream_names: tuple[str, ...] | None = None
     """Per model, the name its random stream is seeded with (stochastic methods): a
     fingerprint of its weights, set by the engine before merging (:func:`model_fingerprint`)."""
@@ -125,12 +138,8 @@ def build_params(
         raise ConfigError(f"{where}: {e}" if where else str(e)) from None
 
 
-def check_parameter_names(method: Method, cfg: MergeConfig) -> list[str]:
-    """Unknown parameter names are errors (with a suggestion); shared parameters given per model
-    are ignored by mergekit, so we warn rather than refuse."""
-    shared, per_model = yaml_field_map(method.params), yaml_field_map(method.model_params)
-    known = sorted(set(shared) | set(per_model))
-    warnings: list[str] = []
+def _parameter_blocks(cfg: MergeConfig) -> list[tuple[str, Mapping[str, Any], bool]]:
+    """Every ``parameters:`` block of a config: (where, block, is it a per-model block)."""
     blocks: list[tuple[str, Mapping[str, Any], bool]] = [("parameters", cfg.parameters, False)]
     blocks += [(f"models[{i}].parameters", m.parameters, True) for i, m in enumerate(cfg.models)]
     for i, sl in enumerate(cfg.slices):
@@ -139,22 +148,99 @@ def check_parameter_names(method: Method, cfg: MergeConfig) -> list[str]:
             (f"slices[{i}].sources[{j}].parameters", s.parameters, True)
             for j, s in enumerate(sl.sources)
         ]
-    for where, block, is_model in blocks:
+    return blocks
+
+
+def parameter_users() -> dict[str, list[str]]:
+    """Parameter name -> the methods that declare it, ours and mergekit 0.1.5's (sorted)."""
+    users: dict[str, set[str]] = {}
+    for m in all_methods():
+        for name in {*yaml_field_map(m.params), *yaml_field_map(m.model_params)}:
+            users.setdefault(name, set()).add(m.name)
+    for method, names in MERGEKIT_METHOD_PARAMETERS.items():
+        for name in names:
+            users.setdefault(name, set()).add(method)
+    return {k: sorted(v) for k, v in users.items()}
+
+
+def _places(wheres: list[str]) -> str:
+    return ", ".join(wheres[:3]) + (f" and {len(wheres) - 3} more" if len(wheres) > 3 else "")
+
+
+def check_parameter_names(method: Method, cfg: MergeConfig) -> list[str]:
+    """Check every parameter name against the chosen method; return the warnings.
+
+    * a name the method has: used (a shared one given per model is ignored, as mergekit does,
+      with a warning);
+    * a name some other method knows, ours or mergekit's (``density`` on ``task_arithmetic``,
+      ``gamma`` on ``ties``): ignored, as mergekit ignores it, with ONE warning per name that
+      lists where it was given;
+    * a name no method knows: a :class:`ConfigError` with "did you mean".
+    """
+    shared, per_model = yaml_field_map(method.params), yaml_field_map(method.model_params)
+    known = sorted(set(shared) | set(per_model))
+    users = parameter_users()
+    unused: dict[str, list[str]] = {}
+    per_model_shared: dict[str, list[str]] = {}
+    for where, block, is_model in _parameter_blocks(cfg):
         for key in block:
             if key not in shared and key not in per_model:
-                hint = difflib.get_close_matches(key, known, n=1)
+                if key in users:
+                    unused.setdefault(key, []).append(where)
+                    continue
+                hint = difflib.get_close_matches(key, known, n=1) or difflib.get_close_matches(
+                    key, sorted(users), n=1
+                )
                 raise ConfigError(
-                    f"{where}: unknown parameter {key!r} for merge method {method.name!r}."
+                    f"{where}: unknown parameter {key!r}: no merge method (of mergeforge or "
+                    "mergekit) has it."
                     + (f" Did you mean {hint[0]!r}?" if hint else "")
-                    + f" Its parameters: {', '.join(known) or '(none)'}"
+                    + f" {method.name!r} takes: {', '.join(known) or '(none)'}"
                     " (see `mergeforge methods " + method.name + "`)."
                 )
             if is_model and key in shared and key not in per_model:
-                warnings.append(
-                    f"{where}: {key!r} is a shared parameter of {method.name!r}; a per-model value"
-                    " is ignored (as in mergekit). Put it under the top-level 'parameters:'."
-                )
+                per_model_shared.setdefault(key, []).append(where)
+    warnings = [
+        f"{key!r} is not a parameter of {method.name!r} and is ignored, as mergekit ignores it "
+        f"(given in {_places(wheres)}; used by "
+        f"{', '.join(u for u in users[key] if u != method.name)})."
+        for key, wheres in unused.items()
+    ]
+    warnings += [
+        f"{key!r} is a shared parameter of {method.name!r}; per-model values are ignored (as in "
+        f"mergekit): given in {_places(wheres)}. Put it under the top-level 'parameters:'."
+        for key, wheres in per_model_shared.items()
+    ]
     return warnings
+
+
+def check_slerp_t(method: Method, cfg: MergeConfig) -> list[str]:
+    """slerp's ``t`` outside [0, 1] extrapolates beyond the two models (mergekit accepts it
+    too, so it is not refused): one warning naming every such value and where it was given."""
+    if method.name != "slerp":
+        return []
+    outside: list[str] = []
+
+    def leaves(setting: Any, where: str) -> None:
+        if isinstance(setting, Mapping):
+            leaves(setting.get("value"), f"{where}.value")
+        elif isinstance(setting, list):
+            for i, e in enumerate(setting):
+                leaves(e, f"{where}[{i}]")
+        elif isinstance(setting, int | float) and not isinstance(setting, bool):
+            if not 0 <= setting <= 1:
+                outside.append(f"{setting} ({where})")
+
+    for where, block, is_model in _parameter_blocks(cfg):
+        if "t" in block and not is_model:  # a per-model t is ignored (warned about above)
+            leaves(block["t"], f"{where}.t")
+    if not outside:
+        return []
+    return [
+        f"slerp t outside [0, 1]: {_places(outside)}. t = 0 is the base and t = 1 the other "
+        "model; a value outside extrapolates past them (as mergekit does). Use t in [0, 1] to "
+        "interpolate."
+    ]
 
 
 class ParamResolver:
@@ -296,7 +382,7 @@ def _input_info(models, cks, keysets, ref: Ref, out_name: str, where: str, shape
 
 def build_plan(cfg: MergeConfig, models: list[str], cks: list[Checkpoint]) -> MergePlan:
     method = get_method(cfg.merge_method)
-    warnings = check_parameter_names(method, cfg)
+    warnings = [*cfg.warnings, *check_parameter_names(method, cfg), *check_slerp_t(method, cfg)]
     index = {m: i for i, m in enumerate(models)}
     base = index[cfg.base_model] if cfg.base_model else None
     if method.base == "required" and base is None and not any(s.base_model for s in cfg.slices):
@@ -316,6 +402,25 @@ def build_plan(cfg: MergeConfig, models: list[str], cks: list[Checkpoint]) -> Me
 
     jobs: list[Job] = []
     keysets = [set(ck.keys()) for ck in cks]
+    tied_inputs: dict[str, dict[int, str]] = {}  # tied weight -> {model: name used instead}
+
+    def stored(m: int, name: str) -> str:
+        """The name model ``m`` stores input tensor ``name`` under: itself or, for a tied
+        weight the file leaves out (no ``lm_head.weight``), the embedding it is tied to."""
+        if name in keysets[m]:
+            return name
+        tied = tied_source(name, keysets[m])
+        if tied is None:
+            return name  # reported as missing, with the closest name, by _input_info
+        if (cks[m].config or {}).get("tie_word_embeddings") is False:
+            raise ValidationError(
+                f"missing tensor: {models[m]} has no {name!r} and its config.json says "
+                "tie_word_embeddings: false, so it is not tied to "
+                f"{tied!r} either; the checkpoint is incomplete. Re-save it with "
+                "save_pretrained, or set tie_word_embeddings: true if the head is tied."
+            )
+        tied_inputs.setdefault(name, {})[m] = tied
+        return tied
 
     def add(out_name, in_name_for, sources, slice_params, slice_base, t, where, layer=None):
         """sources: list of (model index, per-model params); in_name_for(model) -> input name."""
@@ -325,7 +430,7 @@ def build_plan(cfg: MergeConfig, models: list[str], cks: list[Checkpoint]) -> Me
             non_base = list(sources)
         else:
             non_base = [(m, p) for m, p in sources if m != b]
-            b_ref = Ref(b, in_name_for(b)) if b is not None else None
+            b_ref = Ref(b, stored(b, in_name_for(b))) if b is not None else None
         if len(non_base) < method.min_models or (
             method.max_models is not None and len(non_base) > method.max_models
         ):
@@ -339,7 +444,7 @@ def build_plan(cfg: MergeConfig, models: list[str], cks: list[Checkpoint]) -> Me
                 f"{where}: merge method {method.name!r} takes {want} model(s) besides the base; "
                 f"got {len(non_base)}."
             )
-        refs = tuple(Ref(m, in_name_for(m)) for m, _ in non_base)
+        refs = tuple(Ref(m, stored(m, in_name_for(m))) for m, _ in non_base)
         all_refs = (*([b_ref] if b_ref else []), *refs)
         info = _input_info(models, cks, keysets, all_refs[0], out_name, where)
         infos = [
@@ -369,14 +474,19 @@ def build_plan(cfg: MergeConfig, models: list[str], cks: list[Checkpoint]) -> Me
             warnings.append(
                 f"base_model is not used by {method.name!r} unless listed under models:"
             )
-        for name in ref_ck.keys():
+        added = heads_to_add(keysets[ref], [keysets[m] for m, _ in sources])
+        for name in [*ref_ck.keys(), *added]:
             add(name, lambda m, n=name: n, sources, {}, None, layout.t(name), "models")
     else:
-        num_out_layers = _plan_slices(cfg, models, cks, index, layout, ref_ck, add)
+        ends = [*cfg.slices[0].sources, *cfg.slices[-1].sources]
+        added = heads_to_add(keysets[ref], [keysets[index[s.model]] for s in ends])
+        num_out_layers = _plan_slices(cfg, models, cks, index, layout, ref_ck, add, added)
+    warnings += _tied_warnings(models, ref, tied_inputs, added)
 
     plan = MergePlan(
         config=cfg, method=method, models=models, checkpoints=cks, jobs=jobs,
         compute_dtype=compute, num_out_layers=num_out_layers, reference=ref, warnings=warnings,
+        untied=tuple(added),
     )  # fmt: skip
     if method.side_inputs is not None:
         from mergeforge.engine.side import close_side_files, plan_side_inputs
@@ -389,14 +499,33 @@ def build_plan(cfg: MergeConfig, models: list[str], cks: list[Checkpoint]) -> Me
     return plan
 
 
-def _plan_slices(cfg, models, cks, index, layout: Layout, ref_ck, add) -> int:
+def _tied_warnings(models, ref: int, tied_inputs: dict[str, dict[int, str]], added) -> list[str]:
+    """What the tied-embeddings rule did, once per tied weight."""
+    out = []
+    for name, used in tied_inputs.items():
+        who = ", ".join(f"{models[m]} (its {t!r})" for m, t in sorted(used.items()))
+        out.append(
+            f"{name!r}: tied embeddings, not stored by {who}; the tensor it is tied to is used "
+            "in its place, as mergekit does."
+        )
+    if added:
+        out.append(
+            f"the reference model {models[ref]} has tied embeddings but another input stores its "
+            f"own {', '.join(repr(n) for n in added)}: the output gets one too, and its "
+            "config.json says tie_word_embeddings: false so that it is used (mergekit writes the "
+            "same tensors but keeps the reference's config)."
+        )
+    return out
+
+
+def _plan_slices(cfg, models, cks, index, layout: Layout, ref_ck, add, added=()) -> int:
     """mergekit slices: output layers are numbered consecutively across slices; embeddings come
     from the first slice's sources, final norm/head from the last slice's; t runs 0..1 within
-    each slice."""
+    each slice. ``added``: tied weights the reference leaves out but the output gets."""
     if layout.prefix is None:
         raise ConfigError("slices: the reference model has no numbered layers to slice")
     per_layer = sorted({s[1] for n in ref_ck.keys() if (s := layout.split(n)) and s[0] == 0})
-    non_layer = [n for n in ref_ck.keys() if layout.split(n) is None]
+    non_layer = [n for n in [*ref_ck.keys(), *added] if layout.split(n) is None]
     pre = [n for n in non_layer if Layout.is_pre(n)]
     post = [n for n in non_layer if not Layout.is_pre(n)]
 
@@ -445,6 +574,15 @@ def output_config(plan: MergePlan) -> dict | None:
         for k in NUM_LAYERS_KEYS:
             if k in out:
                 out[k] = plan.num_out_layers
+    if plan.untied:
+        # the output stores its own merged head: a tied config would make transformers drop
+        # it (older versions) or warn and untie it (newer ones)
+        out["tie_word_embeddings"] = False
+        if (
+            isinstance(out.get("text_config"), Mapping)
+            and "tie_word_embeddings" in out["text_config"]
+        ):
+            out["text_config"] = {**out["text_config"], "tie_word_embeddings": False}
     dts = {j.out_dtype for j in plan.jobs if j.out_dtype.is_floating_point}
     if len(dts) == 1:
         name = str(next(iter(dts))).removeprefix("torch.")

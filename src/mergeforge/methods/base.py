@@ -214,25 +214,29 @@ def register(method: Method) -> Method:
     return method
 
 
-NOT_YET = {
-    # mergekit methods without a mergeforge implementation yet: say so instead of "unknown"
-    "multislerp", "nuslerp", "karcher", "sce", "nearswap", "ram", "ramplus_tl", "arcee_fusion",
-}  # fmt: skip
+MERGEKIT_ONLY_METHODS: dict[str, str] = {
+    "arcee_fusion": "ties / breadcrumbs",
+    "karcher": "slerp (two models) / linear",
+    "multislerp": "slerp (two models) / linear",
+    "nearswap": "slerp",
+    "nuslerp": "slerp",
+    "ram": "task_arithmetic / ties",
+    "ramplus_tl": "task_arithmetic / ties",
+    "sce": "ties / dare_ties",
+}
+"""mergekit methods mergeforge lacks, with the closest mergeforge methods (said instead of
+"unknown method")."""
 
 
 def get_method(name: str) -> Method:
-    from mergeforge.errors import ConfigError
+    from mergeforge.errors import ConfigError, not_implemented
 
     name = _ALIASES.get(name, name)
     try:
         return _REGISTRY[name]
     except KeyError:
-        if name in NOT_YET:
-            raise ConfigError(
-                f"merge method {name!r} is a mergekit method that mergeforge does not implement "
-                "yet (not implemented). Use mergekit for it, or one of: "
-                + ", ".join(sorted(_REGISTRY))
-            ) from None
+        if name in MERGEKIT_ONLY_METHODS:
+            raise not_implemented(f"merge_method {name!r}", MERGEKIT_ONLY_METHODS[name]) from None
         known = ", ".join(sorted(_REGISTRY))
         raise ConfigError(
             f"unknown merge method {name!r}. Known methods: {known}. "
