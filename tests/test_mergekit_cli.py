@@ -133,6 +133,24 @@ def test_mergeforge_yaml_writes_what_mergekit_yaml_writes(llama_family, tmp_path
     assert out == ""
 
 
+def test_mergeforge_yaml_runs_twice_into_the_same_folder(llama_family, tmp_path, capsys):
+    """A script that re-runs mergekit-yaml into its output folder keeps working: the previous
+    mergeforge output is replaced; a folder that is not one is still refused."""
+    cfg = _family_yaml(tmp_path, configs(llama_family)["linear"])
+    out = tmp_path / "out"
+    assert yaml_main([str(cfg), str(out), "--quiet"]) == 0
+    first = load_dir(out)
+    assert yaml_main([str(cfg), str(out), "--quiet"]) == 0
+    assert all(torch.equal(first[k], v) for k, v in load_dir(out).items())
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    capsys.readouterr()
+    assert yaml_main([str(cfg), str(other), "--quiet"]) == 2
+    assert "not a previous mergeforge output" in capsys.readouterr().err
+    assert (other / "keep.txt").read_text() == "mine"
+
+
 def _with_tokenizer(src: Path, dst: Path) -> Path:
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast

@@ -16,8 +16,6 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import mergeforge
-
 mk_merge = pytest.importorskip("mergekit.merge")
 from mergekit.config import MergeConfiguration  # noqa: E402
 from mergekit.options import MergeOptions  # noqa: E402
@@ -68,7 +66,15 @@ def run_mergekit(cfg: dict, out: Path) -> dict[str, torch.Tensor]:
 
 
 def run_ours(cfg: dict, out: Path) -> dict[str, torch.Tensor]:
-    mergeforge.merge(cfg, out, progress=False)
+    """Our merge of ``cfg`` through ``mergeforge-yaml`` (mergekit-yaml's command line under our
+    name, in-process), so every equality test here also checks that entry point; the Python
+    API runs the same engine (tests/test_engine.py)."""
+    from mergeforge.cli import yaml_main
+
+    path = out.parent / f"{out.name}.yml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    code = yaml_main([str(path), str(out), "--copy-tokenizer", "--lazy-unpickle", "--quiet"])
+    assert code == 0, f"mergeforge-yaml exited {code}"
     return load_dir(out)
 
 

@@ -435,8 +435,12 @@ def run() -> None:
 def yaml_main(argv: Sequence[str] | None = None) -> int:
     """``mergeforge-yaml CONFIG_FILE OUT_PATH [OPTIONS]``: mergekit-yaml's command line, run as
     ``mergeforge merge`` (which takes every mergekit-yaml option, see ``mergekit_cli``), so a
-    script changes only the executable name."""
-    return main(["merge", *(sys.argv[1:] if argv is None else argv)])
+    script changes only the executable name. mergekit-yaml writes into an existing output
+    folder, so a script may run it twice into the same one: ``--overwrite`` is implied, which
+    replaces a previous mergeforge output (or an empty folder) once the new one is complete and
+    still refuses any other non-empty folder and every input."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return main(["merge", *args, *([] if "--overwrite" in args else ["--overwrite"])])
 
 
 def run_yaml() -> None:

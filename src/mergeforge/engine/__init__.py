@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import resource
 import time
 from collections.abc import Mapping
@@ -122,22 +121,18 @@ def _side_files(plan: MergePlan, writer, copy_tokenizer: bool = True) -> None:
             writer.copy_file(p, name)
 
 
-# A Hugging Face repo id "org/name" (letters, digits, "-", "_", "."); "@revision" and "+adapter"
-# are mergeforge/mergekit syntax around it. Bare legacy names ("gpt2") are left out: a bare word
-# is as likely a local folder named relative to somewhere else.
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-
-
 def _hub_ids(spec: str, root: Path | None) -> list[str]:
     """The Hugging Face repo ids a model reference names: each ``+``-part (model, adapter) that
-    looks like ``org/name`` (``@revision`` dropped) and is not a local path. Local folders are
-    not ids: the Hub's ``base_model`` field must name repos that exist on the Hub."""
+    reads as ``org/name[@revision]`` (``checkpoint.hub.parse_hub_ref``; the revision dropped)
+    and is not a local path. Local folders are not ids: the Hub's ``base_model`` field must
+    name repos that exist on the Hub."""
+    from mergeforge.checkpoint.hub import parse_hub_ref
+
     ids = []
     for part in spec.split("+"):
-        repo = part.split("@", 1)[0]
         local = os.path.exists(part) or (root is not None and (root / part).exists())
-        if _HUB_ID.fullmatch(repo) and ".." not in repo and not local:
-            ids.append(repo)
+        if not local and (ref := parse_hub_ref(part)) is not None:
+            ids.append(ref.repo_id)
     return ids
 
 
