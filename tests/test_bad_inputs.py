@@ -6,16 +6,16 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
 from mergeforge.cli import main
+from tests.helpers import finish, layer_family, merge_argv, start_blocked, written_fraction
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -143,35 +143,27 @@ def test_pickle_bin_that_runs_code_is_refused(llama_family, tmp_path, capsys):
     assert not marker.exists(), "the pickle's code was executed"
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="uses /proc and Linux pipes")
 def test_sigkill_halfway_leaves_nothing(tmp_path):
-    """A real merge of ~100 MB is killed mid-way: no output folder appears."""
-    src = tmp_path / "big"
-    src.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for name in ("base", "e1", "e2"):
-        d = src / name
-        d.mkdir()
-        sd = {f"model.layers.{i}.mlp.weight": torch.randn(1024, 1024, generator=g)
-              for i in range(24)}  # fmt: skip
-        save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
-    cfg = _yaml(tmp_path, {"merge_method": "ties", "base_model": str(src / "base"),
-                           "models": [{"model": str(src / "e1")}, {"model": str(src / "e2")}],
+    """A real merge (20 tensors of 64x64) is SIGKILLed half-way: no output folder appears;
+    the next run removes the killed run's partial folder and succeeds.
+
+    Half-way without a timer: the child blocks on its first progress line, written after >= 10%
+    of the tensors (tests/helpers.py: start_blocked); with at most workers + 1 tensors in flight
+    some but not all of the shard bytes are then on disk."""
+    dirs = layer_family(tmp_path, n=20, dim=64)
+    cfg = _yaml(tmp_path, {"merge_method": "ties", "base_model": str(dirs[0]),
+                           "models": [{"model": str(dirs[1])}, {"model": str(dirs[2])}],
                            "parameters": {"density": 0.5}})  # fmt: skip
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mergeforge.cli", "merge", str(cfg), str(out), "--no-progress"],
-        stderr=subprocess.PIPE,
-    )
-    # wait until the writer has started (its hidden partial folder exists), then kill
-    deadline = time.time() + 60
-    while time.time() < deadline and not [p for p in tmp_path.iterdir() if "partial" in p.name]:
-        time.sleep(0.02)
-    assert [p for p in tmp_path.iterdir() if "partial" in p.name], "merge never started writing"
-    time.sleep(0.3)
+    proc, r, filled = start_blocked(merge_argv(cfg, out))
+    partial = tmp_path / f".out.mergeforge-partial-{proc.pid}"
+    frac = written_fraction(partial, 20 * 64 * 64 * 4)
+    assert 0.05 < frac < 0.9, f"not half-way: {frac:.0%} of the shard bytes written"
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    finish(proc, r, filled)
     assert proc.returncode == -signal.SIGKILL
-    assert not out.exists()
+    assert not out.exists() and partial.is_dir()  # SIGKILL cannot clean up: the next run does
     # the next run cleans the stale partial folder and succeeds
     assert main(["merge", str(cfg), str(out), "--no-progress"]) == 0
     assert out.is_dir()
@@ -180,8 +172,6 @@ def test_sigkill_halfway_leaves_nothing(tmp_path):
 
 def test_bad_exclude_is_refused_before_any_work():
     """A merge config's ``exclude:`` and a bench entry's share one check."""
-    import pytest
-
     from mergeforge.config import load_config
     from mergeforge.errors import ConfigError
 

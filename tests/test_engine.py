@@ -1,5 +1,5 @@
 """End-to-end engine behaviour: loads with transformers, exclusions, EMR task models, dtypes,
-side files, layout inference, bounded prefetch."""
+side files, layout inference, bounded prefetch, and a Fisher merge worked by hand."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+import yaml
 from safetensors.torch import load_file
 
 import mergeforge
@@ -16,7 +17,7 @@ from mergeforge.config import load_config
 from mergeforge.engine import prepare
 from mergeforge.engine.layout import infer_layout
 from mergeforge.errors import ConfigError
-from tests.test_vs_mergekit import load_dir
+from tests.helpers import load_dir, write_model
 
 
 def test_output_loads_with_transformers_and_matches_hand_merge(llama_family, tmp_path):
@@ -243,15 +244,16 @@ def test_random_streams_follow_the_models_not_their_paths(llama_family, tmp_path
 def test_only_merged_inputs_are_fingerprinted(llama_family, tmp_path, monkeypatch):
     """The base of a DARE merge draws no random numbers: its weights are not read to name a
     stream (for a LoRA input that read would apply the adapter)."""
-    import mergeforge.engine as engine
+    import mergeforge.engine.plan as planner  # the planner names the streams
 
     seen = []
+    fingerprint = planner.model_fingerprint
 
     def spy(ck, *a, **kw):
         seen.append(ck.path)
-        return engine.plan.model_fingerprint(ck, *a, **kw)
+        return fingerprint(ck, *a, **kw)
 
-    monkeypatch.setattr(engine, "model_fingerprint", spy)
+    monkeypatch.setattr(planner, "model_fingerprint", spy)
     base, e = llama_family["base"], llama_family["experts"]
     cfg = {
         "merge_method": "dare_ties",
@@ -261,3 +263,73 @@ def test_only_merged_inputs_are_fingerprinted(llama_family, tmp_path, monkeypatc
     }
     mergeforge.merge(cfg, tmp_path / "out", progress=False)
     assert sorted(Path(p).parent.name for p in seen) == sorted(Path(m).name for m in e)
+
+
+# ---- Fisher merging end to end, by hand ------------------------------------------------------
+# Two experts and a base, two tensors of two entries; diagonal Fishers written as statistics
+# files beside the experts. ‖F1‖ = √(3² + 0² + 0² + 4²) = 5, ‖F2‖ = √(2² + 4² + 4² + 8²) = 10.
+FA, FB = "model.layers.0.mlp.weight", "model.layers.1.mlp.weight"
+FISHER_MODELS = {
+    "base": {FA: [0.0, 0.0], FB: [1.0, 1.0]},
+    "e1": {FA: [1.0, 2.0], FB: [2.0, 0.0]},
+    "e2": {FA: [3.0, -2.0], FB: [0.0, 4.0]},
+}
+FISHERS = {"e1": ({FA: [3.0, 0.0], FB: [0.0, 4.0]}, 5.0),
+           "e2": ({FA: [2.0, 4.0], FB: [4.0, 8.0]}, 10.0)}  # fmt: skip
+FISHER_CASES = {
+    # Σ c_i F_i θ_i / Σ c_i F_i with c = (1, 1):
+    #   FA[0] (3·1 + 2·3)/(3 + 2) = 9/5    FA[1] (0·2 + 4·(-2))/(0 + 4) = -2
+    #   FB[0] (0·2 + 4·0)/(0 + 4) = 0      FB[1] (4·0 + 8·4)/(4 + 8) = 8/3
+    "plain": ({"normalize": False, "min_fisher": 0.0}, (1, 1), False,
+              {FA: [9 / 5, -2.0], FB: [0.0, 8 / 3]}),
+    # c = (2, 1): FA[0] (2·3·1 + 2·3)/(6 + 2) = 12/8   FA[1] (0 + 4·(-2))/4 = -2
+    #             FB[0] (0 + 4·0)/4 = 0                 FB[1] (2·4·0 + 8·4)/(8 + 8) = 2
+    "weights": ({"normalize": False, "min_fisher": 0.0}, (2, 1), False,
+                {FA: [1.5, -2.0], FB: [0.0, 2.0]}),
+    # normalize: c_i = w_i (1/‖F_i‖) / Σ_k 1/‖F_k‖ = (1/5, 1/10) / (3/10) = (2/3, 1/3), the
+    # same shares as weights (2, 1)
+    "normalize": ({"normalize": True, "min_fisher": 0.0}, (1, 1), False,
+                  {FA: [1.5, -2.0], FB: [0.0, 2.0]}),
+    # min_fisher 1 is added to every entry: F1 + 1 = (4, 1 | 1, 5), F2 + 1 = (3, 5 | 5, 9)
+    #   FA[0] (4·1 + 3·3)/7 = 13/7        FA[1] (1·2 + 5·(-2))/6 = -4/3
+    #   FB[0] (1·2 + 5·0)/6 = 1/3         FB[1] (5·0 + 9·4)/14 = 18/7
+    "min_fisher": ({"normalize": False, "min_fisher": 1.0}, (1, 1), False,
+                   {FA: [13 / 7, -4 / 3], FB: [1 / 3, 18 / 7]}),
+    # with the base and scaling 0.5: θ0 + 0.5 (θ - θ0) on "plain"
+    #   FA: 0 + 0.5·(9/5, -2) = (0.9, -1)   FB: 1 + 0.5·(0 - 1) = 0.5, 1 + 0.5·(8/3 - 1) = 11/6
+    "scaling": ({"normalize": False, "min_fisher": 0.0, "scaling": 0.5}, (1, 1), True,
+                {FA: [0.9, -1.0], FB: [0.5, 11 / 6]}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(FISHER_CASES))
+def test_fisher_merge_end_to_end_by_hand(tmp_path, case):
+    """``mergeforge merge`` with ``merge_method: fisher`` reads each expert's statistics file
+    and gives Σ c_i F_i θ_i / Σ c_i F_i (see FISHER_CASES for each value worked by hand)."""
+    from mergeforge.checkpoint.sidecar import save_sidecar
+    from mergeforge.cli import main
+
+    params, weights, with_base, want = FISHER_CASES[case]
+    dirs = {}
+    for name, sd in FISHER_MODELS.items():
+        dirs[name] = write_model(tmp_path / name, {k: torch.tensor(v) for k, v in sd.items()})
+    for name, (f, norm) in FISHERS.items():
+        save_sidecar(dirs[name], "fisher-sampled", {k: torch.tensor(v) for k, v in f.items()},
+                   num_examples=4, examples_used=4, source="by hand",
+                   extra={"fisher_norm": repr(norm)})  # fmt: skip
+    cfg = {
+        "merge_method": "fisher",
+        "models": [{"model": str(dirs[e]), "parameters": {"weight": w}}
+                   for e, w in zip(("e1", "e2"), weights, strict=True)],
+        "parameters": params,
+        "dtype": "float32",
+    }  # fmt: skip
+    if with_base:
+        cfg["base_model"] = str(dirs["base"])
+    path = tmp_path / "fisher.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["merge", str(path), str(tmp_path / "out"), "--no-progress"]) == 0
+    out = load_dir(tmp_path / "out")
+    assert set(out) == {FA, FB}
+    for k, v in want.items():
+        torch.testing.assert_close(out[k], torch.tensor(v), rtol=1e-6, atol=1e-7)

@@ -1,9 +1,11 @@
 """mergekit's command line: every mergekit-yaml option (read from mergekit's own click command)
 is accepted by ``mergeforge merge`` with the value mergekit gives it, and ``mergeforge-yaml``
-run with mergekit-yaml's arguments writes what mergekit-yaml writes."""
+run with mergekit-yaml's arguments writes what mergekit-yaml writes. Those comparisons carry
+``@pytest.mark.mergekit`` (skipped without mergekit); the rest check mergeforge-yaml alone."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -20,11 +22,10 @@ from mergeforge.cli import build_parser, main, yaml_main
 from mergeforge.config import parse_size
 from mergeforge.errors import ConfigError
 from mergeforge.mergekit_cli import parse_kmb
+from tests.helpers import load_dir, mergekit_configs, mergekit_missing
 
-mk_yaml = pytest.importorskip("mergekit.scripts.run_yaml")
-from mergekit.common import parse_kmb as mk_parse_kmb  # noqa: E402
-
-from tests.test_vs_mergekit import configs, load_dir  # noqa: E402
+# mergekit-yaml's click command: its options are the parameter list of the tests below
+mk_yaml = None if mergekit_missing() else importlib.import_module("mergekit.scripts.run_yaml")
 
 TOKENIZER_FILES = {
     "tokenizer.json",
@@ -52,9 +53,10 @@ def _option_argvs() -> list[tuple[str, list[str]]]:
     return out
 
 
-OPTION_ARGVS = _option_argvs()
+OPTION_ARGVS = _option_argvs() if mk_yaml is not None else []
 
 
+@pytest.mark.mergekit
 def test_mergekit_has_the_options_we_expect():
     """Guards the test below from passing on an empty list (mergekit 0.1.5: 26 options)."""
     names = {n for n, _ in OPTION_ARGVS}
@@ -62,8 +64,11 @@ def test_mergekit_has_the_options_we_expect():
     assert len(OPTION_ARGVS) >= 39  # 14 booleans as --x and --no-x, 11 other spellings
 
 
+@pytest.mark.mergekit
 @pytest.mark.parametrize(
-    ("name", "tokens"), OPTION_ARGVS, ids=[" ".join(t) for _, t in OPTION_ARGVS]
+    ("name", "tokens"),
+    OPTION_ARGVS or [pytest.param(None, None, id="mergekit-yaml's options")],
+    ids=[" ".join(t) for _, t in OPTION_ARGVS] or None,
 )
 def test_every_mergekit_yaml_option_parses_to_mergekit_value(name, tokens):
     theirs = mk_yaml.main.make_context("mergekit-yaml", ["c.yml", "out", *tokens]).params[name]
@@ -74,8 +79,11 @@ def test_every_mergekit_yaml_option_parses_to_mergekit_value(name, tokens):
     assert ours == theirs, (tokens, ours, theirs)
 
 
+@pytest.mark.mergekit
 @pytest.mark.parametrize("value", ["5B", "500M", "20K", "1000", "2b", "7k"])
 def test_out_shard_size_is_mergekit_parse_kmb(value):
+    from mergekit.common import parse_kmb as mk_parse_kmb
+
     assert parse_kmb(value) == mk_parse_kmb(value)
 
 
@@ -109,9 +117,10 @@ MK_FLAGS = [
 ]
 
 
+@pytest.mark.mergekit
 @pytest.mark.parametrize("method", ["linear", "ties", "slerp"])
 def test_mergeforge_yaml_writes_what_mergekit_yaml_writes(llama_family, tmp_path, capsys, method):
-    cfg = _family_yaml(tmp_path, configs(llama_family)[method])
+    cfg = _family_yaml(tmp_path, mergekit_configs(llama_family)[method])
     _run_mergekit_yaml([str(cfg), str(tmp_path / "mk"), *MK_FLAGS])
     capsys.readouterr()
     assert yaml_main([str(cfg), str(tmp_path / "mf"), *MK_FLAGS]) == 0
@@ -136,7 +145,7 @@ def test_mergeforge_yaml_writes_what_mergekit_yaml_writes(llama_family, tmp_path
 def test_mergeforge_yaml_runs_twice_into_the_same_folder(llama_family, tmp_path, capsys):
     """A script that re-runs mergekit-yaml into its output folder keeps working: the previous
     mergeforge output is replaced; a folder that is not one is still refused."""
-    cfg = _family_yaml(tmp_path, configs(llama_family)["linear"])
+    cfg = _family_yaml(tmp_path, mergekit_configs(llama_family)["linear"])
     out = tmp_path / "out"
     assert yaml_main([str(cfg), str(out), "--quiet"]) == 0
     first = load_dir(out)
@@ -162,6 +171,7 @@ def _with_tokenizer(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.mergekit
 @pytest.mark.parametrize(
     "flags", [["--copy-tokenizer"], ["--no-copy-tokenizer", "--no-write-model-card"]]
 )
@@ -235,7 +245,7 @@ def test_random_seed_overrides_the_config_seed(llama_family, tmp_path):
 def test_flags_that_cannot_be_honoured_are_clear_errors(
     llama_family, tmp_path, capsys, flags, needle
 ):
-    cfg = _family_yaml(tmp_path, configs(llama_family)["linear"])
+    cfg = _family_yaml(tmp_path, mergekit_configs(llama_family)["linear"])
     assert yaml_main([str(cfg), str(tmp_path / "out"), *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and needle in err and "Traceback" not in err, err
@@ -243,7 +253,7 @@ def test_flags_that_cannot_be_honoured_are_clear_errors(
 
 
 def test_no_safe_serialization_notes_that_the_output_is_safetensors(llama_family, tmp_path, capsys):
-    cfg = _family_yaml(tmp_path, configs(llama_family)["linear"])
+    cfg = _family_yaml(tmp_path, mergekit_configs(llama_family)["linear"])
     assert yaml_main([str(cfg), str(tmp_path / "out"), "--no-safe-serialization", "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "note: --no-safe-serialization is accepted" in err and "safetensors" in err
@@ -257,7 +267,7 @@ def test_console_script_mergeforge_yaml(llama_family, tmp_path):
     (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "mergeforge-yaml"]
     assert ep.value == "mergeforge.cli:run_yaml"
     exe = shutil.which("mergeforge-yaml") or pytest.fail("mergeforge-yaml is not on PATH")
-    cfg = _family_yaml(tmp_path, configs(llama_family)["linear"])
+    cfg = _family_yaml(tmp_path, mergekit_configs(llama_family)["linear"])
     proc = subprocess.run(
         [exe, str(cfg), str(tmp_path / "out"), "-v", "--lazy-unpickle"],
         capture_output=True,

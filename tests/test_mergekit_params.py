@@ -2,7 +2,8 @@
 
 mergekit 0.1.5 (installed from PyPI) is the oracle twice over: its registry is what our
 hard-coded facts must equal, and its merges are what a config with parameters the method does
-not use must reproduce (with one warning per ignored name).
+not use must reproduce (with one warning per ignored name). Those comparisons carry
+``@pytest.mark.mergekit`` (skipped without mergekit); the rest check mergeforge alone.
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ from mergeforge.engine.plan import yaml_field_map
 from mergeforge.errors import ConfigError
 from mergeforge.methods import all_methods
 from mergeforge.methods.base import MERGEKIT_ONLY_METHODS
-
-mk_methods = pytest.importorskip("mergekit.merge_methods")
-from tests.test_vs_mergekit import load_dir, run_mergekit  # noqa: E402
+from tests.helpers import load_dir, run_mergekit
 
 NOT_YET = "(mergekit) is not implemented in mergeforge yet; the closest available: "
 
@@ -69,7 +68,10 @@ def _ta(fam: dict, **per_model) -> dict:
 # ---- the hard-coded facts against mergekit's registry --------------------------------------
 
 
+@pytest.mark.mergekit
 def test_hardcoded_parameters_equal_mergekit_registry():
+    import mergekit.merge_methods as mk_methods
+
     theirs = {
         m.spec.name: tuple(p.name for p in m.spec.parameters)
         for m in mk_methods.registered_methods()
@@ -77,7 +79,10 @@ def test_hardcoded_parameters_equal_mergekit_registry():
     assert MERGEKIT_METHOD_PARAMETERS == theirs
 
 
+@pytest.mark.mergekit
 def test_mergekit_only_methods_are_exactly_the_ones_we_lack():
+    import mergekit.merge_methods as mk_methods
+
     ours = {n for m in all_methods() for n in (m.name, *m.aliases)}
     theirs = {m.spec.name for m in mk_methods.registered_methods()}
     assert set(MERGEKIT_ONLY_METHODS) == theirs - ours
@@ -98,6 +103,7 @@ def test_shared_methods_take_every_parameter_mergekit_uses():
 # ---- known but unused: accepted, one warning per name, same tensors as mergekit -------------
 
 
+@pytest.mark.mergekit
 @pytest.mark.parametrize(
     ("method", "unused", "value"), [("task_arithmetic", "density", 0.5), ("ties", "gamma", 0.1)]
 )
@@ -161,26 +167,33 @@ def test_shared_parameter_per_model_warns_once(llama_family):
 # ---- settings: unknown keys -----------------------------------------------------------------
 
 
-def test_pattern_instead_of_filter_is_an_error(tmp_path):
-    cfg = {
-        "merge_method": "linear",
-        "models": [
-            {
-                "model": "a",
-                "parameters": {"weight": [{"pattern": "mlp", "value": 0.5}, {"value": 1.0}]},
-            },
-            {"model": "b"},
-        ],
-    }
+PATTERN_NOT_FILTER = {
+    "merge_method": "linear",
+    "models": [
+        {
+            "model": "a",
+            "parameters": {"weight": [{"pattern": "mlp", "value": 0.5}, {"value": 1.0}]},
+        },
+        {"model": "b"},
+    ],
+}
+
+
+def test_pattern_instead_of_filter_is_an_error():
     with pytest.raises(ConfigError) as e:
-        load_config(cfg)
+        load_config(PATTERN_NOT_FILTER)
     msg = str(e.value)
     assert msg.startswith("models[0].parameters.weight[0]: unknown key 'pattern'")
     assert "did you mean 'filter'?" in msg
-    # why an error: mergekit drops the key silently and applies 0.5 to every tensor
+
+
+@pytest.mark.mergekit
+def test_mergekit_drops_pattern_silently():
+    """Why the test above wants an error: mergekit drops the key silently and applies 0.5 to
+    every tensor."""
     from mergekit.config import MergeConfiguration
 
-    mk = MergeConfiguration.model_validate(cfg)
+    mk = MergeConfiguration.model_validate(PATTERN_NOT_FILTER)
     assert mk.models[0].parameters["weight"][0].filter is None
 
 

@@ -11,7 +11,6 @@ as ``nobody``), a read-only file system, no free inodes; and a full disk ends cl
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -25,19 +24,10 @@ import yaml
 from safetensors.torch import load_file
 
 import mergeforge
+from mergeforge.checkpoint.sidecar import save_sidecar, sidecar_dir
 from mergeforge.cli import main
 from mergeforge.errors import ConfigError
-from mergeforge.stats.store import save_stats, stats_dir
-from tests.test_vs_mergekit import load_dir
-
-
-def _hashes(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` (symlinks not followed), by relative path."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and not p.is_symlink()
-    }
+from tests.helpers import load_dir, sha_tree
 
 
 def _leftovers(root: Path) -> list[Path]:
@@ -81,7 +71,7 @@ def _refused(models: Path, cfg: Path, out, capsys, *needles: str) -> None:
     """``out`` is refused with and without --overwrite, naming it and ``needles``; nothing
     under the tmp folder changes and no hidden folder is left."""
     tmp = models.parent
-    before = _hashes(tmp)
+    before = sha_tree(tmp)
     existed = Path(out).exists()
     for flags in ((), ("--overwrite",)):
         code, err = _cli(cfg, out, *flags, capsys=capsys)
@@ -89,7 +79,7 @@ def _refused(models: Path, cfg: Path, out, capsys, *needles: str) -> None:
         assert err.startswith("error: ") and "Traceback" not in err
         for n in (str(out), *needles):
             assert n in err, f"{n!r} not in: {err}"
-        assert _hashes(tmp) == before, "an input changed"
+        assert sha_tree(tmp) == before, "an input changed"
         assert Path(out).exists() == existed
         assert _leftovers(tmp) == []
 
@@ -138,9 +128,9 @@ def test_output_is_where_a_symlinked_weights_file_lives(models, tmp_path, capsys
     weights.rename(blobs / "0123abcd")
     weights.symlink_to(blobs / "0123abcd")
     cfg = _yaml(tmp_path / "m.yml", _ta(models / "base", [models / "expert0", models / "expert1"]))
-    before = _hashes(blobs)
+    before = sha_tree(blobs)
     _refused(models, cfg, blobs, capsys, "contains the input", str(weights))
-    assert _hashes(blobs) == before
+    assert sha_tree(blobs) == before
 
 
 def test_output_is_a_lora_adapter_or_its_base(models, tmp_path, capsys):
@@ -166,23 +156,23 @@ def test_output_is_a_folder_holding_statistics(models, tmp_path, capsys):
         w = load_file(f)
         grams = {k: torch.eye(v.shape[1]) for k, v in w.items()
                  if k.endswith(".weight") and v.ndim == 2 and "embed" not in k}  # fmt: skip
-        save_stats(f, "regmean", grams, num_examples=8, examples_used=8, source="test")
+        save_sidecar(f, "regmean", grams, num_examples=8, examples_used=8, source="test")
     cfg = _yaml(tmp_path / "m.yml", {"merge_method": "regmean",
                                      "models": [{"model": str(f)} for f in files]})  # fmt: skip
     assert main(["validate", str(cfg)]) == 0  # the statistics are usable: the merge would run
     capsys.readouterr()
-    sdir = stats_dir(files[1])
+    sdir = sidecar_dir(files[1])
     assert sdir.parent == models / "expert1" and sdir.is_dir()
     _refused(models, cfg, sdir, capsys, "contains the input", "regmean statistics")
 
 
 def test_python_api_refuses_too(models, tmp_path):
     cfg = _ta(models / "base", [models / "merged", models / "expert1"])
-    before = _hashes(models)
+    before = sha_tree(models)
     for overwrite in (False, True):
         with pytest.raises(ConfigError, match="is the input"):
             mergeforge.merge(cfg, models / "merged", overwrite=overwrite, progress=False)
-    assert _hashes(models) == before
+    assert sha_tree(models) == before
 
 
 # --overwrite replaces only a previous mergeforge output or an empty folder
@@ -194,11 +184,11 @@ def test_overwrite_refuses_a_folder_that_is_not_a_mergeforge_output(models, tmp_
     out.mkdir()
     (out / "notes.txt").write_text("years of work")
     (out / "mergeforge_config.yml").write_text("a config, but no merged model beside it\n")
-    before = _hashes(out)
+    before = sha_tree(out)
     code, err = _cli(cfg, out, "--overwrite", capsys=capsys)
     assert code == 2 and "Traceback" not in err
     assert "not a previous mergeforge output" in err and str(out) in err
-    assert _hashes(out) == before and _leftovers(tmp_path) == []
+    assert sha_tree(out) == before and _leftovers(tmp_path) == []
 
 
 def test_overwrite_replaces_a_previous_output_and_an_empty_folder_is_fine(models, tmp_path, capsys):
@@ -312,7 +302,7 @@ def _in_private_tmpfs(tmp: Path, opts: str, cfg: Path, rel_out: str):
 )
 def test_read_only_or_full_file_system_is_a_clear_error(models, tmp_path, opts, needle):
     cfg = _yaml(tmp_path / "m.yml", _ta(models / "base", [models / "expert0"]))
-    before = _hashes(models)
+    before = sha_tree(models)
     r, left = _in_private_tmpfs(tmp_path, opts, cfg, "out")
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
@@ -320,7 +310,7 @@ def test_read_only_or_full_file_system_is_a_clear_error(models, tmp_path, opts, 
         r.stderr
     )
     assert left == []
-    assert _hashes(models) == before
+    assert sha_tree(models) == before
 
 
 @pytest.mark.skipif(_NS is None, reason="needs unshare (util-linux)")

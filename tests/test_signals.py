@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -21,28 +20,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from safetensors.torch import save_file
 
 from mergeforge._signals import Interrupted, deferred, handle_signals
 from mergeforge.cli import main
-from tests.test_output_safety import _hashes
+from tests.helpers import (
+    finish,
+    layer_family,
+    merge_argv,
+    sha_tree,
+    start_blocked,
+    written_fraction,
+)
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="uses /proc and Linux pipes")
-
-
-def _family(tmp: Path, n: int, dim: int) -> list[Path]:
-    g = torch.Generator().manual_seed(0)
-    dirs = []
-    for name in ("base", "e1", "e2"):
-        d = tmp / "models" / name
-        d.mkdir(parents=True)
-        sd = {f"model.layers.{i}.mlp.weight": torch.randn(dim, dim, generator=g)
-              for i in range(n)}  # fmt: skip
-        save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
-        dirs.append(d)
-    return dirs
 
 
 def _config(tmp: Path, dirs: list[Path], method: str = "task_arithmetic", w: float = 0.5) -> Path:
@@ -56,53 +47,9 @@ def _config(tmp: Path, dirs: list[Path], method: str = "task_arithmetic", w: flo
     return p
 
 
-def _full_pipe() -> tuple[int, int, int]:
-    """A pipe whose buffer is already full: ``(read fd, write fd, bytes in it)``."""
-    r, w = os.pipe()
-    os.set_blocking(w, False)
-    filled = 0
-    try:
-        while True:
-            filled += os.write(w, b"\0" * 4096)
-    except BlockingIOError:
-        pass
-    os.set_blocking(w, True)  # the child's writes must block, not fail
-    return r, w, filled
-
-
 def _start_blocked(cfg: Path, out: Path, *flags: str, preexec=None):
-    """Start the CLI merge (progress lines on) with a full stderr pipe; return once its main
-    thread sleeps in a write to that pipe: ``(process, read fd, filler length)``."""
-    r, w, filled = _full_pipe()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mergeforge.cli", "merge", str(cfg), str(out), *flags],
-        stdout=subprocess.DEVNULL, stderr=w, preexec_fn=preexec,
-    )  # fmt: skip
-    os.close(w)
-    deadline = time.monotonic() + 120
-    wchan = ""
-    while time.monotonic() < deadline and proc.poll() is None:
-        wchan = Path(f"/proc/{proc.pid}/wchan").read_text()
-        if "pipe_write" in wchan:
-            return proc, r, filled
-        time.sleep(0.005)
-    proc.kill()
-    os.close(r)
-    raise AssertionError(f"the merge never blocked on its stderr (rc={proc.poll()}, {wchan=})")
-
-
-def _finish(proc, r: int, filled: int) -> str:
-    """Drain the child's stderr to the end, wait for it; its stderr minus the filler."""
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    proc.wait(timeout=60)
-    return data[filled:].decode(errors="replace")
-
-
-def _written_fraction(partial: Path, total: int) -> float:
-    """Share of the declared shard bytes already allocated on disk (the shards are sparse
-    until tensors arrive)."""
-    return sum(p.stat().st_blocks * 512 for p in partial.iterdir()) / total
+    """The CLI merge (progress lines on), blocked on its first progress line."""
+    return start_blocked(merge_argv(cfg, out, *flags), preexec=preexec)
 
 
 @pytest.mark.parametrize(
@@ -111,33 +58,33 @@ def _written_fraction(partial: Path, total: int) -> float:
     ids=["SIGTERM", "SIGINT", "SIGHUP"],
 )
 def test_stop_signal_half_way_leaves_nothing(tmp_path, sig, code):
-    dirs = _family(tmp_path, n=20, dim=256)
+    dirs = layer_family(tmp_path, n=20, dim=256)
     cfg, out = _config(tmp_path, dirs), tmp_path / "out"
-    inputs = _hashes(tmp_path / "models")
+    inputs = sha_tree(tmp_path / "models")
     proc, r, filled = _start_blocked(cfg, out)
     partial = tmp_path / f".out.mergeforge-partial-{proc.pid}"
-    frac = _written_fraction(partial, 20 * 256 * 256 * 4)
+    frac = written_fraction(partial, 20 * 256 * 256 * 4)
     assert 0.05 < frac < 0.9, f"not half-way: {frac:.0%} of the shard bytes written"
     proc.send_signal(sig)
-    err = _finish(proc, r, filled)
+    err = finish(proc, r, filled)
     assert proc.returncode == code, err
     assert f"interrupted by {sig.name}" in err and "Traceback" not in err
     assert not out.exists() and not partial.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["models", cfg.name])
-    assert _hashes(tmp_path / "models") == inputs
+    assert sha_tree(tmp_path / "models") == inputs
 
 
 def test_sigterm_during_overwrite_keeps_the_previous_output(tmp_path, capsys):
-    dirs = _family(tmp_path, n=20, dim=256)
+    dirs = layer_family(tmp_path, n=20, dim=256)
     out = tmp_path / "out"
     assert main(["merge", str(_config(tmp_path, dirs, w=0.2)), str(out), "--no-progress"]) == 0
     capsys.readouterr()
-    previous = _hashes(out)
+    previous = sha_tree(out)
     proc, r, filled = _start_blocked(_config(tmp_path, dirs, w=0.9), out, "--overwrite")
     proc.send_signal(signal.SIGTERM)
-    err = _finish(proc, r, filled)
+    err = finish(proc, r, filled)
     assert proc.returncode == 143, err
-    assert _hashes(out) == previous
+    assert sha_tree(out) == previous
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -145,7 +92,7 @@ def test_sigterm_while_workers_merge(tmp_path):
     """Bigger TIES tensors: when the main thread blocks, the worker threads are still merging
     the tensors submitted after the one it reports; the signal lands while they run, the
     executor joins them, then the writer removes the folder."""
-    dirs = _family(tmp_path, n=12, dim=1024)
+    dirs = layer_family(tmp_path, n=12, dim=1024)
     cfg, out = _config(tmp_path, dirs, method="ties"), tmp_path / "out"
     proc, r, filled = _start_blocked(cfg, out)
     busy = [
@@ -153,7 +100,7 @@ def test_sigterm_while_workers_merge(tmp_path):
         if (t / "stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
     ]  # fmt: skip
     proc.send_signal(signal.SIGTERM)
-    err = _finish(proc, r, filled)
+    err = finish(proc, r, filled)
     assert proc.returncode == 143, err
     assert "interrupted by SIGTERM" in err and "Traceback" not in err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -163,13 +110,13 @@ def test_sigterm_while_workers_merge(tmp_path):
 def test_an_ignored_sighup_stays_ignored(tmp_path):
     """``nohup mergeforge merge ...``: SIGHUP is ignored on entry, so a closed terminal does
     not stop the merge."""
-    dirs = _family(tmp_path, n=20, dim=256)
+    dirs = layer_family(tmp_path, n=20, dim=256)
     cfg, out = _config(tmp_path, dirs), tmp_path / "out"
     proc, r, filled = _start_blocked(
         cfg, out, preexec=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)
     )
     proc.send_signal(signal.SIGHUP)
-    err = _finish(proc, r, filled)
+    err = finish(proc, r, filled)
     assert proc.returncode == 0, err
     assert (out / "model.safetensors.index.json").is_file()
 

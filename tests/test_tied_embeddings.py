@@ -4,7 +4,8 @@ A tied Llama stores no ``lm_head.weight`` (``tie_word_embeddings: true``); an un
 mergekit's rule, which mergeforge follows: the output has ``lm_head.weight`` when any input of
 that tensor stores one, and an input that stores none contributes its
 ``model.embed_tokens.weight`` in its place. The tensors (names and values) must equal
-mergekit's, and the output must load with transformers and use the merged head.
+mergekit's (tests marked ``mergekit``), and the output must load with transformers and use the
+merged head; the rule by hand and the errors need no mergekit.
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ import yaml
 import mergeforge
 from mergeforge.engine.layout import TIED_NAMES
 from mergeforge.errors import ValidationError
-
-pytest.importorskip("mergekit.merge")
-from tests.test_vs_mergekit import load_dir, run_mergekit  # noqa: E402
+from tests.helpers import load_dir, run_mergekit
 
 HEAD, EMBED = "lm_head.weight", "model.embed_tokens.weight"
 
@@ -115,17 +114,27 @@ def _cases(f: dict[str, str]) -> dict[str, dict]:
 CASES = list(_cases({k: k for k in ("base_tied", "base_untied", "expert_tied", "expert_untied")}))
 
 
+@pytest.mark.mergekit
 @pytest.mark.parametrize("case", CASES)
 def test_tied_and_untied_same_as_mergekit(tied_family, tmp_path, case):
-    import transformers as tf
-
     cfg = {**_cases(tied_family)[case], "dtype": "float32"}
     theirs = run_mergekit(cfg, tmp_path / "mk")
-    result = mergeforge.merge(yaml.safe_load(yaml.safe_dump(cfg)), tmp_path / "mf", progress=False)
+    mergeforge.merge(yaml.safe_load(yaml.safe_dump(cfg)), tmp_path / "mf", progress=False)
     ours = load_dir(tmp_path / "mf")
     assert set(ours) == set(theirs), set(ours) ^ set(theirs)
     worst = max((ours[k] - theirs[k]).abs().max().item() for k in theirs)
     assert worst <= 1e-6, worst
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_tied_and_untied_output_loads_and_uses_the_merged_head(tied_family, tmp_path, case):
+    """mergeforge alone: the head is there unless every input is tied, config.json says so,
+    and transformers loads the output with that head."""
+    import transformers as tf
+
+    cfg = {**_cases(tied_family)[case], "dtype": "float32"}
+    result = mergeforge.merge(cfg, tmp_path / "mf", progress=False)
+    ours = load_dir(tmp_path / "mf")
     assert (HEAD in ours) == (case != "task_arithmetic_all_tied")
 
     out_cfg = json.loads((tmp_path / "mf" / "config.json").read_text())
@@ -171,6 +180,7 @@ def test_explicitly_untied_without_head_is_an_error(tied_family, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.mergekit
 def test_tied_names_match_mergekit_architectures():
     import mergekit
 

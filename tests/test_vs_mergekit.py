@@ -7,62 +7,18 @@ update are compared instead.
 
 from __future__ import annotations
 
-import glob
-import logging
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
-mk_merge = pytest.importorskip("mergekit.merge")
-from mergekit.config import MergeConfiguration  # noqa: E402
-from mergekit.options import MergeOptions  # noqa: E402
+from tests.helpers import load_dir, mergekit_configs, run_mergekit
+
+# every test here compares with mergekit: each is skipped, with the reason, without it
+pytestmark = pytest.mark.mergekit
 
 ARCHS = ("llama", "gpt2", "bert")
-
-
-def _patch_mergekit_alias_bug() -> None:
-    """mergekit 0.1.5 crashes on optional weights that have aliases (BERT's
-    ``embeddings.position_ids``): ``plan_tensor`` evaluates ``list + WeightInfo.aliases`` (a
-    tuple). Give it a tuple that can be added to a list; nothing else changes."""
-    from mergekit.plan import MergePlanner
-
-    original = MergePlanner.plan_tensor
-    if getattr(original, "_mf_patched", False):
-        return
-
-    class Aliases(tuple):  # hashable like a tuple, but `list + Aliases` works
-        def __radd__(self, other):
-            return list(other) + list(self)
-
-    def plan_tensor(self, weight, weights_in, models, cfg_reader):
-        fix = lambda w: w.model_copy(update={"aliases": Aliases(w.aliases)}) if w.aliases else w  # noqa: E731
-        return original(self, fix(weight), [fix(w) for w in weights_in], models, cfg_reader)
-
-    plan_tensor._mf_patched = True
-    MergePlanner.plan_tensor = plan_tensor
-
-
-_patch_mergekit_alias_bug()
-
-
-def load_dir(d: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(glob.glob(str(d / "*.safetensors"))):
-        out.update(load_file(f))
-    return out
-
-
-def run_mergekit(cfg: dict, out: Path) -> dict[str, torch.Tensor]:
-    logging.getLogger().setLevel(logging.WARNING)
-    mk_merge.run_merge(
-        MergeConfiguration.model_validate(cfg),
-        str(out),
-        MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0),
-    )
-    return load_dir(out)
 
 
 def run_ours(cfg: dict, out: Path) -> dict[str, torch.Tensor]:
@@ -78,85 +34,6 @@ def run_ours(cfg: dict, out: Path) -> dict[str, torch.Tensor]:
     return load_dir(out)
 
 
-def configs(fam: dict) -> dict[str, dict]:
-    base = str(fam["base"])
-    e = [str(p) for p in fam["experts"]]
-    # per-model parameters, a gradient and a filter, as real mergekit YAMLs use them
-    return {
-        "linear": {
-            "merge_method": "linear",
-            "models": [
-                {"model": e[0], "parameters": {"weight": 0.5}},
-                {"model": e[1], "parameters": {"weight": [0.2, 0.8]}},
-                {"model": e[2], "parameters": {"weight": 0.3}},
-            ],
-            "dtype": "float32",
-        },
-        "task_arithmetic": {
-            "merge_method": "task_arithmetic",
-            "base_model": base,
-            "models": [
-                {"model": e[0], "parameters": {"weight": 0.7}},
-                {
-                    "model": e[1],
-                    "parameters": {"weight": [{"filter": "mlp", "value": -0.4}, {"value": 0.5}]},
-                },
-                {"model": e[2], "parameters": {"weight": [0.1, 0.9, 0.3]}},
-            ],
-            "parameters": {"lambda": 0.8},
-            "dtype": "float32",
-        },  # fmt: skip
-        "ties": {
-            "merge_method": "ties",
-            "base_model": base,
-            "models": [
-                {"model": e[0], "parameters": {"weight": 1.0, "density": 0.5}},
-                {"model": e[1], "parameters": {"weight": 0.6, "density": [0.2, 0.9]}},
-                {"model": e[2], "parameters": {"weight": 0.8, "density": 0.7}},
-            ],
-            "parameters": {"normalize": True, "lambda": 1.1},
-            "dtype": "float32",
-        },
-        "breadcrumbs": {
-            "merge_method": "breadcrumbs",
-            "base_model": base,
-            "models": [
-                {"model": m, "parameters": {"weight": 0.5, "density": 0.8, "gamma": 0.05}}
-                for m in e
-            ],
-            "dtype": "float32",
-        },  # fmt: skip
-        "breadcrumbs_ties": {
-            "merge_method": "breadcrumbs_ties",
-            "base_model": base,
-            "models": [
-                {"model": m, "parameters": {"weight": 0.5, "density": 0.7, "gamma": 0.1}} for m in e
-            ],
-            "parameters": {"normalize": True},
-            "dtype": "float32",
-        },  # fmt: skip
-        "model_stock": {
-            "merge_method": "model_stock",
-            "base_model": base,
-            "models": [{"model": m} for m in e],
-            "dtype": "float32",
-        },
-        "slerp": {
-            "merge_method": "slerp",
-            "base_model": base,
-            "models": [{"model": base}, {"model": e[1]}],
-            "parameters": {
-                "t": [
-                    {"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]},
-                    {"filter": "mlp", "value": [1.0, 0.5, 0.7, 0.3, 0.0]},
-                    {"value": 0.4},
-                ]
-            },
-            "dtype": "float32",
-        },  # fmt: skip
-    }
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize(
     "method",
@@ -164,7 +41,7 @@ def configs(fam: dict) -> dict[str, dict]:
      "slerp"],
 )  # fmt: skip
 def test_same_tensors_as_mergekit(tiny_families, tmp_path, arch, method):
-    cfg = configs(tiny_families[arch])[method]
+    cfg = mergekit_configs(tiny_families[arch])[method]
     theirs = run_mergekit(cfg, tmp_path / "mk")
     ours = run_ours(yaml.safe_load(yaml.safe_dump(cfg)), tmp_path / "mf")
     # mergekit's architecture tables may skip tensors it does not know; every tensor it wrote

@@ -20,15 +20,15 @@ from dataclasses import replace
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mergeforge.evaluate.bench import register_suite, run_bench  # noqa: E402
-from mergeforge.evaluate.text_backbones import BACKBONES  # noqa: E402
-from mergeforge.evaluate.text_suite import N_TRAIN, TextSuite  # noqa: E402
+from mergeforge.evaluate.text.backbones import BACKBONES  # noqa: E402
+from mergeforge.evaluate.text.suite import N_TRAIN, TextSuite  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", default="benchmarks/text/methods.yaml")
     p.add_argument("--out", default="mergeforge-bench-text")
-    # Unset recipe options and --n-test take the backbone's defaults (text_backbones.py).
+    # Unset recipe options and --n-test take the backbone's defaults (evaluate/text/backbones.py).
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max-length", type=int, default=None)

@@ -2,7 +2,7 @@
 """Vision suite: independently trained parents, their output ensemble and plain weight averaging.
 
 For every dataset × architecture × regime, trains (or loads from the cache) the parents of a
-:class:`~mergeforge.evaluate.vision_train.VisionRecipe` and reports on the test subsample each
+:class:`~mergeforge.evaluate.vision.train.VisionRecipe` and reports on the test subsample each
 parent's accuracy, the output ensemble (mean softmax; class-weighted by each parent's class share
 for non-IID regimes) and plain weight averaging, which is expected to collapse for parents from
 different inits. Writes ``results/vision.json`` and ``results/vision.md``.
@@ -28,9 +28,9 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mergeforge.evaluate.vision_data import load_dataset
-from mergeforge.evaluate.vision_models import ARCHS
-from mergeforge.evaluate.vision_train import VisionRecipe, evaluate_family, get_parents
+from mergeforge.evaluate.vision.data import load_dataset
+from mergeforge.evaluate.vision.models import ARCHS
+from mergeforge.evaluate.vision.train import VisionRecipe, evaluate_family, get_parents
 
 RESULTS = Path(__file__).parent / "results"
 

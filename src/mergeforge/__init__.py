@@ -9,13 +9,15 @@ import os as _os
 # Read by torch at its first allocation, so it only takes effect when set before that.
 _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-__version__ = "0.1.0"
-
 from mergeforge.errors import CheckpointError, ConfigError, MergeforgeError, ValidationError
+from mergeforge.version import __version__
 
 __all__ = [
     "__version__",
     "merge",
+    "merge_state_dicts",
+    "load_config",
+    "MergeConfig",
     "MergeforgeError",
     "ConfigError",
     "CheckpointError",
@@ -31,3 +33,21 @@ def merge(config, out, **options):
     from mergeforge.engine import run_merge
 
     return run_merge(config, out, **options)
+
+
+_LAZY = {
+    "merge_state_dicts": "mergeforge.engine",
+    "load_config": "mergeforge.config",
+    "MergeConfig": "mergeforge.config",
+}
+"""Public names imported on first use, so ``import mergeforge`` stays light (no torch)."""
+
+
+def __getattr__(name: str):
+    """``mergeforge.merge_state_dicts`` (the in-memory merge), ``mergeforge.load_config`` (the
+    one constructor of a merge config) and ``mergeforge.MergeConfig``, imported when used."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mergeforge' has no attribute {name!r}")

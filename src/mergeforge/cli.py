@@ -9,10 +9,10 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from mergeforge import __version__
 from mergeforge._signals import Interrupted, handle_signals
 from mergeforge.errors import MergeforgeError
 from mergeforge.mergekit_cli import add_mergekit_options
+from mergeforge.version import __version__
 
 
 def human(n: float) -> str:
@@ -75,8 +75,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"ok: {plan.method.name} over {len(plan.models)} model(s); {len(plan.jobs)} output tensors "
         f"({merged} merged, {len(plan.jobs) - merged} copied), {human(plan.total_bytes)} to write"
     )
-    for ck in plan.checkpoints:
-        ck.close()
+    plan.close()  # its checkpoints and sidecars
     return 0
 
 

@@ -23,21 +23,40 @@ mergeforge additions (all optional):
     Output tensors whose name matches keep the base model's value (or the first model's).
 ``check_finite`` (bool, default true)
     Refuse inputs containing NaN/Inf (checked as each tensor is read).
+
+One constructor, one rule, two layers of checks:
+
+* :func:`load_config` is the only way to make a :class:`MergeConfig` (from a YAML file, a YAML
+  string, a mapping, or an existing config, returned as it is); the CLI, the Python API
+  (``mergeforge.merge``, ``merge_state_dicts``), the bench and the quick start all go through
+  it. Code that builds a config writes the mergekit-style mapping with :func:`merge_document`.
+* YAML names are parameter field names without a trailing ``_`` (``lambda`` <-> ``lambda_``):
+  :func:`yaml_name`, used everywhere a parameter is read or shown.
+* Everything a config can get wrong by itself is checked here, in one pass, before any model is
+  opened: keys, structure, settings, dtypes, the method, every parameter name against it (with
+  the warnings), the base-model rule. What needs the models (tensors present with one shape,
+  architectures and vocabularies, layer ranges against the model's depth, model counts per
+  slice, parameter *values* per tensor, statistics files) is the planner's
+  (``mergeforge.engine.plan``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from mergeforge.errors import ConfigError, not_implemented
+
+if TYPE_CHECKING:
+    from mergeforge.methods import Method
 
 TOP_LEVEL_KEYS = {
     # mergekit
@@ -108,6 +127,9 @@ class OutputSlice:
 
 @dataclass(frozen=True)
 class MergeConfig:
+    """A parsed, checked merge config. Made by :func:`load_config` (the one constructor; its
+    checks do not run again later), changed with ``dataclasses.replace``."""
+
     merge_method: str
     models: tuple[InputModel, ...] = ()
     slices: tuple[OutputSlice, ...] = ()
@@ -251,9 +273,14 @@ def parse_size(value: Any, where: str) -> int:
     raise ConfigError(f"{where}: expected a size in bytes like 5000000000, '5GB' or '500MB'")
 
 
-def load_config(source: str | Path | Mapping[str, Any]) -> MergeConfig:
-    """Parse a config from a YAML file path, a YAML string or a dict. Validates structure only;
-    method and parameter names are validated against the registry by the planner."""
+def load_config(source: str | Path | Mapping[str, Any] | MergeConfig) -> MergeConfig:
+    """The one constructor of a :class:`MergeConfig`: from a YAML file path, a YAML string, a
+    mapping (as YAML would load it, see :func:`merge_document`), or a ``MergeConfig`` (returned
+    unchanged). Checks everything a config can get wrong by itself (see the module docstring)
+    and raises :class:`ConfigError` naming the key and the fix; what is accepted but ignored
+    is in ``warnings``."""
+    if isinstance(source, MergeConfig):
+        return source
     root: Path | None = None
     if isinstance(source, Mapping):
         raw = dict(source)
@@ -341,7 +368,7 @@ def load_config(source: str | Path | Mapping[str, Any]) -> MergeConfig:
     if not isinstance(seed, int):
         raise ConfigError(f"config: seed must be an integer, got {seed!r}")
     exclude = parse_exclude(raw.get("exclude"), "config")
-    return MergeConfig(
+    cfg = MergeConfig(
         merge_method=str(raw["merge_method"]),
         models=models,
         slices=tuple(slices),
@@ -360,6 +387,37 @@ def load_config(source: str | Path | Mapping[str, Any]) -> MergeConfig:
         root=root,
         warnings=tuple(warnings),
     )
+    return dataclasses.replace(cfg, warnings=(*cfg.warnings, *check_method(cfg)))
+
+
+def merge_document(
+    method: str,
+    models: Sequence[str | os.PathLike[str]],
+    *,
+    base_model: str | os.PathLike[str] | None = None,
+    parameters: Mapping[str, Setting] | None = None,
+    model_parameters: Mapping[str, Setting] | None = None,
+    exclude: Sequence[str] = (),
+    dtype: str | None = None,
+) -> dict[str, Any]:
+    """The mapping a mergekit-style YAML of a whole-model merge loads as, for code that makes
+    configs (the bench, the quick start): ``models`` each get ``model_parameters``; empty
+    blocks are left out. Pass it to :func:`load_config` or anything that takes a config."""
+    doc: dict[str, Any] = {
+        "merge_method": method,
+        "models": [
+            {"model": os.fspath(m), "parameters": dict(model_parameters or {})} for m in models
+        ],
+    }
+    if dtype is not None:
+        doc["dtype"] = dtype
+    if base_model is not None:
+        doc["base_model"] = os.fspath(base_model)
+    if parameters:
+        doc["parameters"] = dict(parameters)
+    if exclude:
+        doc["exclude"] = list(exclude)
+    return doc
 
 
 def _check_mergekit_only_keys(raw: Mapping[str, Any]) -> None:
@@ -543,3 +601,158 @@ def parse_exclude(value: Any, where: str) -> tuple[str, ...]:
         except re.error as e:
             raise ConfigError(f"{where}: exclude: {pattern!r} is not a valid regex: {e}") from None
     return tuple(patterns)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter names: one rule for YAML names, checked against the chosen method
+
+
+def yaml_name(field_name: str) -> str:
+    """The YAML name of a parameter field: without a trailing ``_`` (``lambda_`` -> ``lambda``,
+    a Python keyword as a field name)."""
+    return field_name.rstrip("_")
+
+
+def yaml_field_map(cls: type) -> dict[str, str]:
+    """YAML name -> dataclass field of a parameters class (``lambda`` -> ``lambda_``)."""
+    return {yaml_name(f.name): f.name for f in dataclasses.fields(cls)}
+
+
+def build_params(
+    cls: type, values: Mapping[str, Any], where: str = "", fmap: Mapping[str, str] | None = None
+) -> Any:
+    """A parameters dataclass from YAML-named ``values``; a bad value or name is a
+    :class:`ConfigError` prefixed with ``where``."""
+    fmap = fmap if fmap is not None else yaml_field_map(cls)
+    try:
+        return cls(**{fmap.get(k, k): v for k, v in values.items()})
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
+
+
+def check_method(cfg: MergeConfig) -> list[str]:
+    """The config against its method: the method exists (or the one message for a mergekit
+    method mergeforge lacks), every parameter name (:func:`check_parameter_names`), slerp's
+    ``t`` (:func:`check_slerp_t`), and a base model where the method needs one. Returns the
+    warnings."""
+    from mergeforge.methods import get_method
+
+    method = get_method(cfg.merge_method)
+    warnings = [*check_parameter_names(method, cfg), *check_slerp_t(method, cfg)]
+    if (
+        method.base == "required"
+        and not cfg.base_model
+        and not any(s.base_model for s in cfg.slices)
+    ):
+        raise ConfigError(
+            f"merge method {method.name!r} needs 'base_model:' (the model the task vectors are "
+            "taken against)"
+        )
+    return warnings
+
+
+def _parameter_blocks(cfg: MergeConfig) -> list[tuple[str, Mapping[str, Any], bool]]:
+    """Every ``parameters:`` block of a config: (where, block, is it a per-model block)."""
+    blocks: list[tuple[str, Mapping[str, Any], bool]] = [("parameters", cfg.parameters, False)]
+    blocks += [(f"models[{i}].parameters", m.parameters, True) for i, m in enumerate(cfg.models)]
+    for i, sl in enumerate(cfg.slices):
+        blocks.append((f"slices[{i}].parameters", sl.parameters, False))
+        blocks += [
+            (f"slices[{i}].sources[{j}].parameters", s.parameters, True)
+            for j, s in enumerate(sl.sources)
+        ]
+    return blocks
+
+
+def parameter_users() -> dict[str, list[str]]:
+    """Parameter name -> the methods that declare it, ours and mergekit 0.1.5's (sorted)."""
+    from mergeforge.methods import all_methods
+
+    users: dict[str, set[str]] = {}
+    for m in all_methods():
+        for name in {*yaml_field_map(m.params), *yaml_field_map(m.model_params)}:
+            users.setdefault(name, set()).add(m.name)
+    for method, names in MERGEKIT_METHOD_PARAMETERS.items():
+        for name in names:
+            users.setdefault(name, set()).add(method)
+    return {k: sorted(v) for k, v in users.items()}
+
+
+def _places(wheres: list[str]) -> str:
+    return ", ".join(wheres[:3]) + (f" and {len(wheres) - 3} more" if len(wheres) > 3 else "")
+
+
+def check_parameter_names(method: Method, cfg: MergeConfig) -> list[str]:
+    """Check every parameter name against the chosen method; return the warnings.
+
+    * a name the method has: used (a shared one given per model is ignored, as mergekit does,
+      with a warning);
+    * a name some other method knows, ours or mergekit's (``density`` on ``task_arithmetic``,
+      ``gamma`` on ``ties``): ignored, as mergekit ignores it, with ONE warning per name that
+      lists where it was given;
+    * a name no method knows: a :class:`ConfigError` with "did you mean".
+    """
+    shared, per_model = yaml_field_map(method.params), yaml_field_map(method.model_params)
+    known = sorted(set(shared) | set(per_model))
+    users = parameter_users()
+    unused: dict[str, list[str]] = {}
+    per_model_shared: dict[str, list[str]] = {}
+    for where, block, is_model in _parameter_blocks(cfg):
+        for key in block:
+            if key not in shared and key not in per_model:
+                if key in users:
+                    unused.setdefault(key, []).append(where)
+                    continue
+                hint = difflib.get_close_matches(key, known, n=1) or difflib.get_close_matches(
+                    key, sorted(users), n=1
+                )
+                raise ConfigError(
+                    f"{where}: unknown parameter {key!r}: no merge method (of mergeforge or "
+                    "mergekit) has it."
+                    + (f" Did you mean {hint[0]!r}?" if hint else "")
+                    + f" {method.name!r} takes: {', '.join(known) or '(none)'}"
+                    " (see `mergeforge methods " + method.name + "`)."
+                )
+            if is_model and key in shared and key not in per_model:
+                per_model_shared.setdefault(key, []).append(where)
+    warnings = [
+        f"{key!r} is not a parameter of {method.name!r} and is ignored, as mergekit ignores it "
+        f"(given in {_places(wheres)}; used by "
+        f"{', '.join(u for u in users[key] if u != method.name)})."
+        for key, wheres in unused.items()
+    ]
+    warnings += [
+        f"{key!r} is a shared parameter of {method.name!r}; per-model values are ignored (as in "
+        f"mergekit): given in {_places(wheres)}. Put it under the top-level 'parameters:'."
+        for key, wheres in per_model_shared.items()
+    ]
+    return warnings
+
+
+def check_slerp_t(method: Method, cfg: MergeConfig) -> list[str]:
+    """slerp's ``t`` outside [0, 1] extrapolates beyond the two models (mergekit accepts it
+    too, so it is not refused): one warning naming every such value and where it was given."""
+    if method.name != "slerp":
+        return []
+    outside: list[str] = []
+
+    def leaves(setting: Any, where: str) -> None:
+        if isinstance(setting, Mapping):
+            leaves(setting.get("value"), f"{where}.value")
+        elif isinstance(setting, list):
+            for i, e in enumerate(setting):
+                leaves(e, f"{where}[{i}]")
+        elif isinstance(setting, int | float) and not isinstance(setting, bool):
+            if not 0 <= setting <= 1:
+                outside.append(f"{setting} ({where})")
+
+    for where, block, is_model in _parameter_blocks(cfg):
+        if "t" in block and not is_model:  # a per-model t is ignored (warned about above)
+            leaves(block["t"], f"{where}.t")
+    if not outside:
+        return []
+    return [
+        f"slerp t outside [0, 1]: {_places(outside)}. t = 0 is the base and t = 1 the other "
+        "model; a value outside extrapolates past them (as mergekit does). Use t in [0, 1] to "
+        "interpolate."
+    ]

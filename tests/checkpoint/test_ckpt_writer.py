@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from tests.helpers import finish, start_blocked
 
 from mergeforge.checkpoint import ShardedWriter, TensorInfo, open_checkpoint
 from mergeforge.errors import CheckpointError
@@ -188,31 +189,32 @@ def test_stale_partial_folder_is_removed_and_interrupted_replace_restored(tmp_pa
     w.abort()
 
 
-@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="uses /proc and Linux pipes")
 def test_sigkill_half_way_leaves_nothing_at_output(tmp_path: Path) -> None:
+    """16 of 32 tensors written (1 KiB each, 4 shards of 8), then SIGKILL: nothing at the
+    output; the next writer for that output removes the partial folder. No timer: the child
+    blocks writing "half" to its stderr, a full pipe (tests/helpers.py: start_blocked)."""
     out = tmp_path / "out"
     script = textwrap.dedent(f"""
-        import sys, time, torch
+        import sys, torch
         from mergeforge.checkpoint import ShardedWriter
-        decl = [(f"t{{i}}", (1 << 18,), torch.float32) for i in range(32)]  # 32 MiB
-        w = ShardedWriter({str(out)!r}, decl, max_shard_bytes=8 << 20)
+        decl = [(f"t{{i}}", (256,), torch.float32) for i in range(32)]  # 32 KiB
+        w = ShardedWriter({str(out)!r}, decl, max_shard_bytes=8 << 10)
         for i, (name, shape, dtype) in enumerate(decl):
             w.write(name, torch.full(shape, float(i)))
             if i == 15:
-                print("HALF", flush=True)
-                time.sleep(60)
+                print("half", file=sys.stderr, flush=True)  # blocks: the pipe is full
         w.commit()
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    proc, r, filled = start_blocked([sys.executable, "-c", script])
+    partial = tmp_path / f".out.mergeforge-partial-{proc.pid}"
     try:
-        assert proc.stdout.readline().strip() == "HALF"
-        partial = tmp_path / f".out.mergeforge-partial-{proc.pid}"
         assert len(list(partial.glob("model-*-of-00004.safetensors"))) == 4
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
     finally:
         proc.kill()
-        proc.stdout.close()
+        finish(proc, r, filled)
+    assert proc.returncode == -signal.SIGKILL
     assert not out.exists() and partial.exists()
     ShardedWriter(out, []).abort()  # the next start cleans up after the killed run
     assert os.listdir(tmp_path) == []

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from methods_helpers import merge_model, merge_tensor
+from tests.methods._engine import merge_model, merge_tensor
 from torch.testing import assert_close
 
 from mergeforge.errors import ConfigError
@@ -250,7 +250,7 @@ def test_conv1d_weights_are_solved_transposed():
     p = {"filter": "none", "rank_ratio": 1.0, **F64}
     stored = [t.T.contiguous() for t in deltas]  # GPT-2 Conv1D: (in, out)
     base = torch.zeros(6, 4, dtype=torch.float64)
-    out = merge_tensor("swudi", base, stored, p, names=())  # key "t": read as (out, in)
+    out = merge_tensor("swudi", base, stored, p)  # key "t": read as (out, in)
     conv = get_method("swudi")
     from mergeforge.methods import TensorContext
 

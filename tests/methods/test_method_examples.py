@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from methods_helpers import merge_tensor
+from tests.methods._engine import call_method, merge_tensor
 from torch.testing import assert_close
 
 from mergeforge.methods.consensus import agrees, disjoint_mean, elect_sign
@@ -169,5 +169,6 @@ def test_emr():
 
 def test_passthrough():
     x = T([[1.0, -2.0]])
-    assert merge_tensor("passthrough", None, [x]) is x
+    assert call_method("passthrough", None, [x]) is x  # the method itself copies nothing
+    assert torch.equal(merge_tensor("passthrough", None, [x]), x)  # the engine's own copy
     assert_close(merge_tensor("passthrough", None, [x], {}, [{"scale": 0.5}]), T([[0.5, -1.0]]))

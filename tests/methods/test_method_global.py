@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from methods_helpers import build, merge_model
+from tests.methods._engine import build, merge_model
 from torch.testing import assert_close
 
 from mergeforge.errors import ConfigError

@@ -74,7 +74,7 @@ def test_registry():
 
 def test_linear_weights_summing_to_zero():
     import torch
-    from methods_helpers import merge_tensor
+    from tests.methods._engine import merge_tensor
 
     with pytest.raises(ConfigError, match="sum to 0"):
         merge_tensor("linear", None, [torch.ones(2)] * 2, {}, [{"weight": 1}, {"weight": -1}])

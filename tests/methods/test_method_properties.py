@@ -2,6 +2,8 @@
 
 A new method fails ``test_every_method_has_a_case`` until it gets a row here; its ``Method``
 record then decides which properties apply (``idempotent``, ``symmetric``, ``stochastic``).
+Every case runs through the engine (``merge_state_dicts``: planner, statistics passes, seeding),
+data-using methods with statistics made up for each expert (they follow it when reordered).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from methods_helpers import merge_model
+from tests.methods._engine import merge_model, random_stats
 from torch.testing import assert_close
 
 from mergeforge.methods import all_methods, get_method
@@ -72,8 +74,8 @@ CASES = [
     Case("ace", {}),
     Case("ace", {"ridge": "absolute", "prior": "code"}),
     Case("ace", {"prior": "isotropic", "hetero_threshold": 0.0}),
-    # without statistics (the table supplies none) regmean/fisher take their no-statistic path
-    # (tensors without a Gram/Fisher); with statistics: tests/methods/test_regmean.py
+    # with made-up statistics (random_stats; tensors without a Gram take the no-statistic
+    # path); hand-worked and FusionBench oracles: tests/methods/test_regmean.py
     Case("regmean", {"alpha": 0.5}),
     Case("fisher", {}, W3),
     Case("fisher", {"normalize": False, "scaling": 0.5}, W3),
@@ -87,7 +89,6 @@ CASES = [
     Case("passthrough", {}, ({"scale": 0.5},), idempotent=False),
 ]
 IDS = [c.id for c in CASES]
-NAMES = ("alpha", "bravo", "charlie")
 SHAPES = {"w": (4, 6), "b": (6,), "conv": (2, 3, 4), "scale": ()}
 
 
@@ -106,11 +107,17 @@ def make_model(case: Case, dtype=torch.float32, shapes=SHAPES, identical=False, 
 
 
 def run(case: Case, model, order=None, seed=0):
+    """Merge the experts in ``order`` (each with its parameters and statistics) through the
+    engine; its random streams follow the experts' weights, not their positions."""
     order = list(range(len(case.model_params))) if order is None else order
     permuted = {k: (b, [xs[i] for i in order]) for k, (b, xs) in model.items()}
     mps = [case.model_params[i] for i in order]
-    names = [NAMES[i] for i in order]
-    return merge_model(case.method, permuted, case.params, mps, seed=seed, names=names)
+    side, meta = random_stats(case.method, case.params, model)
+    if side is not None:
+        side = {k: tuple(v[i] for i in order) for k, v in side.items()}
+        meta = tuple(meta[i] for i in order)
+    return merge_model(case.method, permuted, case.params, mps, seed=seed, side=side,
+                       side_meta=meta)  # fmt: skip
 
 
 def test_every_method_has_a_case():
@@ -174,7 +181,7 @@ def test_the_engine_generator_is_not_advanced():
     base, xs = make_model(case)["w"]
     gen = torch.Generator().manual_seed(9)
     state = gen.get_state()
-    ctx = TensorContext(key="w", generator=gen, model_names=NAMES)
+    ctx = TensorContext(key="w", generator=gen, model_names=("alpha", "bravo", "charlie"))
     m.fn(base, xs, m.params(), [m.model_params(**mp) for mp in SPARSE], ctx)
     assert torch.equal(gen.get_state(), state)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from methods_helpers import merge_tensor
+from tests.methods._engine import call_method, merge_tensor
 
 from mergeforge.methods import params as P
 from mergeforge.methods import sparsify as S
@@ -80,7 +80,7 @@ def test_random_sparsifiers_same_stream_bit_identical(name, shape):
     torch.manual_seed(11)
     theirs = mergekit(name, base, xs, {k: per_model(mps, k) for k in mps[0]})
     torch.manual_seed(11)
-    ours = merge_tensor(name, base, xs, {}, mps, seed=None)  # no ctx.generator: global RNG
+    ours = call_method(name, base, xs, {}, mps)  # no ctx.generator: global RNG
     assert torch.equal(ours, theirs)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from methods_helpers import merge_model
+from tests.methods._engine import merge_model
 from torch.testing import assert_close
 
 G = torch.Generator().manual_seed(0)

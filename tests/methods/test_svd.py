@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from methods_helpers import merge_model, merge_tensor
+from tests.methods._engine import merge_model, merge_tensor
 from torch.testing import assert_close
 
 from mergeforge.errors import ConfigError

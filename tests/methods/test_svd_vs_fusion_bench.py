@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from methods_helpers import merge_model
+from tests.methods._engine import merge_model
 from torch.testing import assert_close
 
 pytest.importorskip("fusion_bench")

@@ -9,10 +9,10 @@ import yaml
 from safetensors.torch import load_file
 from stats_helpers import texts_file
 
+from mergeforge.checkpoint.sidecar import save_sidecar, sidecar_path
 from mergeforge.cli import main
 from mergeforge.methods.covariance import exact_solve
 from mergeforge.methods.regmean import shrink
-from mergeforge.stats.store import save_stats, stats_path
 
 
 def _stats(model, method, texts, *extra) -> None:
@@ -42,7 +42,7 @@ def test_stats_then_regmean_merge(family, tmp_path, arch, key):
     texts = texts_file(tmp_path)
     for e in fam["experts"]:
         _stats(e, "regmean", texts)
-    grams = [load_file(stats_path(e, "regmean")) for e in fam["experts"]]
+    grams = [load_file(sidecar_path(e, "regmean")) for e in fam["experts"]]
     n_in = 32
     assert grams[0][key].shape == (n_in, n_in)
     code, out = _merge(tmp_path, _cfg(fam, "regmean", alpha=0.5, num_examples=8))
@@ -65,7 +65,7 @@ def test_stats_then_fisher_merge_on_a_causal_lm(family, tmp_path):
     texts = texts_file(tmp_path)
     for e in fam["experts"]:
         _stats(e, "fisher", texts, "--fisher", "sampled")
-    f = load_file(stats_path(fam["experts"][0], "fisher-sampled"))
+    f = load_file(sidecar_path(fam["experts"][0], "fisher-sampled"))
     w = load_file(fam["experts"][0] / "model.safetensors")
     assert set(f) == set(w) - {k for k, v in w.items() if not v.is_floating_point()}
     assert all(f[k].shape == w[k].shape and (f[k] >= 0).all() for k in f)
@@ -88,15 +88,15 @@ def _fake_stats(fam, edit):
         grams = {k: torch.eye(v.shape[1]) for k, v in w.items()
                  if k.endswith(".weight") and v.ndim == 2 and "embeddings" not in k}  # fmt: skip
         edit(grams)
-        save_stats(e, "regmean", grams, num_examples=8, examples_used=8, source="test")
+        save_sidecar(e, "regmean", grams, num_examples=8, examples_used=8, source="test")
 
 
 def test_planner_refuses_a_missing_key_and_a_wrong_shape(family, tmp_path, capsys):
     fam = family("bert")
     key = "encoder.layer.1.output.dense.weight"
     _fake_stats(fam, lambda g: None)
-    save_stats(fam["experts"][1], "regmean",
-               {k: v for k, v in load_file(stats_path(fam["experts"][1], "regmean")).items()
+    save_sidecar(fam["experts"][1], "regmean",
+               {k: v for k, v in load_file(sidecar_path(fam["experts"][1], "regmean")).items()
                 if k != key}, num_examples=8, examples_used=8, source="test")  # fmt: skip
     code, _ = _merge(tmp_path, _cfg(fam, "regmean"))
     err = capsys.readouterr().err

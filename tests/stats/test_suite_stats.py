@@ -10,11 +10,11 @@ from safetensors.torch import load_file
 from stats_helpers import WORDS
 from torch import nn
 
+from mergeforge.checkpoint.sidecar import sidecar_path
 from mergeforge.evaluate.bench import BenchRun, _statistics
-from mergeforge.evaluate.text_suite import TextPool, TextSuite
-from mergeforge.evaluate.text_tasks import TextTask
+from mergeforge.evaluate.text.suite import TextPool, TextSuite
+from mergeforge.evaluate.text.tasks import TextTask
 from mergeforge.stats.grams import compute_grams
-from mergeforge.stats.store import stats_path
 
 
 def _suite(family, tmp_path) -> TextSuite:
@@ -39,13 +39,13 @@ def test_regmean_run_computes_grams_once_per_expert(family, tmp_path):
     suite = _suite(family, tmp_path)
     run = BenchRun("regmean", "regmean", "regmean", {"alpha": 0.5, "num_examples": 6})
     _statistics(run, suite)
-    paths = [stats_path(d, "regmean") for d in suite.expert_dirs.values()]
+    paths = [sidecar_path(d, "regmean") for d in suite.expert_dirs.values()]
     stamps = [p.stat().st_mtime_ns for p in paths]
     grams = load_file(paths[0])
     key = "encoder.layer.0.attention.self.query.weight"
     assert grams[key].shape == (32, 32)
     # the same Grams as hooking the encoder by hand on the first 6 training texts
-    from mergeforge.evaluate.text_eval import load_encoder, tokenize
+    from mergeforge.evaluate.text.eval import load_encoder, tokenize
 
     enc = load_encoder(suite.expert_dirs["polarity"])
     texts = [x for x, _ in suite.data["polarity"].train[:6]]
@@ -60,7 +60,7 @@ def test_fisher_run_goes_through_the_head(family, tmp_path):
     suite = _suite(family, tmp_path)
     _statistics(BenchRun("f", "f", "fisher", {"fisher": "empirical", "num_examples": 4}), suite)
     d = suite.expert_dirs["news_topic"]
-    f = load_file(stats_path(d, "fisher-empirical"))
+    f = load_file(sidecar_path(d, "fisher-empirical"))
     w = load_file(d / "model.safetensors")
     assert set(f) == {k for k, v in w.items() if v.is_floating_point()}
     assert f["encoder.layer.2.output.dense.weight"].abs().sum() > 0

@@ -80,11 +80,13 @@ class Checkpoint:
         return self.source.keys()
 
     @property
-    def side_files(self) -> list[Path]:
-        """Files of ``folder`` a merged output should carry (``SIDE_FILES`` that exist)."""
-        from mergeforge.checkpoint.hf import side_files
+    def carried_files(self) -> list[Path]:
+        """Files of ``folder`` a merged output carries (the ``CARRIED_FILES`` that exist)."""
+        from mergeforge.checkpoint.hf import carried_files
 
-        return side_files(self.folder) if self.folder is not None else []
+        return carried_files(self.folder) if self.folder is not None else []
+
+    side_files = carried_files  # deprecated name, until engine/ and its tests use carried_files
 
     def info(self, name: str) -> TensorInfo:
         return self.source.info(name)

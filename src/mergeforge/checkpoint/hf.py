@@ -1,4 +1,4 @@
-"""Hugging Face model folders: where the weights are, ``config.json``, and the side files."""
+"""Hugging Face model folders: where the weights are, ``config.json``, and the carried files."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ WEIGHT_FILES = (
 )
 """Looked for in this order (the order ``transformers`` prefers)."""
 
-SIDE_FILES: tuple[str, ...] = (
+CARRIED_FILES: tuple[str, ...] = (
     "config.json",
     "generation_config.json",
     "tokenizer.json",
@@ -39,7 +39,10 @@ SIDE_FILES: tuple[str, ...] = (
     "config_sentence_transformers.json",
     "1_Pooling/config.json",
 )
-"""Non-weight files (paths relative to the model folder) that a merged model should carry."""
+"""Carried files: the non-weight files (paths relative to the model folder: config, tokenizer,
+processor, sentence-transformers pooling) that a merged model carries over from its inputs."""
+
+SIDE_FILES = CARRIED_FILES  # deprecated name, until engine/ imports CARRIED_FILES
 
 
 def find_weights(folder: Path) -> Path:
@@ -81,6 +84,6 @@ def read_config(folder: Path) -> dict[str, Any] | None:
     return config
 
 
-def side_files(folder: Path) -> list[Path]:
-    """The :data:`SIDE_FILES` present in ``folder`` (in that order)."""
-    return [folder / rel for rel in SIDE_FILES if (folder / rel).is_file()]
+def carried_files(folder: Path) -> list[Path]:
+    """The :data:`CARRIED_FILES` present in ``folder`` (in that order)."""
+    return [folder / rel for rel in CARRIED_FILES if (folder / rel).is_file()]

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergeforge.checkpoint.hf import SIDE_FILES, find_weights
+from mergeforge.checkpoint.hf import CARRIED_FILES, find_weights
 from mergeforge.errors import CheckpointError
 
 # "org/name" then an optional "@revision" (a branch, tag or commit hash; branches may hold "/",
@@ -28,7 +28,7 @@ _HUB_REF = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<r
 
 _TRUE = {"1", "ON", "YES", "TRUE"}  # huggingface_hub's ENV_VARS_TRUE_VALUES
 
-MODEL_PATTERNS = ("*.json", "*.txt", "*.model", "*.jinja", *SIDE_FILES)
+MODEL_PATTERNS = ("*.json", "*.txt", "*.model", "*.jinja", *CARRIED_FILES)
 """Files fetched for a model besides its weights: config, tokenizer and the other side files."""
 
 ADAPTER_PATTERNS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")

@@ -1,8 +1,11 @@
-"""The streaming merge engine.
+"""The streaming merge engine: one engine, two sources and two sinks.
 
-Data flow: ``config`` -> open checkpoints (headers only) -> :func:`build_plan` (validate
-everything, one job per output tensor) -> optional statistics passes -> stream jobs through
-the method, one tensor at a time -> atomic sharded writer. See ``plan.py`` and ``execute.py``.
+Data flow: ``config`` -> open checkpoints (headers only; files, or state dicts in memory) ->
+:func:`build_plan` (validate everything, one job per output tensor, a complete plan) ->
+optional statistics passes -> stream jobs through the method, one tensor at a time -> a sink:
+the atomic sharded writer (:func:`run_merge`, ``mergeforge merge``) or a
+:class:`~mergeforge.checkpoint.memory.MemorySink` (:func:`merge_state_dicts`). See ``plan.py``
+and ``execute.py``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import os
 import resource
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,8 @@ import torch
 import yaml
 
 from mergeforge.checkpoint._staging import probe_writable
-from mergeforge.config import MergeConfig, load_config
+from mergeforge.config import MergeConfig, load_config, yaml_field_map
+from mergeforge.device import resolve_device
 from mergeforge.engine.execute import Loader, Progress, run_jobs, run_statistics
 from mergeforge.engine.output import (
     check_not_an_input,
@@ -29,13 +33,12 @@ from mergeforge.engine.output import (
     check_replaceable,
     is_previous_output,
 )
-from mergeforge.engine.plan import MergePlan, build_plan, model_fingerprint, output_config
-from mergeforge.engine.side import close_side_files
-from mergeforge.errors import ConfigError
+from mergeforge.engine.plan import MergePlan, build_plan, output_config
+from mergeforge.errors import CheckpointError
 
 log = logging.getLogger("mergeforge")
 
-__all__ = ["run_merge", "prepare", "MergeResult", "build_plan", "MergePlan"]
+__all__ = ["run_merge", "merge_state_dicts", "prepare", "MergeResult", "build_plan", "MergePlan"]
 
 
 @dataclass(frozen=True)
@@ -53,15 +56,6 @@ def default_workers() -> int:
     return 2 if (os.cpu_count() or 1) > 1 else 1
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    dev = torch.device(device or "cpu")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was requested but no CUDA GPU is available to torch")
-    if dev.type not in {"cpu", "cuda", "mps"}:
-        raise ConfigError(f"unsupported device {str(dev)!r}; use cpu or cuda")
-    return dev
-
-
 def _resolve_path(cfg: MergeConfig, spec: str) -> str:
     """A model reference of the config as local paths that ``open_checkpoint`` opens: relative
     paths as given (current folder), else against the YAML's folder (each side of a
@@ -73,17 +67,37 @@ def _resolve_path(cfg: MergeConfig, spec: str) -> str:
     return resolve_model_spec(spec, cfg.root)
 
 
-def prepare(config: str | Path | Mapping[str, Any] | MergeConfig) -> MergePlan:
-    """Parse, open (headers only) and validate: everything that can fail before heavy work."""
+def prepare(
+    config: str | Path | Mapping[str, Any] | MergeConfig,
+    *,
+    models: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    stats: Mapping[str, Mapping[str, Any]] | None = None,
+) -> MergePlan:
+    """Parse, open (headers only) and validate: everything that can fail before heavy work.
+    Returns the complete plan (close it with ``plan.close()``); ``models`` and ``stats``: the
+    in-memory models and statistics, as for :func:`merge_state_dicts`."""
     from mergeforge.checkpoint import open_checkpoint
+    from mergeforge.checkpoint.memory import memory_checkpoint
 
-    cfg = config if isinstance(config, MergeConfig) else load_config(config)
-    models = cfg.referenced_models()
+    cfg = load_config(config)
+    names = cfg.referenced_models()
+    given = dict(models or {})  # may hold more models than the config names (a pool)
     cks = []
     try:
-        for m in models:
-            cks.append(open_checkpoint(_resolve_path(cfg, m)))
-        return build_plan(cfg, models, cks)  # closes its statistics files if it fails
+        for m in names:
+            if m in given:
+                cks.append(memory_checkpoint(m, given[m]))
+                continue
+            try:
+                cks.append(open_checkpoint(_resolve_path(cfg, m)))
+            except CheckpointError as e:
+                if not given:
+                    raise
+                raise CheckpointError(
+                    f"{e} (It is not one of the models given in memory either: "
+                    f"{', '.join(map(repr, given))}.)"
+                ) from None
+        return build_plan(cfg, names, cks, stats=stats)  # closes its sidecars if it fails
     except BaseException:
         for ck in cks:
             ck.close()
@@ -157,7 +171,7 @@ def _card_data(plan: MergePlan):
 def _model_card(plan: MergePlan, seconds: float) -> str:
     """The output's ``README.md``: Hugging Face metadata front matter (see :func:`_card_data`;
     loads with ``huggingface_hub.ModelCard``), then what was merged, how, and the config."""
-    from mergeforge import __version__
+    from mergeforge.version import __version__
 
     m = plan.method
     lines = [
@@ -217,9 +231,8 @@ def _resolved(plan: MergePlan) -> str:
 
 
 def _asdict(obj) -> dict:
-    import dataclasses
-
-    return {f.name.rstrip("_"): getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    """A parameters dataclass as YAML names its fields."""
+    return {name: getattr(obj, f) for name, f in yaml_field_map(type(obj)).items()}
 
 
 def _warm_up(plan: MergePlan, dev: torch.device) -> None:
@@ -228,6 +241,38 @@ def _warm_up(plan: MergePlan, dev: torch.device) -> None:
     job = next((j for j in plan.jobs if j.call is not None), None)
     if job is not None and job.call.method.warm_up is not None:
         job.call.method.warm_up(job.call.params, len(job.inputs), plan.compute_dtype, dev)
+
+
+def _run_plan(
+    plan: MergePlan,
+    dev: torch.device,
+    open_sink: Callable[[], Any],
+    *,
+    workers: int | None,
+    progress: bool | None,
+    finish: Callable[[Any], None] | None = None,
+) -> None:
+    """Run a complete plan into a sink: log its warnings, warm the method up, run its
+    statistics passes, then every job into the sink ``open_sink()`` makes (a context manager
+    with ``write(name, tensor)``: the files' ``ShardedWriter`` or a ``MemorySink``), then
+    ``finish(sink)`` inside it. The sink is opened only after the statistics passes; the plan
+    stays open (the caller closes it)."""
+    for w in plan.warnings:
+        log.warning(w)
+    _warm_up(plan, dev)
+    loader = Loader(plan, dev)
+    bar = Progress(plan.total_bytes, len(plan.jobs), progress) if progress is not False else None
+    say = bar.message if bar is not None else (lambda _m: None)
+    try:
+        stat_plan = run_statistics(plan, loader, say)
+        with open_sink() as sink:
+            run_jobs(plan, loader, stat_plan, dev, sink, workers or default_workers(),
+                     bar.advance if bar is not None else (lambda _j: None))  # fmt: skip
+            if finish is not None:
+                finish(sink)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def run_merge(
@@ -269,34 +314,17 @@ def run_merge(
         check_not_an_input(out, plan)
         check_replaceable(out, overwrite=overwrite)
         probe_writable(out)
-    except BaseException:
-        for ck in plan.checkpoints:
-            ck.close()
-        close_side_files(plan)
-        raise
-    for w in plan.warnings:
-        log.warning(w)
-    _warm_up(plan, dev)
-    if any(j.call is not None and j.call.method.stochastic for j in plan.jobs):
-        # only the models that are merged inputs draw random numbers (not a base-only model)
-        inputs = {r.model for j in plan.jobs for r in j.inputs}
-        plan.stream_names = tuple(
-            model_fingerprint(ck) if i in inputs else "" for i, ck in enumerate(plan.checkpoints)
-        )
-    specs = [(j.out_name, j.shape, j.out_dtype) for j in plan.jobs]
-    meta = {"format": "pt", "mergeforge_method": plan.method.name}
-    loader = Loader(plan, dev)
-    bar = Progress(plan.total_bytes, len(plan.jobs), progress) if progress is not False else None
-    say = bar.message if bar is not None else (lambda _m: None)
-    try:
-        stat_plan = run_statistics(plan, loader, say)
-        with ShardedWriter(
-            out, specs, max_shard_bytes=shard_size or plan.config.out_shard_size,
-            metadata=meta, overwrite=overwrite, durable=durable,
-            replaceable=is_previous_output,
-        ) as writer:  # fmt: skip
-            run_jobs(plan, loader, stat_plan, dev, writer, workers or default_workers(),
-                     bar.advance if bar is not None else (lambda _j: None))  # fmt: skip
+        specs = [(j.out_name, j.shape, j.out_dtype) for j in plan.jobs]
+        meta = {"format": "pt", "mergeforge_method": plan.method.name}
+
+        def open_writer() -> ShardedWriter:
+            return ShardedWriter(
+                out, specs, max_shard_bytes=shard_size or plan.config.out_shard_size,
+                metadata=meta, overwrite=overwrite, durable=durable,
+                replaceable=is_previous_output,
+            )  # fmt: skip
+
+        def finish(writer: ShardedWriter) -> None:
             _side_files(plan, writer, copy_tokenizer)
             seconds = time.perf_counter() - t0
             writer.write_text("mergeforge_config.yml", plan.config.to_yaml())
@@ -304,15 +332,72 @@ def run_merge(
             if write_model_card:
                 writer.write_text("README.md", _model_card(plan, seconds))
             writer.commit()
+
+        _run_plan(plan, dev, open_writer, workers=workers, progress=progress, finish=finish)
     finally:
-        if bar is not None:
-            bar.close()
-        for ck in plan.checkpoints:
-            ck.close()
-        close_side_files(plan)
+        plan.close()
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return MergeResult(
         out=out, method=plan.method.name, tensors=len(plan.jobs), bytes_written=plan.total_bytes,
         seconds=seconds, peak_rss_bytes=peak, warnings=tuple(plan.warnings),
     )  # fmt: skip
+
+
+def merge_state_dicts(
+    config: str | Path | Mapping[str, Any] | MergeConfig,
+    models: Mapping[str, Mapping[str, torch.Tensor]],
+    *,
+    stats: Mapping[str, Mapping[str, Any]] | None = None,
+    device: str | torch.device | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Merge models held in memory as ``config`` says and return the merged state dict.
+
+    The engine of :func:`run_merge` (``mergeforge merge``): the same planner, statistics
+    passes, executor and methods, with state dicts as the source and a
+    :class:`~mergeforge.checkpoint.memory.MemorySink` as the sink, so for the same tensors and
+    config the result is bit-identical to the safetensors ``mergeforge merge`` writes.
+
+    ``config``: as for :func:`run_merge` (a YAML path or string, a mapping, a ``MergeConfig``).
+    Each model it names (``base_model``, ``models[].model``, slice sources) is looked up first
+    in ``models``, else opened as a path or Hugging Face id (lazily, as on disk), so in-memory
+    and stored models mix; models it does not name are not read (one pool, many configs).
+    E.g. ``{"merge_method": "ties", "base_model": "base", "models": [{"model": "math",
+    "parameters": {"density": 0.5}}]}`` with ``{"base": sd0, "math": sd1}``.
+
+    ``models``: name -> state dict (tensor name -> ``torch.Tensor``, on any device). Any
+    ``Mapping`` will do: a lazy one loads a tensor when it is looked up, once while planning
+    (for its shape and dtype) and once when it is merged, from the worker threads (``workers=1``
+    for a mapping that is not thread-safe). Inputs are never modified.
+
+    ``stats``: per-model statistics of data-using methods (RegMean, Fisher), ``{name: {kind:
+    {tensor name: statistic}}}`` with ``kind`` and tensors as ``mergeforge stats`` stores them
+    (``regmean``: input Grams; ``fisher-empirical`` / ``fisher-sampled``: diagonal Fisher;
+    keyed by the model's tensor names). Giving a
+    :class:`~mergeforge.checkpoint.memory.MemorySource` instead of the mapping also gives the
+    metadata a sidecar carries (Fisher's normalization reads ``fisher_norm``). A model
+    without statistics here reads its sidecar, as on disk; a model given in memory
+    must have them here. They are used as given (no staleness check: there is no file).
+
+    ``device``: where tensors are merged (default cpu). ``workers``: tensors merged at once
+    (default 2). ``progress``: a progress bar / log lines (default silent).
+
+    Returns a new dict in the output's tensor order (the reference model's), each tensor on the
+    CPU in its output dtype (the inputs', or the config's ``out_dtype`` / ``dtype``) and in
+    memory of its own (never a view of an input). Stochastic methods are seeded as on disk: per
+    tensor from the config's ``seed``, each model's random stream named by a fingerprint of its
+    weights (not by its name). The config's output settings (``out_shard_size``, tokenizer
+    files) do not apply; warnings go to the ``mergeforge`` logger.
+    """
+    from mergeforge.checkpoint.memory import MemorySink
+
+    dev = resolve_device(device)
+    plan = prepare(config, models=models, stats=stats)
+    try:
+        sink = MemorySink((j.out_name, j.shape, j.out_dtype) for j in plan.jobs)
+        _run_plan(plan, dev, lambda: sink, workers=workers, progress=progress)
+        return sink.result()
+    finally:
+        plan.close()

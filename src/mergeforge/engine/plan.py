@@ -1,13 +1,18 @@
 """Planning: turn a config plus opened checkpoints into one job per output tensor.
 
-Everything that can be checked without reading tensor data is checked here, before any heavy
-work: the method and its parameters, base-model rules, every input tensor's presence, shape
-and dtype, architectures and vocabularies. Each error names the file/model and tensor.
+What a config can get wrong by itself (structure, the method, parameter names, the base-model
+rule) was checked by ``config.load_config``. Everything else that can be checked without
+merging is checked here, before any heavy work: every input tensor's presence, shape and dtype,
+architectures and vocabularies, layer ranges, model counts, each tensor's parameter values,
+the sidecars of data-using methods. Each error names the file/model and tensor.
+
+The plan is complete when :func:`build_plan` returns: jobs with resolved parameters, opened
+sidecars, and the random stream names of stochastic methods, so every way of running
+it (``run_merge``, ``merge_state_dicts``, or ``prepare`` then ``run_jobs``) merges the same.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
 import re
@@ -19,11 +24,7 @@ from typing import Any
 import torch
 
 from mergeforge.checkpoint import Checkpoint
-from mergeforge.config import (
-    MERGEKIT_METHOD_PARAMETERS,
-    MergeConfig,
-    evaluate_setting,
-)
+from mergeforge.config import MergeConfig, build_params, evaluate_setting, yaml_field_map
 from mergeforge.engine.layout import (
     NUM_LAYERS_KEYS,
     Layout,
@@ -32,7 +33,7 @@ from mergeforge.engine.layout import (
     tied_source,
 )
 from mergeforge.errors import ConfigError, ValidationError
-from mergeforge.methods import Method, all_methods, get_method
+from mergeforge.methods import Method, get_method
 from mergeforge.methods.base import MethodCall
 
 DTYPE_NAMES = {
@@ -84,17 +85,26 @@ class MergePlan:
     """Index of the model whose config.json/tokenizer the output takes (base, else first)."""
     warnings: list[str] = field(default_factory=list)
     side_files: dict[tuple[int, str], Any] = field(default_factory=dict)
-    """Opened statistics files, by (model index, kind) (methods with ``side_inputs``)."""
+    """Opened sidecars (or statistics given in memory), by (model index, kind) (methods with
+    ``side_inputs``)."""
     untied: tuple[str, ...] = ()
     """Tied weights (``lm_head.weight``) the reference model leaves out but the output has,
     because another input stores its own: the output's config is then untied."""
     stream_names: tuple[str, ...] | None = None
-    """Per model, the name its random stream is seeded with (stochastic methods): a
-    fingerprint of its weights, set by the engine before merging (:func:`model_fingerprint`)."""
+    """Per model, the name its random stream is seeded with: a fingerprint of its weights
+    (:func:`model_fingerprint`; ``""`` for a model no job merges, e.g. a base), set by the
+    planner when the method is stochastic; ``None`` when it draws no random numbers."""
 
     @property
     def total_bytes(self) -> int:
         return sum(j.nbytes for j in self.jobs)
+
+    def close(self) -> None:
+        """Close the checkpoints and sidecars the plan opened."""
+        for ck in self.checkpoints:
+            ck.close()
+        for f in self.side_files.values():
+            f.close()
 
 
 def model_fingerprint(ck: Checkpoint, samples: int = 8, entries: int = 1024) -> str:
@@ -111,7 +121,7 @@ def model_fingerprint(ck: Checkpoint, samples: int = 8, entries: int = 1024) -> 
     for name in names[::step][:samples]:
         flat = ck.get(name).reshape(-1)
         mid = max(0, flat.numel() // 2 - entries // 2)
-        part = flat[mid : mid + entries].contiguous()
+        part = flat[mid : mid + entries].detach().cpu().contiguous()
         h.update(name.encode())
         h.update(part.view(torch.uint8).numpy().tobytes() if part.numel() else b"")
     return h.hexdigest()
@@ -119,128 +129,6 @@ def model_fingerprint(ck: Checkpoint, samples: int = 8, entries: int = 1024) -> 
 
 # ----------------------------------------------------------------------------------------------
 # parameters
-
-
-def yaml_field_map(cls: type) -> dict[str, str]:
-    """YAML key -> dataclass field of a parameters class (``lambda`` -> ``lambda_``)."""
-    return {f.name.rstrip("_"): f.name for f in dataclasses.fields(cls)}
-
-
-def build_params(
-    cls: type, values: Mapping[str, Any], where: str = "", fmap: Mapping[str, str] | None = None
-) -> Any:
-    """A parameters dataclass from YAML-named ``values``; a bad value or name is a
-    :class:`ConfigError` prefixed with ``where``."""
-    fmap = fmap if fmap is not None else yaml_field_map(cls)
-    try:
-        return cls(**{fmap.get(k, k): v for k, v in values.items()})
-    except (ConfigError, TypeError) as e:
-        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
-
-
-def _parameter_blocks(cfg: MergeConfig) -> list[tuple[str, Mapping[str, Any], bool]]:
-    """Every ``parameters:`` block of a config: (where, block, is it a per-model block)."""
-    blocks: list[tuple[str, Mapping[str, Any], bool]] = [("parameters", cfg.parameters, False)]
-    blocks += [(f"models[{i}].parameters", m.parameters, True) for i, m in enumerate(cfg.models)]
-    for i, sl in enumerate(cfg.slices):
-        blocks.append((f"slices[{i}].parameters", sl.parameters, False))
-        blocks += [
-            (f"slices[{i}].sources[{j}].parameters", s.parameters, True)
-            for j, s in enumerate(sl.sources)
-        ]
-    return blocks
-
-
-def parameter_users() -> dict[str, list[str]]:
-    """Parameter name -> the methods that declare it, ours and mergekit 0.1.5's (sorted)."""
-    users: dict[str, set[str]] = {}
-    for m in all_methods():
-        for name in {*yaml_field_map(m.params), *yaml_field_map(m.model_params)}:
-            users.setdefault(name, set()).add(m.name)
-    for method, names in MERGEKIT_METHOD_PARAMETERS.items():
-        for name in names:
-            users.setdefault(name, set()).add(method)
-    return {k: sorted(v) for k, v in users.items()}
-
-
-def _places(wheres: list[str]) -> str:
-    return ", ".join(wheres[:3]) + (f" and {len(wheres) - 3} more" if len(wheres) > 3 else "")
-
-
-def check_parameter_names(method: Method, cfg: MergeConfig) -> list[str]:
-    """Check every parameter name against the chosen method; return the warnings.
-
-    * a name the method has: used (a shared one given per model is ignored, as mergekit does,
-      with a warning);
-    * a name some other method knows, ours or mergekit's (``density`` on ``task_arithmetic``,
-      ``gamma`` on ``ties``): ignored, as mergekit ignores it, with ONE warning per name that
-      lists where it was given;
-    * a name no method knows: a :class:`ConfigError` with "did you mean".
-    """
-    shared, per_model = yaml_field_map(method.params), yaml_field_map(method.model_params)
-    known = sorted(set(shared) | set(per_model))
-    users = parameter_users()
-    unused: dict[str, list[str]] = {}
-    per_model_shared: dict[str, list[str]] = {}
-    for where, block, is_model in _parameter_blocks(cfg):
-        for key in block:
-            if key not in shared and key not in per_model:
-                if key in users:
-                    unused.setdefault(key, []).append(where)
-                    continue
-                hint = difflib.get_close_matches(key, known, n=1) or difflib.get_close_matches(
-                    key, sorted(users), n=1
-                )
-                raise ConfigError(
-                    f"{where}: unknown parameter {key!r}: no merge method (of mergeforge or "
-                    "mergekit) has it."
-                    + (f" Did you mean {hint[0]!r}?" if hint else "")
-                    + f" {method.name!r} takes: {', '.join(known) or '(none)'}"
-                    " (see `mergeforge methods " + method.name + "`)."
-                )
-            if is_model and key in shared and key not in per_model:
-                per_model_shared.setdefault(key, []).append(where)
-    warnings = [
-        f"{key!r} is not a parameter of {method.name!r} and is ignored, as mergekit ignores it "
-        f"(given in {_places(wheres)}; used by "
-        f"{', '.join(u for u in users[key] if u != method.name)})."
-        for key, wheres in unused.items()
-    ]
-    warnings += [
-        f"{key!r} is a shared parameter of {method.name!r}; per-model values are ignored (as in "
-        f"mergekit): given in {_places(wheres)}. Put it under the top-level 'parameters:'."
-        for key, wheres in per_model_shared.items()
-    ]
-    return warnings
-
-
-def check_slerp_t(method: Method, cfg: MergeConfig) -> list[str]:
-    """slerp's ``t`` outside [0, 1] extrapolates beyond the two models (mergekit accepts it
-    too, so it is not refused): one warning naming every such value and where it was given."""
-    if method.name != "slerp":
-        return []
-    outside: list[str] = []
-
-    def leaves(setting: Any, where: str) -> None:
-        if isinstance(setting, Mapping):
-            leaves(setting.get("value"), f"{where}.value")
-        elif isinstance(setting, list):
-            for i, e in enumerate(setting):
-                leaves(e, f"{where}[{i}]")
-        elif isinstance(setting, int | float) and not isinstance(setting, bool):
-            if not 0 <= setting <= 1:
-                outside.append(f"{setting} ({where})")
-
-    for where, block, is_model in _parameter_blocks(cfg):
-        if "t" in block and not is_model:  # a per-model t is ignored (warned about above)
-            leaves(block["t"], f"{where}.t")
-    if not outside:
-        return []
-    return [
-        f"slerp t outside [0, 1]: {_places(outside)}. t = 0 is the base and t = 1 the other "
-        "model; a value outside extrapolates past them (as mergekit does). Use t in [0, 1] to "
-        "interpolate."
-    ]
 
 
 class ParamResolver:
@@ -380,16 +268,22 @@ def _input_info(models, cks, keysets, ref: Ref, out_name: str, where: str, shape
 # the planner
 
 
-def build_plan(cfg: MergeConfig, models: list[str], cks: list[Checkpoint]) -> MergePlan:
+def build_plan(
+    cfg: MergeConfig,
+    models: list[str],
+    cks: list[Checkpoint],
+    *,
+    stats: Mapping[str, Mapping[str, Any]] | None = None,
+) -> MergePlan:
+    """The complete plan of merging ``cks`` (opened ``models``, the config's references in
+    :meth:`MergeConfig.referenced_models` order) as ``cfg`` says. ``stats``: in-memory
+    statistics of data-using methods, ``{model: {kind: tensors}}`` (see
+    ``engine.side.plan_side_inputs``); models without them read their sidecars. On
+    failure the sidecars opened so far are closed (the checkpoints are the caller's)."""
     method = get_method(cfg.merge_method)
-    warnings = [*cfg.warnings, *check_parameter_names(method, cfg), *check_slerp_t(method, cfg)]
+    warnings = list(cfg.warnings)
     index = {m: i for i, m in enumerate(models)}
     base = index[cfg.base_model] if cfg.base_model else None
-    if method.base == "required" and base is None and not any(s.base_model for s in cfg.slices):
-        raise ConfigError(
-            f"merge method {method.name!r} needs 'base_model:' (the model the task vectors are "
-            "taken against)"
-        )
     ref = base if base is not None else index[(cfg.models or cfg.slices[0].sources)[0].model]
     check_compatible(models, cks, ref, cfg.allow_vocab_mismatch)
 
@@ -488,14 +382,20 @@ def build_plan(cfg: MergeConfig, models: list[str], cks: list[Checkpoint]) -> Me
         compute_dtype=compute, num_out_layers=num_out_layers, reference=ref, warnings=warnings,
         untied=tuple(added),
     )  # fmt: skip
-    if method.side_inputs is not None:
+    if method.side_inputs is not None or stats:  # statistics for a method reading none: refused
         from mergeforge.engine.side import close_side_files, plan_side_inputs
 
         try:
-            plan_side_inputs(plan)
+            plan_side_inputs(plan, stats or {})
         except BaseException:
             close_side_files(plan)
             raise
+    if method.stochastic and any(j.call is not None for j in jobs):
+        # only the models that are merged inputs draw random numbers (not a base-only model)
+        inputs = {r.model for j in jobs for r in j.inputs}
+        plan.stream_names = tuple(
+            model_fingerprint(ck) if i in inputs else "" for i, ck in enumerate(cks)
+        )
     return plan
 
 

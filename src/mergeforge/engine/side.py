@@ -1,7 +1,8 @@
 """Side inputs: per-model statistics (RegMean Grams, Fisher) for methods that declare them.
 
 Planning (:func:`plan_side_inputs`, before any tensor is read): for every non-base model of
-every merged job, open ``<model>/mergeforge-stats/<kind>.safetensors`` (headers only), refuse a
+every merged job, take its statistics given in memory (``stats={model: {kind: tensors}}``) or
+else open its sidecar ``<model>/mergeforge-stats/<kind>.safetensors`` (headers only), refuse a
 missing/stale one with the ``mergeforge stats`` command that makes it, and check that each
 tensor's statistic is present and shaped as the method says. Executing
 (:func:`load_side`): each job reads its inputs' statistics lazily, fp32 on the compute device.
@@ -10,17 +11,20 @@ tensor's statistic is present and shaped as the method says. Executing
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from mergeforge.errors import ValidationError
+from mergeforge.checkpoint.memory import MemorySource
+from mergeforge.errors import ConfigError, ValidationError
 
 
 @dataclass(frozen=True)
 class SideRef:
-    """One statistic: the stats file (by model index and kind) and the tensor name in it."""
+    """One statistic: the sidecar (by model index and kind) and the tensor name in it."""
 
     model: int
     kind: str
@@ -31,19 +35,67 @@ def _command(template: str, model: str) -> str:
     return template.format(model=model)
 
 
+def _fix(plan, index: int, req) -> str:
+    """How to replace model ``index``'s statistics: the command that writes its sidecar, or,
+    for statistics given in memory, recompute what was given."""
+    if isinstance(plan.side_files.get((index, req.kind)), MemorySource):
+        return f"Recompute the {req.kind} statistics given in memory for {plan.models[index]}."
+    return f"Recompute them with: {_command(req.command, model_path(plan, index))}"
+
+
 def model_path(plan, index: int) -> str:
-    """Where model ``index`` lives on disk (its folder, else its weights file)."""
+    """Where model ``index`` lives on disk (its folder, else its weights file); for a model in
+    memory, its label ``NAME (in memory)``, for messages."""
     ck = plan.checkpoints[index]
     return str(ck.folder if ck.folder is not None else ck.path)
 
 
-def plan_side_inputs(plan) -> None:
-    """Open and check the statistics every merged job needs; fill ``plan.side_files`` and each
-    job's ``side`` (one :class:`SideRef` or ``None`` per non-base input)."""
-    from mergeforge.stats.store import open_stats
+def _open(plan, index: int, req, stats: Mapping[str, Mapping[str, Any]]):
+    """Model ``index``'s ``req.kind`` statistics: given in memory (a mapping of tensors, or a
+    :class:`MemorySource` carrying a sidecar's metadata), else its sidecar."""
+    from mergeforge.checkpoint.sidecar import open_sidecar
 
+    name = plan.models[index]
+    given = stats.get(name, {}).get(req.kind)
+    if given is not None:
+        src = (
+            given
+            if isinstance(given, MemorySource)
+            else MemorySource(given, path=f"{req.kind} statistics of {name} (in memory)")
+        )
+        n = src.metadata.get("num_examples")
+        if req.num_examples is not None and n is not None and n != str(req.num_examples):
+            raise ValidationError(
+                f"unusable statistics: {src.path} were computed on num_examples={n}, but the "
+                f"config asks for num_examples={req.num_examples}. Recompute them, or change "
+                "num_examples."
+            )
+        return src
+    if isinstance(plan.checkpoints[index].source, MemorySource):
+        raise ValidationError(
+            f"missing statistics: the in-memory model {name!r} has no {req.kind} statistics "
+            f"({plan.method.name} reads them). Give them as stats={{{name!r}: {{{req.kind!r}: "
+            "{tensor name: statistic}}}."
+        )
+    model = model_path(plan, index)
+    return open_sidecar(
+        model, req.kind, command=_command(req.command, model), num_examples=req.num_examples
+    )
+
+
+def plan_side_inputs(plan, stats: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Open and check the statistics every merged job needs; fill ``plan.side_files`` and each
+    job's ``side`` (one :class:`SideRef` or ``None`` per non-base input). ``stats``: statistics
+    given in memory, ``{model name: {kind: {tensor name: statistic}}}``, used instead of that
+    model's file; one the merge does not read is a :class:`ConfigError` (a misspelt name)."""
+    stats = stats or {}
     method = plan.method
     if method.side_inputs is None:
+        if stats:
+            raise ConfigError(
+                f"statistics were given for {', '.join(map(repr, stats))}, but "
+                f"{method.name!r} reads none; leave out stats="
+            )
         return
     for i, job in enumerate(plan.jobs):
         if job.call is None:
@@ -53,12 +105,8 @@ def plan_side_inputs(plan) -> None:
         refs: list[SideRef | None] = []
         for r in job.inputs:
             key = (r.model, req.kind)
-            model = model_path(plan, r.model)
             if key not in plan.side_files:
-                plan.side_files[key] = open_stats(
-                    model, req.kind, command=_command(req.command, model),
-                    num_examples=req.num_examples,
-                )  # fmt: skip
+                plan.side_files[key] = _open(plan, r.model, req, stats)
             f = plan.side_files[key]
             if want is None or r.name not in f.keys():
                 refs.append(None)
@@ -67,8 +115,8 @@ def plan_side_inputs(plan) -> None:
             if got != tuple(want):
                 raise ValidationError(
                     f"statistics shape mismatch: {f.path} has {list(got)} for tensor {r.name!r} "
-                    f"of {model}, but {method.name} needs {list(want)} for a tensor of shape "
-                    f"{list(job.shape)}. Recompute them with: {_command(req.command, model)}"
+                    f"of {model_path(plan, r.model)}, but {method.name} needs {list(want)} for a "
+                    f"tensor of shape {list(job.shape)}. {_fix(plan, r.model, req)}"
                 )
             refs.append(SideRef(r.model, req.kind, r.name))
         if (
@@ -82,10 +130,19 @@ def plan_side_inputs(plan) -> None:
                 f"missing statistic: {f.path} has no entry for tensor {r.name!r} of "
                 f"{plan.models[r.model]}"
                 + (" (other models have one)" if not req.required else "")
-                + f". Recompute them with: {_command(req.command, model_path(plan, r.model))}"
+                + f". {_fix(plan, r.model, req)}"
             )
         if any(x is not None for x in refs):
             plan.jobs[i] = dataclasses.replace(job, side=tuple(refs))
+    used = {(plan.models[m], kind) for m, kind in plan.side_files}
+    unused = [(m, k) for m, kinds in stats.items() for k in kinds if (m, k) not in used]
+    if unused:
+        m, k = unused[0]
+        read = ", ".join(f"{k2} of {m2}" for m2, k2 in sorted(used)) or "none"
+        raise ConfigError(
+            f"statistics {k!r} of {m!r} were given but this merge does not read them (it reads "
+            f"{read}); check the model name and the kind."
+        )
 
 
 def load_side(plan, job, device: torch.device) -> tuple[Tensor | None, ...]:

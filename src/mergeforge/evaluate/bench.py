@@ -21,8 +21,8 @@ Lists in ``parameters``/``model_parameters`` expand to their Cartesian product. 
 in a fresh child process, so its peak RSS is that merge's own (not the evaluator's). A suite is
 anything with the :class:`Suite` shape registered in :data:`SUITES` with :func:`register_suite`:
 ``text`` (seven text-classification experts fine-tuned from one encoder,
-:mod:`~mergeforge.evaluate.text_suite`) and ``vision`` (one family of small image classifiers
-trained from scratch, fused into one model, :mod:`~mergeforge.evaluate.vision_suite`; its
+:mod:`~mergeforge.evaluate.text.suite`) and ``vision`` (one family of small image classifiers
+trained from scratch, fused into one model, :mod:`~mergeforge.evaluate.vision.suite`; its
 reference rows are ``ensemble``, ``ensemble_weighted`` and ``parent<k>``; only base-free methods
 and two-model interpolations such as ``slerp`` run there, as the parents share no base).
 """
@@ -107,19 +107,19 @@ def register_suite(name: str, factory: SuiteFactory) -> None:
 
 
 def _text_suite(**kwargs) -> Suite:
-    from mergeforge.evaluate.text_suite import TextSuite
+    from mergeforge.evaluate.text.suite import TextSuite
 
     return TextSuite(**kwargs)
 
 
 def _text_smollm2_suite(**kwargs) -> Suite:
-    from mergeforge.evaluate.text_suite import TextSuite
+    from mergeforge.evaluate.text.suite import TextSuite
 
     return TextSuite(**kwargs, backbone="smollm2")
 
 
 def _vision_suite(**kwargs) -> Suite:
-    from mergeforge.evaluate.vision_suite import VisionSuite
+    from mergeforge.evaluate.vision.suite import VisionSuite
 
     return VisionSuite(**kwargs)
 
@@ -269,14 +269,17 @@ def _check_params(
 
 
 def merge_config(run: BenchRun, base_dir: Path, expert_dirs: Sequence[Path]) -> dict:
-    """The mergekit-style config of one run (the base is left out for base-free methods)."""
-    from mergeforge.evaluate.pool import MergeRecipe
+    """The mergekit-style config of one run (the base is left out for base-free methods), as
+    ``config.merge_document`` spells it; the merge makes it with ``config.load_config``."""
+    from mergeforge.config import merge_document
     from mergeforge.methods import get_method
 
     with_base = get_method(run.method).base != "none"
-    recipe = MergeRecipe(run.method, run.model_parameters, run.parameters, with_base=with_base,
-                         exclude=run.exclude)  # fmt: skip
-    return recipe.config(base_dir, list(expert_dirs))
+    return merge_document(
+        run.method, list(expert_dirs), base_model=base_dir if with_base else None,
+        parameters=run.parameters, model_parameters=run.model_parameters, exclude=run.exclude,
+        dtype="float32",
+    )  # fmt: skip
 
 
 def _merge_child(config: dict, out: str, conn) -> None:
@@ -473,7 +476,7 @@ def _one_run(run, bench, expert_acc, merged_root: Path, keep: bool) -> RunResult
 
 def _statistics(run: BenchRun, bench) -> None:
     """Let the suite compute the statistics a data-using method reads (once per expert)."""
-    from mergeforge.engine.plan import build_params
+    from mergeforge.config import build_params
     from mergeforge.methods import get_method
 
     method = get_method(run.method)

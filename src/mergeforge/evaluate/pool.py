@@ -142,12 +142,12 @@ class MergeRecipe:
     exclude: Sequence[str] = ()
 
     def config(self, base_dir: Path, expert_dirs: Sequence[Path]) -> dict:
-        models = [{"model": str(d), "parameters": dict(self.model_parameters)} for d in expert_dirs]
-        config: dict = {"merge_method": self.method, "models": models, "dtype": "float32"}
-        if self.with_base:
-            config["base_model"] = str(base_dir)
-        if self.parameters:
-            config["parameters"] = dict(self.parameters)
-        if self.exclude:
-            config["exclude"] = list(self.exclude)
-        return config
+        """The merge of ``expert_dirs`` (on ``base_dir`` when ``with_base``), fp32, as
+        ``config.merge_document`` spells it."""
+        from mergeforge.config import merge_document
+
+        return merge_document(
+            self.method, list(expert_dirs), base_model=base_dir if self.with_base else None,
+            parameters=self.parameters, model_parameters=self.model_parameters,
+            exclude=self.exclude, dtype="float32",
+        )  # fmt: skip

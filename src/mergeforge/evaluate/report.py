@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from mergeforge.checkpoint.atomic import write_text_atomic
 from mergeforge.evaluate.pool import RunResult
 
 FIXED_COLUMNS = ("average", "normalized", "merge s", "peak RSS GiB")
@@ -64,10 +65,7 @@ def rich_table(
 
 def write_json(path: str | Path, payload: dict) -> None:
     """Write ``payload`` as indented JSON (atomically: a crash never leaves half a file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def _pyplot():

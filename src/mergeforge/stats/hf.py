@@ -1,4 +1,5 @@
-"""``mergeforge stats``: compute a Hugging Face model folder's statistics on a user's texts.
+"""``mergeforge stats``: compute a Hugging Face model folder's statistics on a user's texts and
+write them as its sidecar.
 
 Examples come from a text file (one example a line) or JSONL (``{"text": ..., "label": ...}``);
 ``labels`` optionally gives one label a line beside a plain text file. Labels are class ids or
@@ -24,10 +25,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from mergeforge.checkpoint.sidecar import save_sidecar
+from mergeforge.device import resolve_device
 from mergeforge.errors import ConfigError
 from mergeforge.stats.fisher import MODES, FisherMode, diagonal_fisher
 from mergeforge.stats.grams import compute_grams
-from mergeforge.stats.store import save_stats
 
 Example = tuple[str, int | str | None]
 
@@ -123,11 +125,10 @@ def compute_model_stats(
     progress: bool = True,
 ) -> Path:
     """Compute and save ``model``'s ``method`` (``regmean`` or ``fisher``) statistics; returns
-    the written file (see :mod:`mergeforge.stats.store`)."""
+    the written file (see :mod:`mergeforge.checkpoint.sidecar`)."""
     from transformers import AutoTokenizer
 
     from mergeforge.checkpoint import open_checkpoint
-    from mergeforge.engine import resolve_device
 
     if method not in ("regmean", "fisher") or fisher not in MODES or num_examples < 1:
         raise ConfigError(
@@ -169,7 +170,7 @@ def compute_model_stats(
                 fisher_norm(out.values()))}  # fmt: skip
     if not out:
         raise ConfigError(f"{model}: no statistics matched the checkpoint's tensor names")
-    return save_stats(model, kind, out, num_examples=num_examples, examples_used=len(examples),
+    return save_sidecar(model, kind, out, num_examples=num_examples, examples_used=len(examples),
                       source=source, extra=extra)  # fmt: skip
 
 

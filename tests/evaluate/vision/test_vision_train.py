@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from mergeforge.evaluate import vision_train as vt
-from mergeforge.evaluate.vision_data import ImageSplit
+from mergeforge.evaluate.metrics import accuracy
+from mergeforge.evaluate.vision import train as vt
+from mergeforge.evaluate.vision.data import ImageSplit
 
 
 def _synthetic(n: int = 64, seed: int = 0) -> ImageSplit:
@@ -47,9 +48,9 @@ def test_ensemble_matches_a_hand_computed_example():
     y = torch.tensor([0, 1, 1])
     probs = vt.ensemble_probs([p_a.log() + 3.0, p_b.log()])  # logits up to a constant
     torch.testing.assert_close(probs, torch.tensor([[0.575, 0.425], [0.35, 0.65], [0.575, 0.425]]))
-    assert vt.accuracy(p_a, y) == pytest.approx(2 / 3)
-    assert vt.accuracy(p_b, y) == pytest.approx(1 / 3)
-    assert vt.accuracy(probs, y) == pytest.approx(2 / 3)
+    assert accuracy(p_a, y) == pytest.approx(2 / 3)
+    assert accuracy(p_b, y) == pytest.approx(1 / 3)
+    assert accuracy(probs, y) == pytest.approx(2 / 3)
     # class-wise weights: parent a owns class 0, parent b class 1 -> scores (p_a[:, 0], p_b[:, 1])
     weighted = vt.ensemble_probs([p_a.log(), p_b.log()], class_weights=[[3.0, 0.0], [0.0, 1.0]])
     torch.testing.assert_close(weighted, torch.tensor([[0.75, 0.6], [0.6, 0.9], [0.25, 0.1]]))

@@ -37,13 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mergeforge.errors import MergeforgeError
+from mergeforge.evaluate.data import DataPackageMissing
 
 Example = tuple[str, int]
-
-
-class DataPackageMissing(MergeforgeError):
-    """A data package is not installed; the message gives the exact install command."""
 
 
 @dataclass(frozen=True)

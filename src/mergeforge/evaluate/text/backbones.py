@@ -7,7 +7,7 @@ GGUF file; it is de-quantized once to fp32 and saved as a ``LlamaModel`` folder.
 nearest thing to GPT-2 (the ACE-Merging paper's model) that installs here.
 
 Either way the suite's expert is the backbone's last hidden states, mean-pooled over the real
-tokens, and a linear head per task (:mod:`mergeforge.evaluate.text_eval`). The decoder's attention
+tokens, and a linear head per task (:mod:`mergeforge.evaluate.text.eval`). The decoder's attention
 is causal, so a mean over positions is a mean of prefix summaries; tokenizers pad on the right.
 """
 
@@ -18,9 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergeforge.evaluate.text_cache import base_weights_file, save_base_model, sha256_file
-from mergeforge.evaluate.text_experts import FinetuneRecipe
-from mergeforge.evaluate.text_tasks import DataPackageMissing
+from mergeforge.evaluate.text.cache import base_weights_file, save_base_model, sha256_file
+from mergeforge.evaluate.text.experts import FinetuneRecipe
+from mergeforge.evaluate.text.tasks import DataPackageMissing
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -43,7 +43,8 @@ class Backbone:
     recipe: FinetuneRecipe  # the default fine-tuning recipe
     n_test: int  # default test texts per task
 
-    def fingerprint(self) -> str:
+    def sha256(self) -> str:
+        """The cache key of the base: the sha256 of its packaged weights file."""
         return sha256_file(self.weights_file())
 
 

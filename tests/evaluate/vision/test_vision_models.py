@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergeforge.evaluate.vision_models import ARCHS, build_model, level_modules
+from mergeforge.evaluate.vision.models import ARCHS, build_model, level_modules
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))

@@ -15,10 +15,11 @@ import torch
 
 from mergeforge.errors import ConfigError, MergeforgeError
 from mergeforge.evaluate import bench
-from mergeforge.evaluate import vision_suite as vs
-from mergeforge.evaluate import vision_train as vt
-from mergeforge.evaluate.text_tasks import DataPackageMissing
-from mergeforge.evaluate.vision_data import SKLEARN_INSTALL, load_dataset
+from mergeforge.evaluate.data import DataPackageMissing
+from mergeforge.evaluate.metrics import accuracy
+from mergeforge.evaluate.vision import suite as vs
+from mergeforge.evaluate.vision import train as vt
+from mergeforge.evaluate.vision.data import SKLEARN_INSTALL, load_dataset
 
 FAMILY = "digits/mlp/seeds2"
 
@@ -141,7 +142,7 @@ def test_run_bench_vision_writes_ensemble_and_weight_average_rows(suite, cache, 
     parents, _, _ = vt.get_parents(suite.recipe, cache_dir=cache)
     data_split = load_dataset("digits", n_train=None, n_test=360, seed=0)
     averaged = vt.load_into("mlp", vt.average_state_dicts([p.state_dict for p in parents]))
-    expected = vt.accuracy(vt.predict_logits(averaged, data_split.test_x), data_split.test_y)
+    expected = accuracy(vt.predict_logits(averaged, data_split.test_x), data_split.test_y)
     assert rows["avg"]["accuracy"]["digits"] == pytest.approx(expected, abs=1e-6)
     assert rows["avg"]["normalized_average"] == pytest.approx(expected / ens)
     assert rows["avg"]["merge_seconds"] is not None

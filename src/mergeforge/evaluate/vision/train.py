@@ -1,7 +1,7 @@
 """Train, cache and evaluate independently trained vision parents (the inputs of fusion).
 
 A :class:`VisionRecipe` fixes everything that determines a family of parents: dataset and
-subsample, architecture, regime (see :func:`mergeforge.evaluate.vision_data.make_regime`) and the
+subsample, architecture, regime (see :func:`mergeforge.evaluate.vision.data.make_regime`) and the
 training hyper-parameters. Parent ``k`` is initialised and shuffled from seed ``recipe.seed + k``,
 so parents are independent (different inits) even on the same data. Parents are cached under
 ``$MERGEFORGE_CACHE/vision/<recipe hash>/`` (default ``~/.cache/mergeforge/vision``):
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -30,8 +29,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mergeforge.evaluate.vision_data import ImageSplit, ParentSplit, load_dataset, make_regime
-from mergeforge.evaluate.vision_models import ARCHS, build_model
+from mergeforge.cache import cache_folder
+from mergeforge.checkpoint.atomic import atomic_file, write_text_atomic
+from mergeforge.evaluate.metrics import accuracy
+from mergeforge.evaluate.vision.data import ImageSplit, ParentSplit, load_dataset, make_regime
+from mergeforge.evaluate.vision.models import ARCHS, build_model
 
 
 @dataclass(frozen=True)
@@ -136,11 +138,6 @@ def predict_logits(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000)
     return torch.cat([model(chunk) for chunk in x.split(batch_size)])
 
 
-def accuracy(scores: torch.Tensor, y: torch.Tensor) -> float:
-    """Top-1 accuracy of N×C logits or probabilities."""
-    return (scores.argmax(dim=1) == y).float().mean().item()
-
-
 def ensemble_probs(
     logits: Sequence[torch.Tensor], *, class_weights: np.ndarray | torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -187,10 +184,8 @@ def average_state_dicts(
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("MERGEFORGE_CACHE")
-    return (Path(env) if env else Path.home() / ".cache" / "mergeforge") / "vision"
+    """The parents' cache: ``cache_dir`` when given, else ``<cache home>/vision``."""
+    return cache_folder("vision", cache_dir)
 
 
 @dataclass(frozen=True)
@@ -264,12 +259,13 @@ def get_parents(
         }
         sd = {key: t.detach().contiguous() for key, t in model.state_dict().items()}
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = weights_file.with_suffix(".tmp")
-        save_file(sd, str(tmp), metadata={"recipe_key": recipe.key(), "parent": str(k)})
-        tmp.replace(weights_file)  # atomic: a killed run never leaves a half-written parent
-        meta_file.write_text(json.dumps(meta, indent=1))
+        # atomic: a killed run never leaves a half-written parent (the meta file comes second:
+        # both present is what marks a parent as cached)
+        with atomic_file(weights_file) as tmp:
+            save_file(sd, str(tmp), metadata={"recipe_key": recipe.key(), "parent": str(k)})
+        write_text_atomic(meta_file, json.dumps(meta, indent=1))
         parents.append(Parent(sd, meta))
-    (folder / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1))
+    write_text_atomic(folder / "recipe.json", json.dumps(recipe.to_dict(), indent=1))
     return parents, split, data
 
 

@@ -10,12 +10,14 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-from mergeforge.evaluate.text_experts import FinetuneRecipe, finetune_expert
-from mergeforge.evaluate.text_tasks import DATA_PACKAGES, DataPackageMissing, TextTask
+from mergeforge.cache import cache_folder
+from mergeforge.checkpoint.atomic import atomic_folder
+from mergeforge.evaluate.data import DataPackageMissing
+from mergeforge.evaluate.text.experts import FinetuneRecipe, finetune_expert
+from mergeforge.evaluate.text.tasks import DATA_PACKAGES, TextTask
 
 
 def save_base_model(dest: Path) -> None:
@@ -30,11 +32,11 @@ def save_base_model(dest: Path) -> None:
 def train_or_reuse(
     base_dir: Path, task: TextTask, dest: Path, recipe: FinetuneRecipe, console
 ) -> dict:
-    stats_file = dest / "train.json"
-    if stats_file.exists():
-        stats = json.loads(stats_file.read_text())
+    train_file = dest / "train.json"
+    if train_file.exists():
+        summary = json.loads(train_file.read_text())
         console.print(f"expert [bold]{task.name}[/]: cached ({dest})")
-        return stats
+        return summary
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (
@@ -50,18 +52,16 @@ def train_or_reuse(
             bar.update(job, completed=step, description=f"expert {task.name} loss {loss:.3f}")
 
         def build(tmp: Path) -> None:
-            stats = finetune_expert(base_dir, task, tmp, recipe=recipe, on_step=on_step)
-            (tmp / "train.json").write_text(json.dumps(stats) + "\n")
+            summary = finetune_expert(base_dir, task, tmp, recipe=recipe, on_step=on_step)
+            (tmp / "train.json").write_text(json.dumps(summary) + "\n")
 
-        build_atomically(dest, build)
-    return json.loads(stats_file.read_text())
+        atomic_folder(dest, build)
+    return json.loads(train_file.read_text())
 
 
-def cache_root(cache_dir: str | Path | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("MERGEFORGE_CACHE")
-    return (Path(env) if env else Path.home() / ".cache" / "mergeforge") / "quickstart"
+def cache_root(override: str | os.PathLike[str] | None) -> Path:
+    """The quick start's cache: ``override`` (``--cache``), else ``<cache home>/quickstart``."""
+    return cache_folder("quickstart", override)
 
 
 def base_package_dir() -> Path:
@@ -87,26 +87,13 @@ def base_weights_file() -> Path:
     return base_package_dir() / "model.safetensors"
 
 
-def base_fingerprint() -> str:
-    """The MiniLM base's cache key: the digest of its packaged weights."""
+def base_sha256() -> str:
+    """The MiniLM base's cache key: the sha256 of its packaged weights file."""
     return sha256_file(base_weights_file())
 
 
 def dist_version(module: str) -> str:
     return importlib.metadata.version(DATA_PACKAGES[module].split("==")[0])
-
-
-def build_atomically(dest: Path, build: Callable[[Path], None]) -> None:
-    """Run ``build(tmp)`` in a sibling folder, then rename it to ``dest``: no half-written cache."""
-    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        build(tmp)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

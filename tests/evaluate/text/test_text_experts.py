@@ -10,9 +10,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from mergeforge.evaluate.text_cache import save_base_model
-from mergeforge.evaluate.text_experts import FinetuneRecipe, _batches, finetune_expert
-from mergeforge.evaluate.text_tasks import load_news_topic
+from mergeforge.evaluate.text.cache import save_base_model
+from mergeforge.evaluate.text.experts import FinetuneRecipe, _batches, finetune_expert
+from mergeforge.evaluate.text.tasks import load_news_topic
 
 RECIPE = FinetuneRecipe(steps=2, batch_size=4, max_length=16)
 

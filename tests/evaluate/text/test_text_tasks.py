@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from mergeforge.evaluate import text_tasks
-from mergeforge.evaluate.text_tasks import (
+from mergeforge.evaluate.text import tasks as text_tasks
+from mergeforge.evaluate.text.tasks import (
     NEWSGROUPS,
     TEXT_TASKS,
     DataPackageMissing,

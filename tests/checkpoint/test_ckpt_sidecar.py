@@ -6,12 +6,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mergeforge.checkpoint.sidecar import (
+    open_sidecar,
+    save_sidecar,
+    sidecar_path,
+    weights_fingerprint,
+)
 from mergeforge.errors import ValidationError
-from mergeforge.stats.store import open_stats, save_stats, stats_path, weights_fingerprint
 
 
 def _save(model, kind="regmean", n=8):
-    return save_stats(model, kind, {"a.weight": torch.eye(3)}, num_examples=n, examples_used=n,
+    return save_sidecar(model, kind, {"a.weight": torch.eye(3)}, num_examples=n, examples_used=n,
                       source="test", extra={"max_length": "16"})  # fmt: skip
 
 
@@ -20,7 +25,7 @@ def test_round_trip_and_location(tiny_families):
     path = _save(model)
     try:
         assert path == model / "mergeforge-stats" / "regmean.safetensors"
-        f = open_stats(model, "regmean", command="CMD", num_examples=8)
+        f = open_sidecar(model, "regmean", command="CMD", num_examples=8)
         assert f.keys() == ["a.weight"] and torch.equal(f.get("a.weight"), torch.eye(3))
         meta = f.metadata
         assert meta["kind"] == "regmean" and meta["num_examples"] == "8"
@@ -34,23 +39,23 @@ def test_round_trip_and_location(tiny_families):
 def test_single_file_checkpoints_keep_stats_in_a_sibling_folder(tmp_path):
     w = tmp_path / "model.safetensors"
     save_file({"a.weight": torch.ones(3, 3)}, w)
-    assert stats_path(w, "fisher-sampled") == (
+    assert sidecar_path(w, "fisher-sampled") == (
         tmp_path / "model.safetensors.mergeforge-stats" / "fisher-sampled.safetensors"
     )
     _save(w, "fisher-sampled")
-    open_stats(w, "fisher-sampled", command="CMD").close()
+    open_sidecar(w, "fisher-sampled", command="CMD").close()
 
 
 def test_missing_stale_and_mismatched_are_refused(tmp_path):
     w = tmp_path / "model.safetensors"
     save_file({"a.weight": torch.ones(3, 3)}, w)
     with pytest.raises(ValidationError, match="missing statistics.*CMD"):
-        open_stats(w, "regmean", command="CMD")
+        open_sidecar(w, "regmean", command="CMD")
     _save(w)
     with pytest.raises(ValidationError, match="num_examples=8.*num_examples=9.*CMD"):
-        open_stats(w, "regmean", command="CMD", num_examples=9)
+        open_sidecar(w, "regmean", command="CMD", num_examples=9)
     sd = load_file(w)
     sd["a.weight"] = sd["a.weight"] * 2  # same size and header, new weights
     save_file(sd, w)
     with pytest.raises(ValidationError, match="stale.*CMD"):
-        open_stats(w, "regmean", command="CMD")
+        open_sidecar(w, "regmean", command="CMD")

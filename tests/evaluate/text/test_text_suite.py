@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from mergeforge.errors import ConfigError
-from mergeforge.evaluate.text_backbones import MINILM_RECIPE
-from mergeforge.evaluate.text_suite import ALL_TASKS, QUICK_TASKS, TextSuite
-from mergeforge.evaluate.text_tasks import TEXT_TASKS
+from mergeforge.evaluate.text.backbones import MINILM_RECIPE
+from mergeforge.evaluate.text.suite import ALL_TASKS, QUICK_TASKS, TextSuite
+from mergeforge.evaluate.text.tasks import TEXT_TASKS
 
 
 def test_default_quick_and_full_settings(tmp_path):

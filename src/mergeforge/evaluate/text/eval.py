@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mergeforge.errors import CheckpointError
+from mergeforge.evaluate.metrics import accuracy
 
 HEAD_FILE = "head.safetensors"
 LABELS_FILE = "labels.json"
@@ -65,14 +66,6 @@ def embed(
     if chunks:
         out[torch.tensor(order)] = torch.cat(chunks)
     return out
-
-
-def accuracy(logits: Tensor, labels: Sequence[int] | Tensor) -> float:
-    """Fraction of rows of ``logits`` (N, K) whose argmax equals the label (ties: lowest index)."""
-    labels = torch.as_tensor(labels)
-    if logits.shape[0] != labels.shape[0] or labels.numel() == 0:
-        raise ValueError(f"{logits.shape[0]} predictions for {labels.shape[0]} labels")
-    return (logits.argmax(-1) == labels).float().mean().item()
 
 
 @torch.inference_mode()

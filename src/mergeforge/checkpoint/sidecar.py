@@ -1,6 +1,9 @@
-"""Where per-model statistics live, what they record, and how stale ones are refused.
+"""Sidecars: the files of per-model statistics kept beside a model, what they record, and how
+stale ones are refused.
 
-A model's statistics sit beside its weights so every later merge reuses them:
+Data-using methods (RegMean, Fisher) read statistics of each input model that only data can give.
+They are computed once per model (``mergeforge stats``, a bench suite, later a training recorder)
+and written as a *sidecar* beside its weights, so every later merge reuses them:
 
 * a model folder ``M/`` -> ``M/mergeforge-stats/<kind>.safetensors``;
 * a single weights file ``W.safetensors`` (or ``W.bin``) ->
@@ -28,26 +31,29 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mergeforge.checkpoint.atomic import atomic_file
 from mergeforge.errors import CheckpointError, ValidationError
+from mergeforge.version import __version__
 
-STATS_DIR = "mergeforge-stats"
+SIDECAR_DIR = "mergeforge-stats"
 KINDS = ("regmean", "fisher-empirical", "fisher-sampled")
 _BLOCKS, _BLOCK = 16, 4096
 
 
-def stats_dir(model: str | os.PathLike[str]) -> Path:
-    """The folder holding ``model``'s statistics (see the module docstring)."""
+def sidecar_dir(model: str | os.PathLike[str]) -> Path:
+    """The folder holding ``model``'s sidecars (see the module docstring)."""
     p = Path(os.fspath(model))
     if "+" in p.name and not p.exists():
         raise CheckpointError(f"{model}: statistics of a BASE+ADAPTER spec are not supported; "
                               "merge the adapter into its base first")  # fmt: skip
-    return p / STATS_DIR if p.is_dir() else p.with_name(p.name + "." + STATS_DIR)
+    return p / SIDECAR_DIR if p.is_dir() else p.with_name(p.name + "." + SIDECAR_DIR)
 
 
-def stats_path(model: str | os.PathLike[str], kind: str) -> Path:
+def sidecar_path(model: str | os.PathLike[str], kind: str) -> Path:
+    """The sidecar holding ``model``'s ``kind`` statistics (it may not exist yet)."""
     if kind not in KINDS:
         raise ValueError(f"unknown statistics kind {kind!r}; known: {KINDS}")
-    return stats_dir(model) / f"{kind}.safetensors"
+    return sidecar_dir(model) / f"{kind}.safetensors"
 
 
 def weight_files(model: str | os.PathLike[str]) -> list[Path]:
@@ -76,7 +82,7 @@ def weights_fingerprint(model: str | os.PathLike[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def save_stats(
+def save_sidecar(
     model: str | os.PathLike[str],
     kind: str,
     tensors: Mapping[str, Tensor],
@@ -86,13 +92,12 @@ def save_stats(
     source: str,
     extra: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write ``tensors`` (fp32, contiguous, CPU) as ``model``'s ``kind`` statistics, atomically
-    (temporary file + rename), with the metadata of the module docstring. Returns the path."""
+    """Write ``tensors`` (fp32, contiguous, CPU) as ``model``'s ``kind`` sidecar, atomically
+    (:func:`~mergeforge.checkpoint.atomic.atomic_file`), with the metadata of the module
+    docstring. Returns the path."""
     from safetensors.torch import save_file
 
-    from mergeforge import __version__
-
-    path = stats_path(model, kind)
+    path = sidecar_path(model, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "format": "pt",
@@ -105,12 +110,8 @@ def save_stats(
         **{k: str(v) for k, v in (extra or {}).items()},
     }
     data = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:
         save_file(data, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -123,19 +124,19 @@ def read_metadata(path: Path) -> dict[str, str]:
         return dict(json.loads(f.read(n)).get("__metadata__") or {})
 
 
-def open_stats(
+def open_sidecar(
     model: str | os.PathLike[str],
     kind: str,
     *,
     command: str,
     num_examples: int | None = None,
 ):
-    """Open ``model``'s ``kind`` statistics lazily (a :class:`SafetensorsFile`: positional reads,
+    """Open ``model``'s ``kind`` sidecar lazily (a :class:`SafetensorsFile`: positional reads,
     tensors on demand), refusing a missing, foreign, stale or differently sized one with a
     :class:`ValidationError` that names the model and ``command`` (which creates the file)."""
     from mergeforge.checkpoint.safetensors_file import SafetensorsFile
 
-    path = stats_path(model, kind)
+    path = sidecar_path(model, kind)
     fix = f"Create them with: {command}"
     if not path.is_file():
         raise ValidationError(f"missing statistics: {model} has no {kind} statistics "

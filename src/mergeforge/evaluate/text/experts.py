@@ -2,7 +2,7 @@
 
 An expert folder holds ``encoder/`` (a Hugging Face folder with the base's exact tensor names and
 tokenizer, so experts of one base merge tensor by tensor), ``head.safetensors`` and ``labels.json``
-(see :mod:`mergeforge.evaluate.text_eval`). Training is seeded: AdamW, one learning rate for the
+(see :mod:`mergeforge.evaluate.text.eval`). Training is seeded: AdamW, one learning rate for the
 encoder and a larger one for the freshly initialised head, linear decay to zero, dropout on.
 """
 
@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mergeforge.evaluate.text_eval import (
+from mergeforge.evaluate.text.eval import (
     load_encoder,
     save_head,
     sentence_embedding,
     tokenize,
 )
-from mergeforge.evaluate.text_tasks import TextTask
+from mergeforge.evaluate.text.tasks import TextTask
 
 ENCODER_DIR = "encoder"
 
