@@ -17,6 +17,7 @@ import time
 import pytest
 from rich.cells import cell_len
 
+from mergeforge.config import yaml_name
 from mergeforge.methods import all_methods, get_method
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -132,7 +133,7 @@ def test_one_method_on_an_80_column_terminal_never_splits_a_parameter_name(name)
     m = get_method(name)
     fields = m.param_fields()
     scopes = ("shared", "per_model")
-    expected = [(k.rstrip("_"), repr(v)) for s in scopes for k, v in fields[s].items()]
+    expected = [(yaml_name(k), repr(v)) for s in scopes for k, v in fields[s].items()]
     lines = run_on_terminal("methods", name).splitlines()
     assert all(cell_len(line) <= 80 for line in lines), max(lines, key=cell_len)
     rows = _table_cells(lines, "parameter", "meaning")
@@ -152,7 +153,7 @@ def test_one_method_in_a_pipe_is_one_whole_line_per_parameter():
     assert lines[at + 1].split() == ["parameter", "scope", "default", "meaning"]
     body = [line.split(None, 3) for line in lines[at + 2 :]]
     assert body == [
-        [k.rstrip("_"), s.replace("_", "-"), repr(v), docs[s][k]]
+        [yaml_name(k), s.replace("_", "-"), repr(v), docs[s][k]]
         for s in ("shared", "per_model")
         for k, v in fields[s].items()
     ]

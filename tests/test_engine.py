@@ -1,5 +1,5 @@
 """End-to-end engine behaviour: loads with transformers, exclusions, EMR task models, dtypes,
-side files, layout inference, bounded prefetch, and a Fisher merge worked by hand."""
+carried files, layout inference, bounded prefetch, and a Fisher merge worked by hand."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_output_loads_with_transformers_and_matches_hand_merge(llama_family, tmp
     assert torch.isfinite(model(ids).logits.float()).all()
 
 
-def test_exclude_keeps_base_and_tokenizer_side_files(llama_family, tmp_path):
+def test_exclude_keeps_base_and_tokenizer_carried_files(llama_family, tmp_path):
     base = llama_family["base"]
     (Path(base) / "tokenizer_config.json").write_text('{"model_max_length": 64}')
     cfg = {

@@ -101,9 +101,9 @@ def renamed(cfg, where: Mapping[str, str]):
 
 def statistics(method: Method) -> dict[str, tuple[str, dict[str, torch.Tensor], dict]] | None:
     """Made-up statistics of the kind ``method`` reads, per expert: (kind, tensors, metadata)."""
-    if method.side_inputs is None:
+    if method.sidecar_inputs is None:
         return None
-    req = method.side_inputs(method.params())
+    req = method.sidecar_inputs(method.params())
     out = {}
     for i, name in enumerate(experts_for(method)):
         g = torch.Generator().manual_seed(100 + i)

@@ -15,9 +15,8 @@ import yaml
 
 import mergeforge
 from mergeforge.cli import main
-from mergeforge.config import MERGEKIT_METHOD_PARAMETERS, load_config
+from mergeforge.config import MERGEKIT_METHOD_PARAMETERS, load_config, yaml_field_map
 from mergeforge.engine import prepare
-from mergeforge.engine.plan import yaml_field_map
 from mergeforge.errors import ConfigError
 from mergeforge.methods import all_methods
 from mergeforge.methods.base import MERGEKIT_ONLY_METHODS

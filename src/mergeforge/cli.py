@@ -104,6 +104,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     On a terminal lines are fitted to its width (summaries cut with "…", parameter names never
     wrapped); anywhere else (a pipe, a file) every line is printed whole, one method or one
     parameter a line, for ``grep``/``head``. ``--markdown`` is README's table."""
+    from mergeforge.config import yaml_name
     from mergeforge.methods import all_methods, get_method
 
     con = _console()
@@ -113,7 +114,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
                  "|---|---|---|---|---|---|"]  # fmt: skip
         for m in methods:
             f = m.param_fields()
-            fmt = lambda d: ", ".join(f"`{k.rstrip('_')}={v!r}`" for k, v in d.items()) or "–"  # noqa: E731
+            fmt = lambda d: ", ".join(f"`{yaml_name(k)}={v!r}`" for k, v in d.items()) or "–"  # noqa: E731
             lines.append(f"| `{m.name}` | {m.summary} | {m.reference} | {m.base} | "
                          f"{fmt(f['shared'])} | {fmt(f['per_model'])} |")  # fmt: skip
         _print_lines(lines)
@@ -136,7 +137,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     ]
     fields, docs = m.param_fields(), m.param_docs()
     rows = [
-        (k.rstrip("_"), scope.replace("_", "-"), repr(v), docs[scope][k])
+        (yaml_name(k), scope.replace("_", "-"), repr(v), docs[scope][k])
         for scope in ("shared", "per_model")
         for k, v in fields[scope].items()
     ]

@@ -151,7 +151,7 @@ def test_overwrite_rules(tmp_path: Path) -> None:
         ShardedWriter(tmp_path / "f", [], overwrite=True)
 
 
-def test_side_files(tmp_path: Path) -> None:
+def test_carried_files(tmp_path: Path) -> None:
     (tmp_path / "tok.json").write_text("{}")
     with ShardedWriter(tmp_path / "o", [("w", (1,), torch.float32)]) as w:
         w.write("w", torch.zeros(1))

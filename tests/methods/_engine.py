@@ -81,24 +81,24 @@ def merge_model(
     model_params: Sequence[Mapping[str, Any]] | None = None,
     *,
     seed: int = 0,
-    side: Mapping[str, Sequence[Tensor | None]] | None = None,
-    side_meta: Sequence[Mapping[str, str]] = (),
+    sidecars: Mapping[str, Sequence[Tensor | None]] | None = None,
+    sidecar_meta: Sequence[Mapping[str, str]] = (),
 ) -> dict[str, Tensor]:
-    """Merge ``model`` through the engine. ``side``: per key, each expert's statistic (``None``
-    where it has none), and ``side_meta`` their files' metadata, given to the engine as each
+    """Merge ``model`` through the engine. ``sidecars``: per key, each expert's statistic (``None``
+    where it has none), and ``sidecar_meta`` their files' metadata, given to the engine as each
     expert's in-memory statistics of the kind the method reads."""
     name = method if isinstance(method, str) else method.name
     config = config_of(name, model, params, model_params, seed=seed)
     stats = None
-    if side is not None:
+    if sidecars is not None:
         m = get_method(name)
         p = m.params(**(params or {}))
-        kind = m.side_inputs(p).kind
+        kind = m.sidecar_inputs(p).kind
         n = len(next(iter(model.values()))[1])
         stats = {
             e: {kind: MemorySource(
-                {k: v[i] for k, v in side.items() if v[i] is not None},
-                metadata=side_meta[i] if side_meta else None,
+                {k: v[i] for k, v in sidecars.items() if v[i] is not None},
+                metadata=sidecar_meta[i] if sidecar_meta else None,
             )}
             for i, e in enumerate(expert_names(n))
         }  # fmt: skip
@@ -121,27 +121,27 @@ def call_method(method: str, base, tensors, params=None, model_params=None) -> T
 
 def random_stats(method: str, params: Mapping[str, Any], model: Model, seed: int = 0):
     """Statistics of the kind ``method`` reads (``None`` for a method that reads none), as
-    ``merge_model(side=..., side_meta=...)`` takes them: per key one statistic per expert of
+    ``merge_model(sidecars=..., sidecar_meta=...)`` takes them: per key one statistic per expert of
     the shape the method asks for (a Gram: symmetric positive definite; a Fisher: positive),
     and each expert's metadata with its Fisher norm."""
     m = get_method(method)
-    if m.side_inputs is None:
+    if m.sidecar_inputs is None:
         return None, ()
-    req = m.side_inputs(m.params(**params))
+    req = m.sidecar_inputs(m.params(**params))
     g = torch.Generator().manual_seed(seed)
     n = len(next(iter(model.values()))[1])
-    side: dict[str, tuple[Tensor | None, ...]] = {}
+    sidecars: dict[str, tuple[Tensor | None, ...]] = {}
     for key, (_, xs) in model.items():
         shape = req.shape(key, tuple(xs[0].shape))
         if shape is None:
-            side[key] = (None,) * n
+            sidecars[key] = (None,) * n
         elif req.kind == "regmean":
             a = [torch.randn(shape[0], 2 * shape[0], generator=g) for _ in range(n)]
-            side[key] = tuple(x @ x.T / x.shape[1] for x in a)
+            sidecars[key] = tuple(x @ x.T / x.shape[1] for x in a)
         else:
-            side[key] = tuple(torch.rand(shape, generator=g) ** 2 + 0.01 for _ in range(n))
+            sidecars[key] = tuple(torch.rand(shape, generator=g) ** 2 + 0.01 for _ in range(n))
     norms = [
-        float(sum((v[i].double() ** 2).sum() for v in side.values() if v[i] is not None) ** 0.5)
+        float(sum((v[i].double() ** 2).sum() for v in sidecars.values() if v[i] is not None) ** 0.5)
         for i in range(n)
     ]
-    return side, tuple({"fisher_norm": repr(x)} for x in norms)
+    return sidecars, tuple({"fisher_norm": repr(x)} for x in norms)

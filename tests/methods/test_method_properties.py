@@ -112,12 +112,12 @@ def run(case: Case, model, order=None, seed=0):
     order = list(range(len(case.model_params))) if order is None else order
     permuted = {k: (b, [xs[i] for i in order]) for k, (b, xs) in model.items()}
     mps = [case.model_params[i] for i in order]
-    side, meta = random_stats(case.method, case.params, model)
-    if side is not None:
-        side = {k: tuple(v[i] for i in order) for k, v in side.items()}
+    sidecars, meta = random_stats(case.method, case.params, model)
+    if sidecars is not None:
+        sidecars = {k: tuple(v[i] for i in order) for k, v in sidecars.items()}
         meta = tuple(meta[i] for i in order)
-    return merge_model(case.method, permuted, case.params, mps, seed=seed, side=side,
-                       side_meta=meta)  # fmt: skip
+    return merge_model(case.method, permuted, case.params, mps, seed=seed, sidecars=sidecars,
+                       sidecar_meta=meta)  # fmt: skip
 
 
 def test_every_method_has_a_case():

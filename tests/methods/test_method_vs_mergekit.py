@@ -4,7 +4,8 @@ mergekit's methods are called directly on tensors (``registry.get(name)([TensorG
 so only the numerics are compared, not the YAML plumbing. DARE and DELLA draw from an RNG:
 with torch's global RNG (no ``ctx.generator``) both draw the same stream and must agree bit for
 bit; with our seeded per-model generators the kept fraction, the rescale factor and the mean
-must agree statistically.
+must agree statistically. Every test here compares with mergekit: each carries the ``mergekit``
+marker (skipped, with the reason, where mergekit is not importable) and imports it when it runs.
 """
 
 from __future__ import annotations
@@ -15,14 +16,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests.methods._engine import call_method, merge_tensor
 
+from mergeforge.config import yaml_field_map
 from mergeforge.methods import params as P
 from mergeforge.methods import sparsify as S
 from mergeforge.methods.consensus import agrees, elect_sign
 
-mk_registry = pytest.importorskip("mergekit.merge_methods.registry")
-mk_sparsify = pytest.importorskip("mergekit.sparsify")
-from mergekit.merge_methods.base import TensorGroup  # noqa: E402
-from mergekit.merge_methods.generalized_task_arithmetic import get_mask  # noqa: E402
+pytestmark = pytest.mark.mergekit
+
+
+def mk_registry():
+    from mergekit.merge_methods import registry
+
+    return registry
+
+
+def mk_sparsify():
+    import mergekit.sparsify
+
+    return mergekit.sparsify
+
 
 SHAPES = [(16, 24), (50,), (3, 4, 5)]
 
@@ -34,9 +46,11 @@ def experts(shape, n=3, seed=0, scale=0.1):
 
 
 def mergekit(name, base, tensors, parameters):
+    from mergekit.merge_methods.base import TensorGroup
+
     inputs = tensors if base is None else [base, *tensors]
     group = TensorGroup.from_tensors(inputs, base_index=None if base is None else 0)
-    return mk_registry.get(name)([group], parameters=parameters)[0]
+    return mk_registry().get(name)([group], parameters=parameters)[0]
 
 
 def per_model(mps, key):
@@ -66,8 +80,7 @@ def test_task_vector_methods(name, shared, shape):
     if name == "task_arithmetic":
         mps = [{"weight": mp["weight"]} for mp in mps]
     theirs = mergekit(name, base, xs, {**shared, **{k: per_model(mps, k) for k in mps[0]}})
-    ours_shared = {("lambda_" if k == "lambda" else k): v for k, v in shared.items()}
-    ours = merge_tensor(name, base, xs, ours_shared, mps)
+    ours = merge_tensor(name, base, xs, shared, mps)  # YAML names, as mergekit's
     assert (ours - theirs).abs().max().item() <= 1e-6
 
 
@@ -98,9 +111,10 @@ def test_random_sparsifiers_seeded_statistics(method):
     sparsifier = getattr(S, method)
     ours = S.sparsify(delta, sparsifier, mp, rescale_norm="l1", generator=g)
     torch.manual_seed(1)
-    theirs = mk_sparsify.sparsify(
-        delta, density, mk_sparsify.SparsificationMethod(method), epsilon=0.1,
-        rescale_norm=mk_sparsify.RescaleNorm.l1,
+    mk = mk_sparsify()
+    theirs = mk.sparsify(
+        delta, density, mk.SparsificationMethod(method), epsilon=0.1,
+        rescale_norm=mk.RescaleNorm.l1,
     )  # fmt: skip
     kf_o, rs_o, mean_o = _sparse_stats(delta, ours)
     kf_t, rs_t, mean_t = _sparse_stats(delta, theirs)
@@ -132,15 +146,14 @@ def test_random_sparsifiers_seeded_statistics(method):
 def test_deterministic_sparsifiers(shape, density, gamma, norm, seed):
     delta = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     mp = P.BreadcrumbsModelParams(density=density, gamma=gamma)
-    mk_norm = None if norm is None else mk_sparsify.RescaleNorm(norm)
+    mk = mk_sparsify()
+    mk_norm = None if norm is None else mk.RescaleNorm(norm)
     for ours_fn, theirs_method in [
-        (S.magnitude, mk_sparsify.SparsificationMethod.magnitude),
-        (S.magnitude_outliers, mk_sparsify.SparsificationMethod.magnitude_outliers),
+        (S.magnitude, mk.SparsificationMethod.magnitude),
+        (S.magnitude_outliers, mk.SparsificationMethod.magnitude_outliers),
     ]:
         ours = S.sparsify(delta, ours_fn, mp, rescale_norm=norm)
-        theirs = mk_sparsify.sparsify(
-            delta, density, theirs_method, gamma=gamma, rescale_norm=mk_norm
-        )
+        theirs = mk.sparsify(delta, density, theirs_method, gamma=gamma, rescale_norm=mk_norm)
         assert torch.equal(ours, theirs)
 
 
@@ -151,7 +164,7 @@ def test_trim_ties_on_bf16_deltas_differ_from_mergekit_only_among_tied_entries()
     delta = torch.randn(4096, generator=torch.Generator().manual_seed(0)).bfloat16().float()
     assert delta.abs().unique().numel() < 3000
     mp = P.SparseModelParams(density=0.37)
-    theirs = mk_sparsify.magnitude(delta, 0.37)
+    theirs = mk_sparsify().magnitude(delta, 0.37)
     ours = S.sparsify(delta, S.magnitude, mp, rescale_norm=None)
     k = int(0.37 * delta.numel())
     thr = delta.abs().kthvalue(delta.numel() - k + 1).values
@@ -165,6 +178,8 @@ def test_trim_ties_on_bf16_deltas_differ_from_mergekit_only_among_tied_entries()
 
 @pytest.mark.parametrize("method", ["sum", "count"])
 def test_elect_sign_matches_get_mask(method):
+    from mergekit.merge_methods.generalized_task_arithmetic import get_mask
+
     g = torch.Generator().manual_seed(0)
     deltas = torch.randn(4, 30, generator=g).round()  # integer values: plenty of tied votes
     ours = agrees(deltas, elect_sign(deltas, method))
@@ -223,15 +238,17 @@ def test_parameter_names_and_defaults(name):
     (``weight`` defaults to 1.0 here; mergekit requires it)."""
     from mergeforge.methods import get_method
 
-    ours = get_method(name).param_fields()
+    m = get_method(name)
+    ours = m.param_fields()
     fields = {**ours["shared"], **ours["per_model"]}
+    field_of = {**yaml_field_map(m.params), **yaml_field_map(m.model_params)}
     # task_arithmetic: mergekit accepts density and rescale and ignores them; we refuse them
     ignored = {"density", "rescale"} if name == "task_arithmetic" else set()
-    for spec in mk_registry.get(name).spec.parameters:
+    for spec in mk_registry().get(name).spec.parameters:
         if spec.name in ignored:
             assert spec.name not in fields
             continue
-        key = "lambda_" if spec.name == "lambda" else spec.name
+        key = field_of.get(spec.name, spec.name)
         assert key in fields, (name, spec.name)
         expected = 1.0 if spec.name == "weight" else spec.default
         assert fields[key] == ("required" if spec.required and key == "t" else expected)

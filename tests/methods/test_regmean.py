@@ -28,65 +28,65 @@ def _inputs(n_models=3, identical_grams=False):
     base = {k: torch.randn(s, generator=G) for k, s in KEYS.items()}
     xs = {k: [b + 0.1 * torch.randn(b.shape, generator=G) for _ in range(n_models)]
           for k, b in base.items()}  # fmt: skip
-    side = {}
+    sidecars = {}
     for k, s in KEYS.items():
         n = _gram_shape(k, s)
         if n is None:
-            side[k] = (None,) * n_models
+            sidecars[k] = (None,) * n_models
         else:
             g = _psd(n)
-            side[k] = tuple(g.clone() if identical_grams else _psd(n) for _ in range(n_models))
-    return base, xs, side
+            sidecars[k] = tuple(g.clone() if identical_grams else _psd(n) for _ in range(n_models))
+    return base, xs, sidecars
 
 
-def _regmean(base, xs, side, **params):
+def _regmean(base, xs, sidecars, **params):
     model = {k: (None if base is None else base[k], xs[k]) for k in xs}
-    return merge_model("regmean", model, params, side=side)
+    return merge_model("regmean", model, params, sidecars=sidecars)
 
 
 @pytest.mark.parametrize("alpha", [0.1, 0.9])
 def test_identical_grams_give_the_average(alpha):
-    base, xs, side = _inputs(identical_grams=True)
+    base, xs, sidecars = _inputs(identical_grams=True)
     for b in (base, None):
-        out = _regmean(b, xs, side, alpha=alpha)
+        out = _regmean(b, xs, sidecars, alpha=alpha)
         for k in xs:
             assert_close(out[k], torch.stack(xs[k]).mean(0), rtol=1e-4, atol=1e-5)
 
 
 def test_base_does_not_change_the_result_at_scaling_one():
-    base, xs, side = _inputs()
-    a, b = _regmean(base, xs, side), _regmean(None, xs, side)
+    base, xs, sidecars = _inputs()
+    a, b = _regmean(base, xs, sidecars), _regmean(None, xs, sidecars)
     for k in xs:
         assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-    half = _regmean(base, xs, side, scaling=0.5)
+    half = _regmean(base, xs, sidecars, scaling=0.5)
     for k in xs:
         assert_close(half[k], base[k] + 0.5 * (a[k] - base[k]), rtol=1e-4, atol=1e-5)
 
 
 def test_regmean_properties_with_grams():
-    base, xs, side = _inputs()
-    ref = _regmean(base, xs, side)
+    base, xs, sidecars = _inputs()
+    ref = _regmean(base, xs, sidecars)
     perm = [2, 0, 1]
     out = _regmean(base, {k: [v[i] for i in perm] for k, v in xs.items()},
-                   {k: tuple(v[i] for i in perm) for k, v in side.items()})  # fmt: skip
+                   {k: tuple(v[i] for i in perm) for k, v in sidecars.items()})  # fmt: skip
     for k in xs:
         assert_close(out[k], ref[k], rtol=1e-4, atol=1e-5)  # symmetric
         assert ref[k].shape == KEYS[k] and torch.isfinite(ref[k]).all()
-    same = _regmean(base, {k: [base[k].clone()] * 3 for k in xs}, side)
+    same = _regmean(base, {k: [base[k].clone()] * 3 for k in xs}, sidecars)
     for k in xs:
         assert_close(same[k], base[k], rtol=1e-5, atol=1e-5)  # idempotent
 
 
 def test_regmean_matches_fusion_bench():
     fb = pytest.importorskip("fusion_bench.method.regmean.regmean")
-    base, xs, side = _inputs()
-    out = _regmean(base, xs, side, alpha=0.3)
+    base, xs, sidecars = _inputs()
+    out = _regmean(base, xs, sidecars, alpha=0.3)
     # FusionBench: nn.Linear (out, in) with weight_transpose=True; Conv1D (in, out) with False
     for key, transpose in (("enc.q.weight", True), ("h.0.attn.c_attn.weight", False)):
         module = key.removesuffix(".weight")
         want = fb.merging_with_regmean_weights(
             {key: xs[key], module + ".bias": xs["enc.q.bias"]},
-            [{module: g} for g in side[key]],
+            [{module: g} for g in sidecars[key]],
             reduce_non_diagonal_ratio=0.3,
             weight_transpose=transpose,
         )
@@ -97,9 +97,9 @@ def test_regmean_matches_fusion_bench():
 def _fisher(base, xs, fishers, norms, weights=(1.0, 1.0, 1.0), **params):
     model = {k: (None if base is None else base[k], xs[k]) for k in xs}
     meta = tuple({"fisher_norm": repr(n)} for n in norms)
-    side = {k: tuple(f[k] for f in fishers) for k in xs}
+    sidecars = {k: tuple(f[k] for f in fishers) for k in xs}
     mps = [{"weight": w} for w in weights]
-    return merge_model("fisher", model, params, mps, side=side, side_meta=meta)
+    return merge_model("fisher", model, params, mps, sidecars=sidecars, sidecar_meta=meta)
 
 
 def _fisher_inputs():
@@ -144,6 +144,6 @@ def test_fisher_by_hand_and_properties():
 def test_scaling_without_a_base_is_refused():
     from mergeforge.errors import ConfigError
 
-    _, xs, side = _inputs()
+    _, xs, sidecars = _inputs()
     with pytest.raises(ConfigError, match="scaling.*base_model"):
-        _regmean(None, xs, side, scaling=0.5)
+        _regmean(None, xs, sidecars, scaling=0.5)

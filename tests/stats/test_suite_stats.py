@@ -53,7 +53,7 @@ def test_regmean_run_computes_grams_once_per_expert(family, tmp_path):
     torch.testing.assert_close(grams[key], want[key], rtol=1e-4, atol=1e-5)
     _statistics(run, suite)  # cached: not recomputed
     assert [p.stat().st_mtime_ns for p in paths] == stamps
-    _statistics(BenchRun("ta", "ta", "task_arithmetic"), suite)  # no side inputs: nothing
+    _statistics(BenchRun("ta", "ta", "task_arithmetic"), suite)  # reads no sidecars: nothing
 
 
 def test_fisher_run_goes_through_the_head(family, tmp_path):

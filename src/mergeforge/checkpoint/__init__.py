@@ -3,7 +3,7 @@ Hugging Face folders, PEFT LoRA adapters as deltas; atomic streaming sharded saf
 state dicts in memory as a source (``MemorySource``) and a sink (``MemorySink``)."""
 
 from mergeforge.checkpoint.base import Checkpoint, TensorInfo, TensorSource
-from mergeforge.checkpoint.hf import CARRIED_FILES, SIDE_FILES
+from mergeforge.checkpoint.hf import CARRIED_FILES
 from mergeforge.checkpoint.loader import (
     CheckpointSummary,
     inspect_checkpoint,
@@ -15,7 +15,6 @@ from mergeforge.checkpoint.writer import ShardedWriter
 
 __all__ = [
     "CARRIED_FILES",
-    "SIDE_FILES",
     "Checkpoint",
     "CheckpointSummary",
     "MemorySink",

@@ -64,7 +64,7 @@ class TensorSource(Protocol):
 
 @dataclass
 class Checkpoint:
-    """An opened model: its tensors plus the Hugging Face side files, if any."""
+    """An opened model: its tensors plus its carried files (config, tokenizer), if any."""
 
     source: TensorSource
     folder: Path | None = None
@@ -85,8 +85,6 @@ class Checkpoint:
         from mergeforge.checkpoint.hf import carried_files
 
         return carried_files(self.folder) if self.folder is not None else []
-
-    side_files = carried_files  # deprecated name, until engine/ and its tests use carried_files
 
     def info(self, name: str) -> TensorInfo:
         return self.source.info(name)

@@ -42,8 +42,6 @@ CARRIED_FILES: tuple[str, ...] = (
 """Carried files: the non-weight files (paths relative to the model folder: config, tokenizer,
 processor, sentence-transformers pooling) that a merged model carries over from its inputs."""
 
-SIDE_FILES = CARRIED_FILES  # deprecated name, until engine/ imports CARRIED_FILES
-
 
 def find_weights(folder: Path) -> Path:
     """The weights file or index of a model folder; CheckpointError saying what was looked for."""

@@ -29,7 +29,7 @@ _HUB_REF = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<r
 _TRUE = {"1", "ON", "YES", "TRUE"}  # huggingface_hub's ENV_VARS_TRUE_VALUES
 
 MODEL_PATTERNS = ("*.json", "*.txt", "*.model", "*.jinja", *CARRIED_FILES)
-"""Files fetched for a model besides its weights: config, tokenizer and the other side files."""
+"""Files fetched for a model besides its weights: config, tokenizer and the other carried files."""
 
 ADAPTER_PATTERNS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 """Files fetched for a PEFT LoRA adapter."""
@@ -166,7 +166,7 @@ def resolve_hub(ref: HubRef, *, adapter: bool = False) -> Path:
 
 
 def _model_patterns(ref: HubRef) -> list[str]:
-    """What to download for a model: its side files, and safetensors weights when the repo has
+    """What to download for a model: its carried files, and safetensors weights when the repo has
     any, else the ``.bin`` ones (mergekit's rule), never both."""
     from huggingface_hub import list_repo_files
 

@@ -30,7 +30,7 @@ class MemorySource:
     ``get`` returns the mapping's tensor detached (no autograd history), never a copy: the
     engine never writes into an input. ``info`` looks the tensor up too (a lazy mapping loads
     it then, for its shape and dtype, and again when it is merged). ``metadata``: what a
-    safetensors header's ``__metadata__`` would hold (read by methods with side inputs, e.g.
+    safetensors header's ``__metadata__`` would hold (read by methods that read sidecars, e.g.
     Fisher's ``fisher_norm``). ``close`` does nothing: the tensors belong to the caller.
     """
 

@@ -9,9 +9,12 @@ and written as a *sidecar* beside its weights, so every later merge reuses them:
 * a single weights file ``W.safetensors`` (or ``W.bin``) ->
   ``W.safetensors.mergeforge-stats/<kind>.safetensors``, a sibling folder named after the file.
 
-``kind`` is ``regmean`` (input Grams, (in, in) per linear weight) or ``fisher-empirical`` /
-``fisher-sampled`` (diagonal Fisher, the shape of each parameter). Tensors are keyed by the
-parameter name in the checkpoint (``encoder.layer.0.attention.self.query.weight``), stored fp32.
+``kind`` is ``regmean`` (input Grams, (in, in) per linear weight), ``fisher-empirical`` /
+``fisher-sampled`` (diagonal Fisher, the shape of each parameter) or ``curvature`` (second moments
+of the gradients recorded while the model was trained: ``P:R``, ``P:C`` and optional ``P:S``,
+``P:v`` per parameter ``P``, written by :mod:`mergeforge.train.artifact`, which documents them;
+no data pass remakes them, only training again: :data:`CURVATURE_COMMAND`). Tensors are keyed by
+the parameter name in the checkpoint (``encoder.layer.0.attention.self.query.weight``), fp32.
 
 The safetensors metadata records ``kind``, ``num_examples`` (asked for), ``examples_used``,
 ``source`` (what data), ``mergeforge_version`` and ``weights_fingerprint``: a hash of each weight
@@ -36,7 +39,17 @@ from mergeforge.errors import CheckpointError, ValidationError
 from mergeforge.version import __version__
 
 SIDECAR_DIR = "mergeforge-stats"
-KINDS = ("regmean", "fisher-empirical", "fisher-sampled")
+KINDS = ("regmean", "fisher-empirical", "fisher-sampled", "curvature")
+# How a missing or stale ``curvature`` sidecar is made again ({model}: the model's path): the
+# ``command`` that :func:`open_sidecar` and the methods reading it show. One text, used by
+# mergeforge.train (which writes the file) and by the methods (which cannot import train).
+CURVATURE_COMMAND = (
+    "training {model} again with the curvature recorder: trainer.add_callback("
+    "mergeforge.train.CurvatureCallback()) then callback.save('{model}') after "
+    "trainer.save_model('{model}'), or mergeforge.train.CurvatureRecorder(model, optimizer=opt) "
+    "in a plain loop then recorder.save('{model}') after model.save_pretrained('{model}') "
+    "(README: Train merge-ready experts)"
+)
 _BLOCKS, _BLOCK = 16, 4096
 
 

@@ -207,8 +207,8 @@ class ShardedWriter:
                 self._lock.notify_all()
 
     def write_text(self, relpath: str, text: str) -> None:
-        """Write a side file (e.g. ``config.json``) into the output folder."""
-        path = self._side_path(relpath)
+        """Write a carried file (e.g. ``config.json``) into the output folder."""
+        path = self._carried_path(relpath)
         try:
             path.write_text(text, encoding="utf-8")
             fsync_path(path)
@@ -216,22 +216,24 @@ class ShardedWriter:
             raise self._os_error(f"writing {relpath}", e) from None
 
     def copy_file(self, src: str | os.PathLike[str], relpath: str | None = None) -> None:
-        """Copy a side file (tokenizer, config) into the output, by default under its name."""
+        """Copy a carried file (tokenizer, config) into the output, by default under its name."""
         src = Path(src)
         if not src.is_file():
             raise CheckpointError(f"{src}: cannot copy it into the output, it is not a file.")
-        path = self._side_path(relpath or src.name)
+        path = self._carried_path(relpath or src.name)
         try:
             shutil.copyfile(src, path)
             fsync_path(path)
         except OSError as e:
             raise self._os_error(f"copying {src} as {relpath or src.name}", e) from None
 
-    def _side_path(self, relpath: str) -> Path:
+    def _carried_path(self, relpath: str) -> Path:
         self._check_open()
         rel = PurePosixPath(relpath)
         if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-            raise CheckpointError(f"{relpath!r}: a side file needs a relative path in the output.")
+            raise CheckpointError(
+                f"{relpath!r}: a carried file needs a relative path in the output."
+            )
         if str(rel) in (*self.shard_names, INDEX_NAME):
             raise CheckpointError(f"{relpath!r} would overwrite the weights; use another name.")
         path = self._staging.path / rel

@@ -109,14 +109,14 @@ _TOKENIZER_FILES = frozenset({
     "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
     "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
 })  # fmt: skip
-"""The side files left out by ``copy_tokenizer=False`` (mergekit's ``--no-copy-tokenizer``)."""
+"""The carried files left out by ``copy_tokenizer=False`` (mergekit's ``--no-copy-tokenizer``)."""
 
 
-def _side_files(plan: MergePlan, writer, copy_tokenizer: bool = True) -> None:
-    """config.json (see ``output_config``) and the reference model's side files; without
+def _copy_carried_files(plan: MergePlan, writer, copy_tokenizer: bool = True) -> None:
+    """config.json (see ``output_config``) and the reference model's carried files; without
     ``copy_tokenizer`` the tokenizer files are left out, unless the config asks for
     ``tokenizer_source`` (as mergekit, which then writes a tokenizer whatever the flag)."""
-    from mergeforge.checkpoint import SIDE_FILES
+    from mergeforge.checkpoint import CARRIED_FILES
 
     copy_tokenizer = copy_tokenizer or plan.config.tokenizer_source is not None
 
@@ -127,7 +127,7 @@ def _side_files(plan: MergePlan, writer, copy_tokenizer: bool = True) -> None:
     if ref.folder is None:
         return
     folder = Path(ref.folder)
-    for name in SIDE_FILES:
+    for name in CARRIED_FILES:
         if name == "config.json" or (not copy_tokenizer and name in _TOKENIZER_FILES):
             continue
         p = folder / name
@@ -264,9 +264,9 @@ def _run_plan(
     bar = Progress(plan.total_bytes, len(plan.jobs), progress) if progress is not False else None
     say = bar.message if bar is not None else (lambda _m: None)
     try:
-        stat_plan = run_statistics(plan, loader, say)
+        fitted = run_statistics(plan, loader, say)
         with open_sink() as sink:
-            run_jobs(plan, loader, stat_plan, dev, sink, workers or default_workers(),
+            run_jobs(plan, loader, fitted, dev, sink, workers or default_workers(),
                      bar.advance if bar is not None else (lambda _j: None))  # fmt: skip
             if finish is not None:
                 finish(sink)
@@ -325,7 +325,7 @@ def run_merge(
             )  # fmt: skip
 
         def finish(writer: ShardedWriter) -> None:
-            _side_files(plan, writer, copy_tokenizer)
+            _copy_carried_files(plan, writer, copy_tokenizer)
             seconds = time.perf_counter() - t0
             writer.write_text("mergeforge_config.yml", plan.config.to_yaml())
             writer.write_text("mergeforge_resolved.yml", _resolved(plan))

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from mergeforge.engine.plan import Job, MergePlan, Ref
-from mergeforge.engine.side import load_side, side_meta
+from mergeforge.engine.sidecars import load_sidecars, sidecar_meta
 from mergeforge.errors import ValidationError
 from mergeforge.methods.base import TensorContext
 
@@ -98,7 +98,7 @@ def _stream_name(plan: MergePlan, model: int) -> str:
     return plan.stream_names[model] if plan.stream_names else plan.models[model]
 
 
-def merge_one(job: Job, base, tensors, plan: MergePlan, stat_plan, device) -> Tensor:
+def merge_one(job: Job, base, tensors, plan: MergePlan, fitted, device) -> Tensor:
     call = job.call
     assert call is not None
     gen = None
@@ -108,10 +108,10 @@ def merge_one(job: Job, base, tensors, plan: MergePlan, stat_plan, device) -> Te
     ctx = TensorContext(
         key=job.out_name,
         generator=gen,
-        plan=stat_plan,
+        fitted=fitted,
         model_names=tuple(_stream_name(plan, r.model) for r in job.inputs),
-        side=load_side(plan, job, device),
-        side_meta=side_meta(plan, job),
+        sidecars=load_sidecars(plan, job, device),
+        sidecar_meta=sidecar_meta(plan, job),
     )
     out = call.method.fn(base, tensors, call.params, call.model_params, ctx)
     if tuple(out.shape) != job.shape:
@@ -148,27 +148,27 @@ def merge_chunked(job: Job, loader: Loader, plan: MergePlan) -> Tensor:
     return out.view(job.shape)
 
 
-def process(job: Job, loader: Loader, plan: MergePlan, stat_plan, device, writer) -> Job:
+def process(job: Job, loader: Loader, plan: MergePlan, fitted, device, writer) -> Job:
     """Everything for one output tensor: read its inputs, merge, cast, write at its offset."""
     call = job.call
     if (
         call is not None
         and call.method.elementwise
         and device.type == "cpu"
-        and stat_plan is None
-        and not job.side
+        and fitted is None
+        and not job.sidecars
         and len(job.inputs) > 0
     ):
         writer.write(job.out_name, merge_chunked(job, loader, plan))
         return job
     base, tensors = loader.job(job)
-    result = base if call is None else merge_one(job, base, tensors, plan, stat_plan, device)
+    result = base if call is None else merge_one(job, base, tensors, plan, fitted, device)
     del base, tensors
     writer.write(job.out_name, result.to("cpu", job.out_dtype).contiguous())
     return job
 
 
-def run_jobs(plan: MergePlan, loader: Loader, stat_plan, device, writer, workers: int,
+def run_jobs(plan: MergePlan, loader: Loader, fitted, device, writer, workers: int,
              on_done: Callable[[Job], None]) -> None:  # fmt: skip
     """Run every job on ``workers`` threads with at most ``workers + 1`` in flight (so at most
     that many tensors' inputs and outputs are alive: bounded memory). Reads (``preadv``),
@@ -178,7 +178,7 @@ def run_jobs(plan: MergePlan, loader: Loader, stat_plan, device, writer, workers
         pending: deque[Future] = deque()
         try:
             for job in plan.jobs:
-                pending.append(pool.submit(process, job, loader, plan, stat_plan, device, writer))
+                pending.append(pool.submit(process, job, loader, plan, fitted, device, writer))
                 while len(pending) > workers:
                     on_done(pending.popleft().result())
             while pending:

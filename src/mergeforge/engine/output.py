@@ -88,7 +88,7 @@ def check_replaceable(out: Path, *, overwrite: bool) -> None:
 
 def checkpoint_paths(ck: Checkpoint) -> Iterator[Path]:
     """Every file and folder an opened checkpoint reads: its folder, each file its tensors
-    come from, its side files (config, tokenizer) and, for ``BASE+ADAPTER``, the adapter folder
+    come from, its carried files (config, tokenizer) and, for ``BASE+ADAPTER``, the adapter folder
     and files plus the base's paths. A new kind of composite source must be added here."""
     from mergeforge.checkpoint.lora import LoraSource
 
@@ -105,7 +105,7 @@ def checkpoint_paths(ck: Checkpoint) -> Iterator[Path]:
         yield Path(src.path)  # a file, or a shard index
     for name in ck.keys():
         yield Path(ck.info(name).file)
-    yield from ck.side_files
+    yield from ck.carried_files
 
 
 def input_paths(plan) -> Iterator[tuple[str, Path]]:
@@ -114,7 +114,7 @@ def input_paths(plan) -> Iterator[tuple[str, Path]]:
     for name, ck in zip(plan.models, plan.checkpoints, strict=True):
         for p in checkpoint_paths(ck):
             yield name, p
-    for (model, kind), f in plan.side_files.items():
+    for (model, kind), f in plan.sidecars.items():
         yield f"{plan.models[model]} ({kind} statistics)", Path(f.path)
 
 

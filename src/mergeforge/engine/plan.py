@@ -60,9 +60,9 @@ class Job:
     inputs: tuple[Ref, ...]
     call: MethodCall | None
     """``None`` means copy ``base`` (or the first input) unchanged (excluded/non-float)."""
-    side: tuple[Any, ...] = ()
-    """Per-input statistics (:class:`~mergeforge.engine.side.SideRef` or ``None``) for methods
-    with ``side_inputs``; ``()`` when the job reads none."""
+    sidecars: tuple[Any, ...] = ()
+    """Per-input statistics (:class:`~mergeforge.engine.sidecars.SidecarRef` or ``None``) for
+    methods with ``sidecar_inputs``; ``()`` when the job reads none."""
 
     @property
     def nbytes(self) -> int:
@@ -84,9 +84,9 @@ class MergePlan:
     reference: int
     """Index of the model whose config.json/tokenizer the output takes (base, else first)."""
     warnings: list[str] = field(default_factory=list)
-    side_files: dict[tuple[int, str], Any] = field(default_factory=dict)
+    sidecars: dict[tuple[int, str], Any] = field(default_factory=dict)
     """Opened sidecars (or statistics given in memory), by (model index, kind) (methods with
-    ``side_inputs``)."""
+    ``sidecar_inputs``)."""
     untied: tuple[str, ...] = ()
     """Tied weights (``lm_head.weight``) the reference model leaves out but the output has,
     because another input stores its own: the output's config is then untied."""
@@ -103,7 +103,7 @@ class MergePlan:
         """Close the checkpoints and sidecars the plan opened."""
         for ck in self.checkpoints:
             ck.close()
-        for f in self.side_files.values():
+        for f in self.sidecars.values():
             f.close()
 
 
@@ -278,7 +278,7 @@ def build_plan(
     """The complete plan of merging ``cks`` (opened ``models``, the config's references in
     :meth:`MergeConfig.referenced_models` order) as ``cfg`` says. ``stats``: in-memory
     statistics of data-using methods, ``{model: {kind: tensors}}`` (see
-    ``engine.side.plan_side_inputs``); models without them read their sidecars. On
+    ``engine.sidecars.plan_sidecars``); models without them read their sidecars. On
     failure the sidecars opened so far are closed (the checkpoints are the caller's)."""
     method = get_method(cfg.merge_method)
     warnings = list(cfg.warnings)
@@ -382,13 +382,13 @@ def build_plan(
         compute_dtype=compute, num_out_layers=num_out_layers, reference=ref, warnings=warnings,
         untied=tuple(added),
     )  # fmt: skip
-    if method.side_inputs is not None or stats:  # statistics for a method reading none: refused
-        from mergeforge.engine.side import close_side_files, plan_side_inputs
+    if method.sidecar_inputs is not None or stats:  # statistics for a method reading none: refused
+        from mergeforge.engine.sidecars import close_sidecars, plan_sidecars
 
         try:
-            plan_side_inputs(plan, stats or {})
+            plan_sidecars(plan, stats or {})
         except BaseException:
-            close_side_files(plan)
+            close_sidecars(plan)
             raise
     if method.stochastic and any(j.call is not None for j in jobs):
         # only the models that are merged inputs draw random numbers (not a base-only model)

@@ -84,7 +84,7 @@ class Suite(Protocol):
 
     def prepare_statistics(self, request) -> None:
         """Compute (or reuse) each expert's statistics for a data-using method (a
-        :class:`~mergeforge.methods.base.SideInputs`: RegMean Grams, Fisher) before it merges.
+        :class:`~mergeforge.methods.base.SidecarInputs`: RegMean Grams, Fisher) before it merges.
         Optional: a suite without it cannot run such methods."""
 
     # Optional too (looked up with getattr; the defaults suit a base + fine-tuned experts):
@@ -245,19 +245,20 @@ def _check_params(
         if any(groups.values()):
             raise ConfigError(f"{where}: '{method}' merges nothing and takes no parameters")
         return
+    from mergeforge.config import yaml_field_map
     from mergeforge.methods import get_method
 
     try:
-        fields = get_method(method).param_fields()
+        m = get_method(method)
     except (KeyError, MergeforgeError) as exc:
         raise ConfigError(
             f"{where}: unknown method {method!r} ({exc}); `mergeforge methods` lists them, "
             f"and {list(references)} are this suite's reference rows"
         ) from exc
-    for group, kind in (("parameters", "shared"), ("model_parameters", "per_model")):
+    for group, cls in (("parameters", m.params), ("model_parameters", m.model_params)):
         if not isinstance(groups[group], Mapping):
             raise ConfigError(f"{where}: {group} must be a mapping")
-        known = {k.rstrip("_") for k in fields[kind]}
+        known = set(yaml_field_map(cls))
         bad = sorted(set(groups[group]) - known)
         if bad:
             raise ConfigError(
@@ -480,9 +481,9 @@ def _statistics(run: BenchRun, bench) -> None:
     from mergeforge.methods import get_method
 
     method = get_method(run.method)
-    if method.side_inputs is None:
+    if method.sidecar_inputs is None:
         return
-    request = method.side_inputs(build_params(method.params, run.parameters, run.name))
+    request = method.sidecar_inputs(build_params(method.params, run.parameters, run.name))
     prepare = getattr(bench, "prepare_statistics", None)  # optional in the Suite protocol
     if prepare is None:
         raise MergeforgeError(f"suite {bench.name!r} cannot compute {request.kind} statistics")

@@ -23,7 +23,7 @@ The return value has the shape of the inputs; the engine casts it to the output 
 Methods that need a statistics pass over the whole model first (model-wide top-k, RegMean
 Grams, curvature statistics) declare ``statistic``: a factory of :class:`Statistic` objects
 that the engine feeds tensor by tensor (possibly in several passes) before merging; the
-finished statistic is given to ``fn`` as ``ctx.plan``.
+finished statistic is given to ``fn`` as ``ctx.fitted``.
 """
 
 from __future__ import annotations
@@ -57,24 +57,24 @@ class TensorContext:
     generator: torch.Generator | None = None
     """Seeded RNG for stochastic methods (DARE, DELLA). Seeded per tensor by the engine from
     the config ``seed`` and the tensor name, so results do not depend on tensor order."""
-    plan: Any = None
+    fitted: Any = None
     """Result of the method's statistics pass for this merge (``None`` if it has none)."""
     model_names: tuple[str, ...] = ()
     """Names of the non-base inputs, for error messages."""
-    side: tuple[Tensor | None, ...] = ()
-    """Per-model statistics for this tensor (methods with ``side_inputs``), one per non-base
+    sidecars: tuple[Tensor | None, ...] = ()
+    """Per-model statistics for this tensor (methods with ``sidecar_inputs``), one per non-base
     input in input order, fp32 on the compute device; ``()`` or ``None`` entries where the tensor
     has none (biases, norms). E.g. RegMean's input Gram (in, in), Fisher's diagonal (shape of
     the tensor)."""
-    side_meta: tuple[Mapping[str, str], ...] = ()
+    sidecar_meta: tuple[Mapping[str, str], ...] = ()
     """Metadata of each non-base input's statistics file (e.g. Fisher's whole-model norm)."""
 
 
 @dataclass(frozen=True)
-class SideInputs:
+class SidecarInputs:
     """What per-model statistics a data-using method reads (see ``mergeforge.stats``).
 
-    Made from the method's shared parameters by ``Method.side_inputs``; the planner finds
+    Made from the method's shared parameters by ``Method.sidecar_inputs``; the planner finds
     ``<model>/mergeforge-stats/<kind>.safetensors`` for every non-base model and checks it
     before any tensor is merged.
     """
@@ -96,7 +96,7 @@ class Statistic(Protocol):
     """A whole-model statistics pass (two-phase methods: ``fit`` then ``apply``).
 
     The engine calls ``observe`` for every tensor the method will merge, ``passes`` times in
-    a row (``end_pass`` after each), then hands ``result()`` to the method as ``ctx.plan``.
+    a row (``end_pass`` after each), then hands ``result()`` to the method as ``ctx.fitted``.
     Memory held by a statistic must not grow with the model size beyond what it documents.
     """
 
@@ -140,8 +140,8 @@ class Method:
     the tensor): the engine may then run the method on cache-sized chunks of flat views."""
     statistic: Callable[[Any], Statistic] | None = None
     """Factory ``(params) -> Statistic`` when the method needs a statistics pass."""
-    side_inputs: Callable[[Any], SideInputs] | None = None
-    """Factory ``(params) -> SideInputs`` for methods that read per-model statistics computed
+    sidecar_inputs: Callable[[Any], SidecarInputs] | None = None
+    """Factory ``(params) -> SidecarInputs`` for methods that read per-model statistics computed
     once per model by ``mergeforge stats`` (RegMean Grams, diagonal Fisher)."""
     warm_up: Callable[[Any, int, torch.dtype, torch.device], None] | None = None
     """Optional ``(params, n_models, compute dtype, device)`` hook the engine calls once after

@@ -68,12 +68,12 @@ def emr(base, tensors, params, model_params, ctx):
     masked = unified * masks[task]
     if params.scale_scope == "tensor":
         scale = rescaler(deltas[task].abs().sum().item(), masked.abs().sum().item())
-    elif ctx.plan is None:
+    elif ctx.fitted is None:
         raise RuntimeError(
-            f"emr with scale_scope: model needs its statistics pass (ctx.plan) for {ctx.key!r}"
+            f"emr with scale_scope: model needs its statistics pass (ctx.fitted) for {ctx.key!r}"
         )
     else:
-        scale = ctx.plan[task]
+        scale = ctx.fitted[task]
     return base + scale * masked
 
 

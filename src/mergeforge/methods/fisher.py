@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mergeforge.methods.base import Method, SideInputs, register
+from mergeforge.methods.base import Method, SidecarInputs, register
 from mergeforge.methods.checks import check_bool, check_choice, check_real
 from mergeforge.methods.params import WeightParams
 from mergeforge.methods.regmean import check_num_examples, no_base
@@ -51,8 +51,8 @@ class FisherParams:
 def model_coefficients(params: FisherParams, model_params, ctx) -> list[float]:
     """c_i: the per-model weights, times FusionBench's inverse-norm shares if ``normalize``."""
     c = [float(mp.weight) for mp in model_params]
-    if params.normalize and ctx.side_meta:
-        inv = [1.0 / (float(m["fisher_norm"]) + params.min_fisher) for m in ctx.side_meta]
+    if params.normalize and ctx.sidecar_meta:
+        inv = [1.0 / (float(m["fisher_norm"]) + params.min_fisher) for m in ctx.sidecar_meta]
         c = [ci * v / sum(inv) for ci, v in zip(c, inv, strict=True)]
     return c
 
@@ -63,7 +63,8 @@ def fisher(base, tensors, params: FisherParams, model_params, ctx) -> Tensor:
     num = torch.zeros_like(tensors[0], dtype=dtype)
     den = torch.zeros_like(num)
     for i, (x, c) in enumerate(zip(tensors, coeff, strict=True)):
-        f = ctx.side[i] if ctx.side and ctx.side[i] is not None else torch.ones_like(num)
+        f = ctx.sidecars[i] if ctx.sidecars else None
+        f = torch.ones_like(num) if f is None else f
         w = (f.to(dtype) + params.min_fisher) * c
         num += w * x.to(dtype)
         den += w
@@ -75,9 +76,9 @@ def fisher(base, tensors, params: FisherParams, model_params, ctx) -> Tensor:
     return (b + params.scaling * (merged - b)).to(base.dtype)
 
 
-def fisher_side(params: FisherParams) -> SideInputs:
+def fisher_sidecars(params: FisherParams) -> SidecarInputs:
     n = params.num_examples
-    return SideInputs(
+    return SidecarInputs(
         kind=f"fisher-{params.fisher}", num_examples=n, shape=lambda key, shape: shape,
         required=True,
         command=f"mergeforge stats fisher {{model}} --texts TEXTS.jsonl --fisher {params.fisher}"
@@ -95,7 +96,7 @@ register(
         params=FisherParams,
         model_params=WeightParams,
         base="optional",
-        side_inputs=fisher_side,
+        sidecar_inputs=fisher_sidecars,
         aliases=("fisher_merging",),
         notes="Needs statistics: `mergeforge stats fisher MODEL --texts FILE` per expert.",
     )

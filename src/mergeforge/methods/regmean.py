@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from mergeforge.errors import ConfigError
-from mergeforge.methods.base import Method, SideInputs, register
+from mergeforge.methods.base import Method, SidecarInputs, register
 from mergeforge.methods.checks import check_real, fail
 from mergeforge.methods.covariance import exact_solve
 from mergeforge.methods.matrix import MatrixParams, is_matrix, merge_matrices, stored_in_out
@@ -72,7 +72,7 @@ def no_base(base: Tensor | None, tensors, scaling: float, name: str) -> Tensor:
 
 def regmean(base, tensors, params: RegMeanParams, model_params, ctx) -> Tensor:
     base = no_base(base, tensors, params.scaling, "regmean")
-    grams = ctx.side if ctx.side and all(g is not None for g in ctx.side) else None
+    grams = ctx.sidecars if ctx.sidecars and all(g is not None for g in ctx.sidecars) else None
 
     def solve(deltas: list[Tensor]) -> Tensor:
         if grams is None:  # no Gram for this tensor: FusionBench averages it
@@ -84,7 +84,7 @@ def regmean(base, tensors, params: RegMeanParams, model_params, ctx) -> Tensor:
     return merge_matrices(base, tensors, params, ctx, solve)
 
 
-def regmean_side(params: RegMeanParams) -> SideInputs:
+def regmean_sidecars(params: RegMeanParams) -> SidecarInputs:
     def shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
         if not is_matrix(key, shape, params):
             return None
@@ -92,7 +92,7 @@ def regmean_side(params: RegMeanParams) -> SideInputs:
         return (n, n)
 
     n = params.num_examples
-    return SideInputs(
+    return SidecarInputs(
         kind="regmean", num_examples=n, shape=shape, required=False,
         command="mergeforge stats regmean {model} --texts TEXTS.jsonl"
         + (f" --num-examples {n}" if n else ""),
@@ -108,7 +108,7 @@ register(
         reference="https://arxiv.org/abs/2212.09849",
         params=RegMeanParams,
         base="optional",
-        side_inputs=regmean_side,
+        sidecar_inputs=regmean_sidecars,
         notes="Needs statistics: `mergeforge stats regmean MODEL --texts FILE` per expert.",
     )
 )

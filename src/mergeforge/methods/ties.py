@@ -25,7 +25,7 @@ from mergeforge.methods.ties_chunked import ties_chunked, usable
 
 def ties(base, tensors, params, model_params, ctx):
     """TIES; with ``topk_scope: model`` the trim keeps each task vector's top ``density`` over
-    the whole model, using the thresholds of the :class:`ModelTopK` pass (``ctx.plan``)."""
+    the whole model, using the thresholds of the :class:`ModelTopK` pass (``ctx.fitted``)."""
     if usable(base, tensors, params):  # large CPU tensors: same result, 2 sweeps over memory
         return ties_chunked(
             base, tensors, [float(mp.weight) for mp in model_params],
@@ -35,13 +35,13 @@ def ties(base, tensors, params, model_params, ctx):
     if params.topk_scope == "tensor":
         sparsifiers = [magnitude] * len(tensors)
     else:
-        if ctx.plan is None or len(ctx.plan) != len(tensors):
+        if ctx.fitted is None or len(ctx.fitted) != len(tensors):
             raise RuntimeError(
                 f"ties with topk_scope: model needs the thresholds of its statistics pass in "
-                f"ctx.plan (one per model) for {ctx.key!r}; run the method's statistic first"
+                f"ctx.fitted (one per model) for {ctx.key!r}; run the method's statistic first"
             )
         # a model with density 0 or 1 has no threshold, and sparsify never asks for one
-        sparsifiers = [keep_at_least(t) if t is not None else magnitude for t in ctx.plan]
+        sparsifiers = [keep_at_least(t) if t is not None else magnitude for t in ctx.fitted]
     return generalized_task_arithmetic(
         base,
         tensors,

@@ -152,7 +152,7 @@ class TextSuite:
 
     def prepare_statistics(self, request) -> None:
         """Compute (once; cached in each expert's ``encoder/mergeforge-stats/``) the statistics
-        a data-using method reads (a :class:`~mergeforge.methods.base.SideInputs`): on the
+        a data-using method reads (a :class:`~mergeforge.methods.base.SidecarInputs`): on the
         first ``num_examples`` (default :data:`STATS_EXAMPLES`) training texts of each task,
         RegMean Grams of the encoder, or the Fisher of encoder + the task's own head."""
         from mergeforge.checkpoint.sidecar import open_sidecar

@@ -274,7 +274,7 @@ class VisionSuite:
         if run.method in self.reference_methods:
             return "reference"
         method = get_method(run.method)
-        if method.side_inputs is not None:
+        if method.sidecar_inputs is not None:
             raise ConfigError(
                 f"{run.name}: {run.method} reads per-model statistics (RegMean Grams / Fisher), "
                 "which the vision suite does not compute yet"
@@ -285,7 +285,7 @@ class VisionSuite:
             return "endpoints"  # merge_inputs checks that the regime has 2 parents
         free = sorted(m.name for m in all_methods() if m.base == "none")
         pairs = sorted(m.name for m in all_methods() if m.base != "none" and m.max_models == 1
-                       and m.side_inputs is None)  # fmt: skip
+                       and m.sidecar_inputs is None)  # fmt: skip
         raise ConfigError(
             f"{run.name}: {run.method} needs a base model (it merges differences from a shared "
             f"starting point), but the vision parents ({self.family}) are trained from scratch "

@@ -1,11 +1,11 @@
-"""Side inputs: per-model statistics (RegMean Grams, Fisher) for methods that declare them.
+"""Sidecars: per-model statistics (RegMean Grams, Fisher) for methods that declare them.
 
-Planning (:func:`plan_side_inputs`, before any tensor is read): for every non-base model of
+Planning (:func:`plan_sidecars`, before any tensor is read): for every non-base model of
 every merged job, take its statistics given in memory (``stats={model: {kind: tensors}}``) or
 else open its sidecar ``<model>/mergeforge-stats/<kind>.safetensors`` (headers only), refuse a
 missing/stale one with the ``mergeforge stats`` command that makes it, and check that each
 tensor's statistic is present and shaped as the method says. Executing
-(:func:`load_side`): each job reads its inputs' statistics lazily, fp32 on the compute device.
+(:func:`load_sidecars`): each job reads its inputs' statistics lazily, fp32 on the compute device.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from mergeforge.errors import ConfigError, ValidationError
 
 
 @dataclass(frozen=True)
-class SideRef:
+class SidecarRef:
     """One statistic: the sidecar (by model index and kind) and the tensor name in it."""
 
     model: int
@@ -38,7 +38,7 @@ def _command(template: str, model: str) -> str:
 def _fix(plan, index: int, req) -> str:
     """How to replace model ``index``'s statistics: the command that writes its sidecar, or,
     for statistics given in memory, recompute what was given."""
-    if isinstance(plan.side_files.get((index, req.kind)), MemorySource):
+    if isinstance(plan.sidecars.get((index, req.kind)), MemorySource):
         return f"Recompute the {req.kind} statistics given in memory for {plan.models[index]}."
     return f"Recompute them with: {_command(req.command, model_path(plan, index))}"
 
@@ -83,14 +83,14 @@ def _open(plan, index: int, req, stats: Mapping[str, Mapping[str, Any]]):
     )
 
 
-def plan_side_inputs(plan, stats: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-    """Open and check the statistics every merged job needs; fill ``plan.side_files`` and each
-    job's ``side`` (one :class:`SideRef` or ``None`` per non-base input). ``stats``: statistics
+def plan_sidecars(plan, stats: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Open and check the statistics every merged job needs; fill ``plan.sidecars`` and each
+    job's ``side`` (one :class:`SidecarRef` or ``None`` per non-base input). ``stats``: statistics
     given in memory, ``{model name: {kind: {tensor name: statistic}}}``, used instead of that
     model's file; one the merge does not read is a :class:`ConfigError` (a misspelt name)."""
     stats = stats or {}
     method = plan.method
-    if method.side_inputs is None:
+    if method.sidecar_inputs is None:
         if stats:
             raise ConfigError(
                 f"statistics were given for {', '.join(map(repr, stats))}, but "
@@ -100,14 +100,14 @@ def plan_side_inputs(plan, stats: Mapping[str, Mapping[str, Any]] | None = None)
     for i, job in enumerate(plan.jobs):
         if job.call is None:
             continue
-        req = method.side_inputs(job.call.params)
+        req = method.sidecar_inputs(job.call.params)
         want = req.shape(job.out_name, job.shape)
-        refs: list[SideRef | None] = []
+        refs: list[SidecarRef | None] = []
         for r in job.inputs:
             key = (r.model, req.kind)
-            if key not in plan.side_files:
-                plan.side_files[key] = _open(plan, r.model, req, stats)
-            f = plan.side_files[key]
+            if key not in plan.sidecars:
+                plan.sidecars[key] = _open(plan, r.model, req, stats)
+            f = plan.sidecars[key]
             if want is None or r.name not in f.keys():
                 refs.append(None)
                 continue
@@ -118,14 +118,14 @@ def plan_side_inputs(plan, stats: Mapping[str, Mapping[str, Any]] | None = None)
                     f"of {model_path(plan, r.model)}, but {method.name} needs {list(want)} for a "
                     f"tensor of shape {list(job.shape)}. {_fix(plan, r.model, req)}"
                 )
-            refs.append(SideRef(r.model, req.kind, r.name))
+            refs.append(SidecarRef(r.model, req.kind, r.name))
         if (
             want is not None
             and any(x is None for x in refs)
             and (req.required or any(x is not None for x in refs))
         ):
             r = job.inputs[refs.index(None)]
-            f = plan.side_files[(r.model, req.kind)]
+            f = plan.sidecars[(r.model, req.kind)]
             raise ValidationError(
                 f"missing statistic: {f.path} has no entry for tensor {r.name!r} of "
                 f"{plan.models[r.model]}"
@@ -133,8 +133,8 @@ def plan_side_inputs(plan, stats: Mapping[str, Mapping[str, Any]] | None = None)
                 + f". {_fix(plan, r.model, req)}"
             )
         if any(x is not None for x in refs):
-            plan.jobs[i] = dataclasses.replace(job, side=tuple(refs))
-    used = {(plan.models[m], kind) for m, kind in plan.side_files}
+            plan.jobs[i] = dataclasses.replace(job, sidecars=tuple(refs))
+    used = {(plan.models[m], kind) for m, kind in plan.sidecars}
     unused = [(m, k) for m, kinds in stats.items() for k in kinds if (m, k) not in used]
     if unused:
         m, k = unused[0]
@@ -145,29 +145,29 @@ def plan_side_inputs(plan, stats: Mapping[str, Mapping[str, Any]] | None = None)
         )
 
 
-def load_side(plan, job, device: torch.device) -> tuple[Tensor | None, ...]:
+def load_sidecars(plan, job, device: torch.device) -> tuple[Tensor | None, ...]:
     """The job's statistics, fp32 on ``device`` (``()`` when it has none)."""
-    if not job.side:
+    if not job.sidecars:
         return ()
     out: list[Tensor | None] = []
-    for s in job.side:
+    for s in job.sidecars:
         if s is None:
             out.append(None)
             continue
-        t = plan.side_files[(s.model, s.kind)].get(s.name)
+        t = plan.sidecars[(s.model, s.kind)].get(s.name)
         out.append(t.to(device=device, dtype=torch.float32, non_blocking=True))
     return tuple(out)
 
 
-def side_meta(plan, job) -> tuple[dict[str, str], ...]:
+def sidecar_meta(plan, job) -> tuple[dict[str, str], ...]:
     """Metadata of each input's statistics file (``()`` when the job has none)."""
-    if not job.side:
+    if not job.sidecars:
         return ()
-    kinds = {s.kind for s in job.side if s is not None}
+    kinds = {s.kind for s in job.sidecars if s is not None}
     kind = next(iter(kinds))
-    return tuple(plan.side_files[(r.model, kind)].metadata for r in job.inputs)
+    return tuple(plan.sidecars[(r.model, kind)].metadata for r in job.inputs)
 
 
-def close_side_files(plan) -> None:
-    for f in plan.side_files.values():
+def close_sidecars(plan) -> None:
+    for f in plan.sidecars.values():
         f.close()
