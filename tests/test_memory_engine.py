@@ -59,6 +59,9 @@ SETTINGS = {
 }
 """A setting for each of these parameter names, where a method has it: gradients over depth and
 filters, with values every method accepts (DELLA: density ± epsilon stays inside (0, 1))."""
+WHOLE_MODEL = {"prune": {"density": 0.4}}
+"""Settings of methods for which a parameter is one value for the whole model (prune's global
+top-k density): no gradient there."""
 
 
 def experts_for(method: Method) -> list[str]:
@@ -69,8 +72,9 @@ def experts_for(method: Method) -> list[str]:
 def config_for(method: Method, slices: bool) -> dict:
     """A config over the names of :data:`MODELS`: the settings of :data:`SETTINGS` the method
     has, a seed, an exclusion; ``slices``: layers [0, 2) then [1, 3) of every input (4 layers)."""
-    shared = {k: v for k, v in SETTINGS.items() if k in yaml_field_map(method.params)}
-    per_model = {k: v for k, v in SETTINGS.items() if k in yaml_field_map(method.model_params)}
+    settings = SETTINGS | WHOLE_MODEL.get(method.name, {})
+    shared = {k: v for k, v in settings.items() if k in yaml_field_map(method.params)}
+    per_model = {k: v for k, v in settings.items() if k in yaml_field_map(method.model_params)}
     names = experts_for(method)
     base = "base" if method.base != "none" else None
     cfg: dict = {"merge_method": method.name, "parameters": shared, "seed": 7,
@@ -100,10 +104,12 @@ def renamed(cfg, where: Mapping[str, str]):
 
 
 def statistics(method: Method) -> dict[str, tuple[str, dict[str, torch.Tensor], dict]] | None:
-    """Made-up statistics of the kind ``method`` reads, per expert: (kind, tensors, metadata)."""
-    if method.sidecar_inputs is None:
+    """Made-up statistics of the kind ``method`` reads, per expert: (kind, tensors, metadata).
+    Several statistics per tensor (curvature) are stored as a sidecar names them, ``KEY:R`` …,
+    the optional ones included (the recorded saliency ``:S``, Adam's ``:v``)."""
+    req = None if method.sidecar_inputs is None else method.sidecar_inputs(method.params())
+    if req is None:
         return None
-    req = method.sidecar_inputs(method.params())
     out = {}
     for i, name in enumerate(experts_for(method)):
         g = torch.Generator().manual_seed(100 + i)
@@ -112,13 +118,15 @@ def statistics(method: Method) -> dict[str, tuple[str, dict[str, torch.Tensor], 
             shape = req.shape(key, tuple(t.shape)) if t.is_floating_point() else None
             if shape is None:
                 continue
-            if req.kind == "regmean":
+            if isinstance(shape, Mapping):
+                tensors |= {key + s: torch.rand(sh, generator=g) + 0.01 for s, sh in shape.items()}
+            elif req.kind == "regmean":
                 a = torch.randn(shape[0], 2 * shape[0], generator=g)
                 tensors[key] = a @ a.T / a.shape[1]
             else:
                 tensors[key] = torch.rand(shape, generator=g) + 0.01
         norm = float(sum(v.double().square().sum() for v in tensors.values()) ** 0.5)
-        out[name] = (req.kind, tensors, {"fisher_norm": repr(norm)})
+        out[name] = (req.kind, tensors, {"fisher_norm": repr(norm), "variant": "ema"})
     return out
 
 

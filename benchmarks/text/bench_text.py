@@ -5,7 +5,9 @@
         --out benchmarks/results/text
 
 ``--backbone smollm2`` fine-tunes the SmolLM2-135M decoder instead of MiniLM; recipe options
-left out take the backbone's defaults.
+left out take the backbone's defaults. ``--optimizer adamw+recorder`` (AdamW with the curvature
+recorder) or ``umtam`` (the merge-ready optimizer) trains merge-ready experts, cached apart from
+the AdamW ones, for the ``umtam`` / ``ota`` rows of ``methods-curvature.yaml``.
 
 Same as ``mergeforge bench text`` but with the recipe and sizes exposed; experts are cached by
 recipe, so runs with different settings never mix.
@@ -21,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mergeforge.evaluate.bench import register_suite, run_bench  # noqa: E402
 from mergeforge.evaluate.text.backbones import BACKBONES  # noqa: E402
+from mergeforge.evaluate.text.experts import OPTIMIZERS  # noqa: E402
 from mergeforge.evaluate.text.suite import N_TRAIN, TextSuite  # noqa: E402
 
 
@@ -37,11 +40,18 @@ def main() -> None:
     p.add_argument("--n-test", type=int, default=None)
     p.add_argument("--tasks", default=None, help="comma-separated subset")
     p.add_argument("--backbone", default="minilm", choices=sorted(BACKBONES))
+    p.add_argument(
+        "--optimizer",
+        default="adamw",
+        choices=OPTIMIZERS,
+        help="how the experts train (adamw+recorder, umtam: with curvature sidecars)",
+    )
     p.add_argument("--cache", default=None)
     p.add_argument("--resume", action="store_true", help="reuse finished rows of OUT")
     a = p.parse_args()
     backbone = BACKBONES[a.backbone]
-    given = {"steps": a.steps, "batch_size": a.batch_size, "max_length": a.max_length, "lr": a.lr}
+    given = {"steps": a.steps, "batch_size": a.batch_size, "max_length": a.max_length, "lr": a.lr,
+             "optimizer": a.optimizer}  # fmt: skip
     recipe = replace(backbone.recipe, **{k: v for k, v in given.items() if v is not None})
 
     def suite(**kw):

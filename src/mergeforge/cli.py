@@ -64,6 +64,28 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    """``prune``: the config of a ``prune`` merge (one expert, its base) run as ``merge`` runs
+    it, so the output is written atomically and the inputs are never touched."""
+    from mergeforge.engine import run_merge
+    from mergeforge.errors import ConfigError
+
+    if not 0 < args.density <= 1:
+        raise ConfigError(f"--density {args.density} is outside (0, 1]: it is the fraction of "
+                          "the expert's weight entries kept (e.g. 0.1 keeps 10 %)")  # fmt: skip
+    config = {
+        "merge_method": "prune",
+        "base_model": args.base,
+        "models": [{"model": args.expert, "parameters": {"density": args.density}}],
+        "parameters": {"score": args.score, "fisher": args.fisher},
+    }
+    res = run_merge(config, args.out, device=args.device, overwrite=args.overwrite,
+                    progress=False if args.no_progress else None)  # fmt: skip
+    print(f"wrote {res.out} (prune, {args.score}, density {args.density}): {res.tensors} tensors, "
+          f"{human(res.bytes_written)} in {res.seconds:.1f} s")  # fmt: skip
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from mergeforge.engine import prepare
 
@@ -250,6 +272,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         keep_merged=args.keep_merged,
         plots=not args.no_plots,
         resume=args.resume,
+        suite_options={"optimizer": args.optimizer} if args.optimizer else None,
         console=_console(),
     )
     return 0
@@ -290,6 +313,31 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     add_mergekit_options(m)
     m.set_defaults(fn=cmd_merge)
+
+    pr = sub.add_parser(
+        "prune",
+        help="keep an expert's most important weight entries, reset the rest to its base",
+        description="Saliency pruning (grafting, UMTAM arXiv 2512.17109): keep the global top "
+        "DENSITY of the score over all the expert's matrices, return the other entries to the "
+        "base; biases and norms keep the expert's value. The same as `mergeforge merge` of "
+        "`merge_method: prune`.",
+    )
+    pr.add_argument("expert", help="the fine-tuned model (folder, file or Hugging Face id)")
+    pr.add_argument("out", help="output folder (written atomically)")
+    pr.add_argument("--base", required=True, help="the model the expert was fine-tuned from")
+    pr.add_argument("--density", type=float, required=True,
+                    help="fraction of the weight entries kept, in (0, 1]")  # fmt: skip
+    pr.add_argument(
+        "--score", choices=("saliency", "magnitude", "fisher"), default="saliency",
+        help="saliency: τ² ⊙ √(R ⊗ C) from the curvature recorded in training (default); "
+        "magnitude: |τ|; fisher: F ⊙ τ² (mergeforge stats fisher)",
+    )  # fmt: skip
+    pr.add_argument("--fisher", choices=("sampled", "empirical"), default="sampled",
+                    help="which Fisher --score fisher reads")  # fmt: skip
+    pr.add_argument("--device", default=None, help="cpu (default), cuda or auto")
+    pr.add_argument("--overwrite", action="store_true", help="replace a previous output")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
+    pr.set_defaults(fn=cmd_prune)
 
     v = sub.add_parser("validate", help="check a config and its inputs without merging")
     v.add_argument("config")
@@ -344,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default fashion_mnist/mlp/seeds2)",
     )
     b.add_argument("--cache", default=None, help="cache folder for the base and experts")
+    b.add_argument(
+        "--optimizer", default=None, choices=("adamw", "adamw+recorder", "umtam"),
+        help="text suites: train the experts with AdamW (default), AdamW + the curvature "
+        "recorder, or the UMTAM optimizer; the last two write curvature sidecars (for umtam / "
+        "ota rows) and are cached apart",
+    )  # fmt: skip
     b.add_argument("--keep-merged", action="store_true", help="keep merged models under OUT")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     b.add_argument(

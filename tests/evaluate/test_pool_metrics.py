@@ -98,9 +98,14 @@ def test_shipped_methods_file_expands():
     ta = [r.parameters["lambda"] for r in runs if r.family == "task_arithmetic"]
     assert ta == pytest.approx([0.1 * i for i in range(1, 11)])
     assert sum(r.family == "ties" for r in runs) == 9  # 3 lambda x 3 density
-    # Every registered method that merges several experts appears.
+    # Every registered method that merges several experts appears: in methods.yaml, or, for the
+    # curvature-aware ones (their experts are trained with --optimizer adamw+recorder / umtam),
+    # in methods-curvature.yaml. slerp and passthrough take two / one model, prune one expert.
     listed = {r.method for r in runs}
-    assert {m.name for m in all_methods()} - listed == {"slerp", "passthrough"}
+    curvature = {r.method for r in load_methods(path.with_name("methods-curvature.yaml"))}
+    assert {m.name for m in all_methods()} - listed == {"slerp", "passthrough", "prune", "umtam",
+                                                        "ota"}  # fmt: skip
+    assert {"umtam", "ota"} <= curvature
 
 
 def test_markdown_json_round_trip(tmp_path):

@@ -81,12 +81,13 @@ def merge_model(
     model_params: Sequence[Mapping[str, Any]] | None = None,
     *,
     seed: int = 0,
-    sidecars: Mapping[str, Sequence[Tensor | None]] | None = None,
+    sidecars: Mapping[str, Sequence[Any]] | None = None,
     sidecar_meta: Sequence[Mapping[str, str]] = (),
 ) -> dict[str, Tensor]:
     """Merge ``model`` through the engine. ``sidecars``: per key, each expert's statistic (``None``
-    where it has none), and ``sidecar_meta`` their files' metadata, given to the engine as each
-    expert's in-memory statistics of the kind the method reads."""
+    where it has none; ``{suffix: tensor}`` for a sidecar of several statistics per tensor), and
+    ``sidecar_meta`` their files' metadata, given to the engine as each expert's in-memory
+    statistics of the kind the method reads."""
     name = method if isinstance(method, str) else method.name
     config = config_of(name, model, params, model_params, seed=seed)
     stats = None
@@ -97,12 +98,25 @@ def merge_model(
         n = len(next(iter(model.values()))[1])
         stats = {
             e: {kind: MemorySource(
-                {k: v[i] for k, v in sidecars.items() if v[i] is not None},
+                flat_stats({k: v[i] for k, v in sidecars.items()}),
                 metadata=sidecar_meta[i] if sidecar_meta else None,
             )}
             for i, e in enumerate(expert_names(n))
         }  # fmt: skip
     return mergeforge.merge_state_dicts(config, state_dicts(model), stats=stats)
+
+
+def flat_stats(per_key: Mapping[str, Any]) -> dict[str, Tensor]:
+    """One model's statistics as a sidecar names them: ``{key: statistic}``, and for a sidecar
+    of several statistics per tensor ``{key: {":R": R, ...}}`` -> ``{"key:R": R, ...}``; ``None``
+    entries (no statistic) left out."""
+    out: dict[str, Tensor] = {}
+    for key, stat in per_key.items():
+        if isinstance(stat, Mapping):
+            out |= {key + suffix: t for suffix, t in stat.items()}
+        elif stat is not None:
+            out[key] = stat
+    return out
 
 
 def merge_tensor(method, base, tensors, params=None, model_params=None, **kw) -> Tensor:
@@ -123,25 +137,33 @@ def random_stats(method: str, params: Mapping[str, Any], model: Model, seed: int
     """Statistics of the kind ``method`` reads (``None`` for a method that reads none), as
     ``merge_model(sidecars=..., sidecar_meta=...)`` takes them: per key one statistic per expert of
     the shape the method asks for (a Gram: symmetric positive definite; a Fisher: positive),
-    and each expert's metadata with its Fisher norm."""
+    and each expert's metadata with its Fisher norm. A sidecar of several statistics per tensor
+    (curvature) gets ``{suffix: positive tensor}`` of the suffixes it requires."""
     m = get_method(method)
-    if m.sidecar_inputs is None:
+    req = None if m.sidecar_inputs is None else m.sidecar_inputs(m.params(**params))
+    if req is None:
         return None, ()
-    req = m.sidecar_inputs(m.params(**params))
     g = torch.Generator().manual_seed(seed)
     n = len(next(iter(model.values()))[1])
-    sidecars: dict[str, tuple[Tensor | None, ...]] = {}
+    sidecars: dict[str, tuple[Any, ...]] = {}
     for key, (_, xs) in model.items():
         shape = req.shape(key, tuple(xs[0].shape))
         if shape is None:
             sidecars[key] = (None,) * n
+        elif isinstance(shape, Mapping):  # several statistics per tensor: the required ones
+            sidecars[key] = tuple(
+                {s: torch.rand(sh, generator=g) ** 2 + 0.01 for s, sh in shape.items()
+                 if s not in req.optional}
+                for _ in range(n)
+            )  # fmt: skip
         elif req.kind == "regmean":
             a = [torch.randn(shape[0], 2 * shape[0], generator=g) for _ in range(n)]
             sidecars[key] = tuple(x @ x.T / x.shape[1] for x in a)
         else:
             sidecars[key] = tuple(torch.rand(shape, generator=g) ** 2 + 0.01 for _ in range(n))
     norms = [
-        float(sum((v[i].double() ** 2).sum() for v in sidecars.values() if v[i] is not None) ** 0.5)
+        float(sum((v[i].double() ** 2).sum() for v in sidecars.values()
+                  if isinstance(v[i], Tensor)) ** 0.5)
         for i in range(n)
-    ]
+    ]  # fmt: skip
     return sidecars, tuple({"fisher_norm": repr(x)} for x in norms)

@@ -31,6 +31,16 @@ BAD = [
     ("model_stock", "shared", {"filter_wise": 1}, "'filter_wise'"),
     ("passthrough", "per_model", {"scale": "x"}, "'scale'"),
     ("linear", "shared", {"normalize": None}, "'normalize'"),
+    ("umtam", "shared", {"curvature": "hessian"}, "'curvature' .*recorded, fisher-sampled"),
+    ("umtam", "shared", {"sign_weight": "magnitude"}, "'sign_weight' .*curvature, saliency"),
+    ("umtam", "shared", {"normalize_saliency": True}, "'normalize_saliency' .*sign_weight"),
+    ("umtam", "per_model", {"density": 1.2}, "'density' = 1.2"),
+    ("ota", "shared", {"power": -0.5}, "'power' = -0.5"),
+    ("ota", "shared", {"epsilon": 0.0}, "'epsilon' = 0.0 .*positive"),
+    ("ota", "shared", {"normalization": "global"}, "'normalization' .*none, mean, sum"),
+    ("ota", "shared", {"preconditioner": "adam"}, "'preconditioner' .*exp_avg_sq"),
+    ("prune", "shared", {"score": "random"}, "'score' .*saliency, magnitude, fisher"),
+    ("prune", "per_model", {"density": 0.0}, "'density' = 0.0 .*\\(0, 1\\]"),
 ]
 
 
@@ -61,6 +71,8 @@ def test_registry():
         "breadcrumbs_ties", "della", "della_linear", "model_stock", "emr", "passthrough",
         # matrix-aware (issue 4)
         "tsv", "iso_c", "iso_cts", "wudi", "swudi", "swudi_a", "ace", "regmean", "fisher",
+        # curvature recorded in training (issue 14)
+        "umtam", "ota", "prune",
     }  # fmt: skip
     for m in methods.all_methods():
         assert m.reference.startswith("https://") and m.summary, m.name
@@ -68,6 +80,7 @@ def test_registry():
     assert stochastic == {"dare_ties", "dare_linear", "della", "della_linear"}
     assert {m.name for m in methods.all_methods() if m.base == "none"} == {"linear", "passthrough"}
     assert get_method("slerp").max_models == 1 and get_method("model_stock").min_models == 2
+    assert get_method("prune").max_models == 1 and get_method("prune").output_like == "first"
     with pytest.raises(ConfigError, match="unknown merge method 'tie'"):
         get_method("tie")
 

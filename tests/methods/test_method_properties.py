@@ -45,6 +45,8 @@ SPARSE = (
 )
 CRUMBS = tuple(dict(mp, gamma=0.1) for mp in SPARSE)
 DELLA = tuple(dict(mp, epsilon=0.2) for mp in SPARSE)
+DENSE3 = ({"density": 0.5}, {"density": 0.7}, {"density": 0.6})
+VARIANT_C = {"sign_weight": "saliency", "normalize_curvature": True, "normalize_saliency": True}
 CASES = [
     Case("linear", {}, W3),
     Case("task_arithmetic", {"lambda_": 0.7}, W3),
@@ -84,6 +86,17 @@ CASES = [
     Case("iso_c", {}),
     Case("iso_cts", {}),
     Case("iso_cts", {"common_fraction": 0.3, "non_matrix": "base"}),
+    # curvature recorded in training (made-up R, C: random_stats); oracles in test_umtam.py,
+    # test_ota.py, test_prune.py
+    Case("umtam", {}, DENSE3),
+    Case("umtam", VARIANT_C | {"lambda_": 0.8}, DENSE3),
+    Case("umtam", {"curvature": "fisher-sampled"}, DENSE3),
+    Case("ota", {}),
+    Case("ota", {"power": 0.25, "normalization": "mean"}, ({"density": 0.5},) * 3),
+    Case("ota", {"preconditioner": "rank1", "normalization": "sum", "power": 0.0}),
+    Case("prune", {}, ({"density": 0.3},)),
+    Case("prune", {"score": "magnitude"}, ({"density": 0.3},)),
+    Case("prune", {"score": "fisher"}, ({"density": 0.3},)),
     Case("slerp", {"t": 0.3}, ({},)),
     Case("passthrough", {}, ({},)),
     Case("passthrough", {}, ({"scale": 0.5},), idempotent=False),

@@ -78,7 +78,8 @@ class Loader:
 
 
 def run_statistics(plan: MergePlan, loader: Loader, progress: Callable[[str], None]):
-    """Two-phase methods: feed every merged tensor to the method's statistic, pass by pass."""
+    """Two-phase methods: feed every merged tensor (and its inputs' statistics, for a method
+    that reads sidecars) to the method's statistic, pass by pass."""
     if plan.method.statistic is None:
         return None
     jobs = [j for j in plan.jobs if j.call is not None]
@@ -89,7 +90,9 @@ def run_statistics(plan: MergePlan, loader: Loader, progress: Callable[[str], No
         progress(f"statistics pass {p + 1}/{stat.passes} for {plan.method.name}")
         for job in jobs:
             base, tensors = loader.job(job)
-            stat.observe(p, job.out_name, base, tensors, job.call.params, job.call.model_params)
+            side = load_sidecars(plan, job, loader.device)
+            stat.observe(p, job.out_name, base, tensors, job.call.params, job.call.model_params,
+                         sidecars=side)  # fmt: skip
         stat.end_pass(p)
     return stat.result()
 

@@ -82,7 +82,8 @@ class MergePlan:
     compute_dtype: torch.dtype
     num_out_layers: int | None
     reference: int
-    """Index of the model whose config.json/tokenizer the output takes (base, else first)."""
+    """Index of the model whose tensor names, config.json and tokenizer the output takes (the
+    base, else the first model; the first non-base model for ``Method.output_like: first``)."""
     warnings: list[str] = field(default_factory=list)
     sidecars: dict[tuple[int, str], Any] = field(default_factory=dict)
     """Opened sidecars (or statistics given in memory), by (model index, kind) (methods with
@@ -284,7 +285,11 @@ def build_plan(
     warnings = list(cfg.warnings)
     index = {m: i for i, m in enumerate(models)}
     base = index[cfg.base_model] if cfg.base_model else None
-    ref = base if base is not None else index[(cfg.models or cfg.slices[0].sources)[0].model]
+    listed = [index[s.model] for s in (cfg.models or cfg.slices[0].sources)]
+    if base is not None and method.output_like == "base":
+        ref = base
+    else:  # the first model that is not the base (Method.output_like)
+        ref = next((m for m in listed if m != base), listed[0])
     check_compatible(models, cks, ref, cfg.allow_vocab_mismatch)
 
     compute = DTYPE_NAMES[cfg.dtype] if cfg.dtype else torch.float32

@@ -3,9 +3,11 @@
 Planning (:func:`plan_sidecars`, before any tensor is read): for every non-base model of
 every merged job, take its statistics given in memory (``stats={model: {kind: tensors}}``) or
 else open its sidecar ``<model>/mergeforge-stats/<kind>.safetensors`` (headers only), refuse a
-missing/stale one with the ``mergeforge stats`` command that makes it, and check that each
-tensor's statistic is present and shaped as the method says. Executing
-(:func:`load_sidecars`): each job reads its inputs' statistics lazily, fp32 on the compute device.
+missing/stale one with the command that makes it (``mergeforge stats ...``, or for training's
+curvature how to record it), and check that each tensor's statistics are present and shaped as
+the method says (one statistic named by the tensor, or several named ``<tensor><suffix>``).
+Executing (:func:`load_sidecars`): each job reads its inputs' statistics lazily, fp32 on the
+compute device.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from mergeforge.errors import ConfigError, ValidationError
 
 @dataclass(frozen=True)
 class SidecarRef:
-    """One statistic: the sidecar (by model index and kind) and the tensor name in it."""
+    """One tensor's statistics: the sidecar (by model index and kind) and the name in it; for a
+    sidecar of several statistics per tensor, the suffixes present (read as ``name + suffix``)."""
 
     model: int
     kind: str
     name: str
+    parts: tuple[str, ...] = ()
 
 
 def _command(template: str, model: str) -> str:
@@ -97,28 +101,21 @@ def plan_sidecars(plan, stats: Mapping[str, Mapping[str, Any]] | None = None) ->
                 f"{method.name!r} reads none; leave out stats="
             )
         return
+    names: dict[tuple[int, str], set[str]] = {}  # each sidecar's tensor names, looked up once
     for i, job in enumerate(plan.jobs):
         if job.call is None:
             continue
         req = method.sidecar_inputs(job.call.params)
+        if req is None:  # these parameters read no statistics
+            continue
         want = req.shape(job.out_name, job.shape)
         refs: list[SidecarRef | None] = []
         for r in job.inputs:
             key = (r.model, req.kind)
             if key not in plan.sidecars:
                 plan.sidecars[key] = _open(plan, r.model, req, stats)
-            f = plan.sidecars[key]
-            if want is None or r.name not in f.keys():
-                refs.append(None)
-                continue
-            got = tuple(f.info(r.name).shape)
-            if got != tuple(want):
-                raise ValidationError(
-                    f"statistics shape mismatch: {f.path} has {list(got)} for tensor {r.name!r} "
-                    f"of {model_path(plan, r.model)}, but {method.name} needs {list(want)} for a "
-                    f"tensor of shape {list(job.shape)}. {_fix(plan, r.model, req)}"
-                )
-            refs.append(SidecarRef(r.model, req.kind, r.name))
+                names[key] = set(plan.sidecars[key].keys())
+            refs.append(None if want is None else _ref(plan, r, req, want, job, names[key]))
         if (
             want is not None
             and any(x is None for x in refs)
@@ -145,17 +142,53 @@ def plan_sidecars(plan, stats: Mapping[str, Mapping[str, Any]] | None = None) ->
         )
 
 
-def load_sidecars(plan, job, device: torch.device) -> tuple[Tensor | None, ...]:
-    """The job's statistics, fp32 on ``device`` (``()`` when it has none)."""
+def _ref(plan, r, req, want, job, names: set[str]) -> SidecarRef | None:
+    """Input ``r``'s statistics for ``job``, checked against the shape(s) the method wants
+    (``want``: one shape, or ``{suffix: shape}``); ``None`` where the file has none."""
+    f = plan.sidecars[(r.model, req.kind)]
+    several = isinstance(want, Mapping)
+    shapes = dict(want) if several else {"": want}
+    present = [s for s in shapes if r.name + s in names]
+    needed = [s for s in shapes if s not in req.optional]
+    if not any(s in present for s in needed):
+        return None
+    absent = [s for s in needed if s not in present]
+    if absent:
+        raise ValidationError(
+            f"incomplete statistics: {f.path} has {r.name + present[0]!r} but no "
+            f"{r.name + absent[0]!r} for tensor {r.name!r} of {model_path(plan, r.model)}. "
+            f"{_fix(plan, r.model, req)}"
+        )
+    for s in present:
+        got = tuple(f.info(r.name + s).shape)
+        if got != tuple(shapes[s]):
+            raise ValidationError(
+                f"statistics shape mismatch: {f.path} has {list(got)} for {r.name + s!r} "
+                f"of {model_path(plan, r.model)}, but {plan.method.name} needs "
+                f"{list(shapes[s])} for a tensor of shape {list(job.shape)}. "
+                f"{_fix(plan, r.model, req)}"
+            )
+    return SidecarRef(r.model, req.kind, r.name, tuple(present) if several else ())
+
+
+def load_sidecars(plan, job, device: torch.device) -> tuple[Any, ...]:
+    """The job's statistics, fp32 on ``device`` (``()`` when it has none): per input a tensor,
+    or ``{suffix: tensor}`` for a sidecar of several statistics per tensor, or ``None``."""
     if not job.sidecars:
         return ()
-    out: list[Tensor | None] = []
+
+    def load(s: SidecarRef, name: str) -> Tensor:
+        t = plan.sidecars[(s.model, s.kind)].get(name)
+        return t.to(device=device, dtype=torch.float32, non_blocking=True)
+
+    out: list[Any] = []
     for s in job.sidecars:
         if s is None:
             out.append(None)
-            continue
-        t = plan.sidecars[(s.model, s.kind)].get(s.name)
-        out.append(t.to(device=device, dtype=torch.float32, non_blocking=True))
+        elif s.parts:
+            out.append({p: load(s, s.name + p) for p in s.parts})
+        else:
+            out.append(load(s, s.name))
     return tuple(out)
 
 

@@ -129,10 +129,19 @@ register_suite("text-smollm2", _text_smollm2_suite)
 register_suite("vision", _vision_suite)
 
 
-def get_suite(name: str, **kwargs) -> Suite:
+def get_suite(name: str, *, options: Mapping[str, Any] | None = None, **kwargs) -> Suite:
+    """The suite ``name`` built with the common ``kwargs`` and its own ``options`` (e.g. the
+    text suites' ``optimizer``); a suite that takes no such option is a :class:`ConfigError`."""
     if name not in SUITES:
         raise ConfigError(f"unknown suite {name!r}; known: {sorted(SUITES)}")
-    return SUITES[name](**kwargs)
+    if not options:
+        return SUITES[name](**kwargs)
+    try:
+        return SUITES[name](**kwargs, **options)
+    except TypeError as exc:
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        raise ConfigError(f"suite {name!r} takes no option(s) {sorted(options)}: {exc}") from exc
 
 
 # ---------------------------------------------------------------- the methods file and sweeps
@@ -347,6 +356,7 @@ def run_bench(
     keep_merged: bool = False,
     plots: bool = True,
     resume: bool = False,
+    suite_options: Mapping[str, Any] | None = None,
     console=None,
 ) -> dict:
     """Run every method of ``methods`` on ``suite``; write results.json, results.md and plots.
@@ -354,7 +364,8 @@ def run_bench(
     Returns the results payload (as written to ``out_dir/results.json``, which is rewritten
     after every run). ``resume`` reuses the rows of an earlier ``results.json`` in ``out_dir``
     whose name, method and parameters match, if it was made with the same suite settings
-    (experts, data sizes, recipe); everything else runs.
+    (experts, data sizes, recipe); everything else runs. ``suite_options``: options of this
+    suite only (the text suites': ``{"optimizer": "umtam"}``), passed to its factory.
     """
     from rich.console import Console
 
@@ -362,7 +373,7 @@ def run_bench(
 
     console = console or Console()
     bench = get_suite(suite, quick=quick, full=full, cache_dir=cache_dir, tasks=tasks,
-                      console=console)  # fmt: skip
+                      console=console, options=suite_options)  # fmt: skip
     # fail on a bad file before any training
     runs = load_methods(methods, quick=quick, references=_references(bench))
     check = getattr(bench, "check_run", None)  # optional in the Suite protocol

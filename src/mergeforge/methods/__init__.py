@@ -12,12 +12,15 @@ from mergeforge.methods import (  # noqa: F401  (imported to register their meth
     fisher,
     linear,
     model_stock,
+    ota,
     passthrough,
+    prune,
     regmean,
     slerp,
     svd,
     task_arithmetic,
     ties,
+    umtam,
     wudi,
 )
 from mergeforge.methods.base import Method, TensorContext, all_methods, get_method

@@ -61,11 +61,13 @@ class TensorContext:
     """Result of the method's statistics pass for this merge (``None`` if it has none)."""
     model_names: tuple[str, ...] = ()
     """Names of the non-base inputs, for error messages."""
-    sidecars: tuple[Tensor | None, ...] = ()
+    sidecars: tuple[Any, ...] = ()
     """Per-model statistics for this tensor (methods with ``sidecar_inputs``), one per non-base
     input in input order, fp32 on the compute device; ``()`` or ``None`` entries where the tensor
     has none (biases, norms). E.g. RegMean's input Gram (in, in), Fisher's diagonal (shape of
-    the tensor)."""
+    the tensor); for a sidecar of several statistics per tensor (``SidecarInputs.shape`` gives
+    ``{suffix: shape}``) a mapping ``{suffix: tensor}`` of those the file holds, e.g. curvature's
+    ``{":R": (m,), ":C": (n,)}``."""
     sidecar_meta: tuple[Mapping[str, str], ...] = ()
     """Metadata of each non-base input's statistics file (e.g. Fisher's whole-model norm)."""
 
@@ -83,21 +85,30 @@ class SidecarInputs:
     """File stem: ``regmean``, ``fisher-empirical``, ``fisher-sampled``."""
     num_examples: int | None
     """Examples the statistics must have been computed on (``None``: whatever was used)."""
-    shape: Callable[[str, tuple[int, ...]], tuple[int, ...] | None]
-    """``(output tensor name, its shape) -> shape of its statistic``, ``None`` if it takes none."""
+    shape: Callable[[str, tuple[int, ...]], tuple[int, ...] | Mapping[str, tuple[int, ...]] | None]
+    """``(output tensor name, its shape) -> shape of its statistic``, ``None`` if it takes none.
+    A sidecar holding several statistics per tensor (``curvature``: ``P:R``, ``P:C`` …) gives
+    ``{suffix: shape}`` instead: the file names them ``<tensor name><suffix>`` and the method
+    gets ``{suffix: tensor}`` (see ``optional``)."""
     required: bool
     """Every tensor with a statistic shape must have one (Fisher). ``False``: a tensor may have
     none in every file (merged without), but not in some files only (RegMean)."""
     command: str
-    """The ``mergeforge stats ...`` command (without the model) that creates the file."""
+    """How to create the file (``{model}``: the model's path): a ``mergeforge stats ...``
+    command, or for statistics only training records, how to record them."""
+    optional: tuple[str, ...] = ()
+    """Suffixes of a several-statistics sidecar that a file may leave out (curvature's ``:S``,
+    ``:v``): handed over where the file has them, left out of the mapping where not."""
 
 
 class Statistic(Protocol):
     """A whole-model statistics pass (two-phase methods: ``fit`` then ``apply``).
 
     The engine calls ``observe`` for every tensor the method will merge, ``passes`` times in
-    a row (``end_pass`` after each), then hands ``result()`` to the method as ``ctx.fitted``.
-    Memory held by a statistic must not grow with the model size beyond what it documents.
+    a row (``end_pass`` after each), then hands ``result()`` to the method as ``ctx.fitted``;
+    ``sidecars`` are the tensor's per-model statistics, as ``TensorContext.sidecars`` (``()`` for
+    a method that reads none). Memory held by a statistic must not grow with the model size
+    beyond what it documents.
     """
 
     passes: int
@@ -110,6 +121,7 @@ class Statistic(Protocol):
         tensors: Sequence[Tensor],
         params: Any,
         model_params: Sequence[Any],
+        sidecars: Sequence[Any] = (),
     ) -> None: ...
 
     def end_pass(self, pass_index: int) -> None: ...
@@ -140,9 +152,14 @@ class Method:
     the tensor): the engine may then run the method on cache-sized chunks of flat views."""
     statistic: Callable[[Any], Statistic] | None = None
     """Factory ``(params) -> Statistic`` when the method needs a statistics pass."""
-    sidecar_inputs: Callable[[Any], SidecarInputs] | None = None
+    sidecar_inputs: Callable[[Any], SidecarInputs | None] | None = None
     """Factory ``(params) -> SidecarInputs`` for methods that read per-model statistics computed
-    once per model by ``mergeforge stats`` (RegMean Grams, diagonal Fisher)."""
+    once per model (``mergeforge stats``: RegMean Grams, diagonal Fisher; training: curvature);
+    it returns ``None`` where these parameters read none (``prune`` by magnitude)."""
+    output_like: Literal["base", "first"] = "base"
+    """Which input the output takes its tensor names, ``config.json`` and carried files from:
+    the base (else the first model), or always the first non-base model (``prune``: the output
+    is the pruned expert, with its own config and head)."""
     warm_up: Callable[[Any, int, torch.dtype, torch.device], None] | None = None
     """Optional ``(params, n_models, compute dtype, device)`` hook the engine calls once after
     planning, before any tensor: e.g. load a compiled kernel in the background (TIES)."""

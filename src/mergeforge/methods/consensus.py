@@ -6,6 +6,8 @@ shape S stacked; ``weights`` is (N, 1, …, 1) so that it broadcasts against ``d
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -55,34 +57,49 @@ def disjoint_mean(
     return total / divisor if normalize else total
 
 
-def elect_sign_list(deltas: list[Tensor], method: str = "sum") -> Tensor:
+def elect_sign_list(
+    deltas: list[Tensor], method: str = "sum", weights: Sequence[Tensor] | None = None
+) -> Tensor:
     """:func:`elect_sign` for a list of N tensors of shape S, without stacking them: returns
-    a boolean S, True where the elected sign is +1 (a tied vote elects +1, as mergekit)."""
+    a boolean S, True where the elected sign is +1 (a tied vote elects +1, as mergekit).
+
+    ``weights`` (one tensor per model, broadcasting to S): each model's vote is weighted entry
+    by entry, Σ_i w_i τ_i (``sum``) or Σ_i w_i sign(τ_i) (``count``; UMTAM's curvature-weighted
+    vote with w_i = K_i). Without them the votes are as above, bit for bit."""
+    if method not in ("sum", "count"):
+        raise ValueError(f"unknown consensus method {method!r}: expected 'sum' or 'count'")
+    if weights is not None:
+        votes = (d if method == "sum" else torch.sign(d) for d in deltas)
+        vote = None
+        for v, w in zip(votes, weights, strict=True):
+            vote = v * w if vote is None else vote.add_(v * w)
+        assert vote is not None
+        return vote >= 0
     if method == "sum":  # (d0 + d1) + d2 …: the same sums as clone-then-add, one pass fewer
         vote = torch.add(deltas[0], deltas[1]) if len(deltas) > 1 else deltas[0].clone()
         for d in deltas[2:]:
             vote.add_(d)
-    elif method == "count":
+    else:
         vote = torch.sign(deltas[0])
         for d in deltas[1:]:
             vote.add_(torch.sign(d))
-    else:
-        raise ValueError(f"unknown consensus method {method!r}: expected 'sum' or 'count'")
     return vote >= 0
 
 
 def disjoint_sum(
-    deltas: list[Tensor], weights: list[float], positive: Tensor
+    deltas: list[Tensor], weights: Sequence[float | Tensor], positive: Tensor
 ) -> tuple[Tensor, Tensor]:
     """The TIES disjoint step for a list of N weighted task vectors (each S), consuming them:
     returns (Σ_i [sign τ_i = γ] τ_i, Σ_i [sign τ_i = γ] w_i) with a zero divisor replaced by
-    1 (mergekit). Zeros never agree. Same sums, in the same order, as :func:`disjoint_mean`."""
+    1 (mergekit). Zeros never agree. Same sums, in the same order, as :func:`disjoint_mean`.
+    A weight may be a tensor broadcasting to S (UMTAM's per-entry curvature K_i, with the task
+    vectors given as K_i ⊙ τ_i)."""
     gamma = positive.to(deltas[0].dtype).mul_(2).sub_(1)  # ±1
     merged = divisor = None
     for d, w in zip(deltas, weights, strict=True):
         agree = torch.mul(d, gamma).gt_(0)  # sign(d) == γ and d != 0
         d.mul_(agree)
-        if w != 1:  # agree·1 = agree: skipping it is exact
+        if isinstance(w, Tensor) or w != 1:  # agree·1 = agree: skipping it is exact
             agree.mul_(w)
         if merged is None:
             merged, divisor = d, agree

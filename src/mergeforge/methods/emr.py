@@ -87,7 +87,7 @@ class EMRScales:
         self.task_l1: list[float] = []
         self.masked_l1: list[float] = []
 
-    def observe(self, pass_index, key, base, tensors, params, model_params) -> None:
+    def observe(self, pass_index, key, base, tensors, params, model_params, sidecars=()):
         deltas, masks, unified = elect_mask(base, tensors)
         if not self.task_l1:
             self.task_l1, self.masked_l1 = [0.0] * len(tensors), [0.0] * len(tensors)

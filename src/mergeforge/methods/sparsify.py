@@ -42,14 +42,21 @@ def magnitude(delta: Tensor, mp: Any, generator: torch.Generator | None = None):
     order (what a stable sort does); mergekit's unstable ``argsort`` keeps an arbitrary subset
     of them, so the two differ on those equal-magnitude entries only (fp32/bf16 deltas do tie).
     """
-    flat = delta.abs().reshape(-1)
-    k = max(1, int(mp.density * flat.numel()))
+    return keep_top(delta.abs(), mp.density), mp.density  # bool: ``delta * mask``, no copy
+
+
+def keep_top(score: Tensor, density: float) -> Tensor:
+    """The trim step with any score: a boolean mask (``score``'s shape) of its
+    k = max(1, ⌊density·n⌋) largest entries; of the entries tied at the threshold, the first in
+    index order. TIES' trim is ``keep_top(|τ|, density)``; UMTAM's ``keep_top(S, density)``."""
+    flat = score.reshape(-1)
+    k = max(1, int(density * flat.numel()))
     thr = kth_largest(flat, k)
     mask = flat >= thr
     extra = int(torch.count_nonzero(mask)) - k
     if extra > 0:  # entries tied at the threshold: drop the last ones in index order
         mask[(flat == thr).nonzero().squeeze(1)[-extra:]] = False
-    return mask.view_as(delta), mp.density  # bool: ``delta * mask`` needs no float copy
+    return mask.view_as(score)
 
 
 def kth_largest(flat: Tensor, k: int) -> Tensor:

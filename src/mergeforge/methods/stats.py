@@ -8,11 +8,15 @@ so pass 1 histograms the high 16 bits (65536 bins) to find the bin holding the m
 and pass 2 histograms the low 16 bits of the entries in that bin. Memory: 65536 int64 counts
 per model (512 KiB), whatever the model size. The result equals
 ``torch.kthvalue(cat(|τ_i|), n − m + 1)``.
+
+The score need not be |τ|: any non-negative per-entry score works the same way (``score``, e.g.
+saliency pruning's τ² ⊙ √(R ⊗ C) from the curvature statistics); a score may leave a tensor out
+(pruning scores 2-D weights only), and n counts the entries scored.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -22,13 +26,23 @@ from mergeforge.errors import ConfigError
 
 _BINS = 1 << 16
 
+Score = Callable[[Tensor, Tensor, Any, Any], Tensor | None]
+"""``(base, expert, the expert's statistics for this tensor or None, params) ->`` a
+non-negative score per entry (any float dtype, compared in float32), or ``None``: the tensor
+takes no part in the whole-model top-k."""
+
+
+def magnitude_score(base: Tensor, x: Tensor, stat: Any, params: Any) -> Tensor:
+    """|τ| = |x − θ₀|: TIES' trim score."""
+    return (x - base).abs()
+
 
 class NoStatistic:
     """For a method whose statistics pass is off for these parameters: zero passes."""
 
     passes = 0
 
-    def observe(self, pass_index, key, base, tensors, params, model_params) -> None:
+    def observe(self, pass_index, key, base, tensors, params, model_params, sidecars=()):
         raise AssertionError("a statistic with zero passes observes nothing")
 
     def end_pass(self, pass_index: int) -> None:
@@ -39,14 +53,16 @@ class NoStatistic:
 
 
 class ModelTopK:
-    """Per-model global top-k thresholds; ``result()`` is a tuple with one float per model
-    (None where the density is 0 or 1 and nothing needs selecting). Every model needs one
-    density for the whole model (a per-tensor density has no whole-model meaning)."""
+    """Per-model global top-k thresholds of ``score`` (default |τ|); ``result()`` is a tuple
+    with one float per model (None where the density is 0 or 1 and nothing needs selecting).
+    Every model needs one density for the whole model (a per-tensor density has no whole-model
+    meaning)."""
 
     passes = 2
 
-    def __init__(self) -> None:
-        self.numel = 0
+    def __init__(self, score: Score = magnitude_score) -> None:
+        self.score = score
+        self.numel: list[int] = []
         self.density: list[float] = []
         self.first_key = ""
         self.hist: list[Tensor] = []
@@ -62,16 +78,21 @@ class ModelTopK:
         tensors: Sequence[Tensor],
         params: Any,
         model_params: Sequence[Any],
+        sidecars: Sequence[Any] = (),
     ) -> None:
         assert base is not None, "task vectors need a base"
         if pass_index == 0:
             self._check_density(key, [mp.density for mp in model_params])
-            self.numel += base.numel()
         for i, x in enumerate(tensors):
             if not 0 < self.density[i] < 1:
                 continue
-            # |τ| as float32 (the merge compares in float32 too), read as int32
-            bits = (x - base).abs().to(torch.float32).contiguous().view(torch.int32).reshape(-1)
+            score = self.score(base, x, sidecars[i] if sidecars else None, params)
+            if score is None:
+                continue
+            if pass_index == 0:
+                self.numel[i] += score.numel()
+            # the score as float32 (the merge compares in float32 too), read as int32
+            bits = score.to(torch.float32).contiguous().view(torch.int32).reshape(-1)
             high = bits >> 16
             values = high if pass_index == 0 else bits[high == self.bin[i]] & (_BINS - 1)
             # bincount takes the int32 values as they are: no int64 copy of a large tensor
@@ -82,10 +103,12 @@ class ModelTopK:
             if not 0 < density < 1:
                 continue
             if pass_index == 0:
-                m = max(1, int(density * self.numel))
+                if not self.numel[i]:
+                    continue  # nothing scored: no threshold
+                m = max(1, int(density * self.numel[i]))
                 # the m-th largest is the (n − m + 1)-th smallest (1-based, as kthvalue)
-                self.bin[i], self.rank[i] = _locate(self.hist[i], self.numel - m + 1)
-            else:
+                self.bin[i], self.rank[i] = _locate(self.hist[i], self.numel[i] - m + 1)
+            elif self.numel[i]:
                 low, _ = _locate(self.hist[i], self.rank[i])
                 bits = torch.tensor([(self.bin[i] << 16) | low], dtype=torch.int32)
                 self.thresholds[i] = bits.view(torch.float32).item()
@@ -100,6 +123,7 @@ class ModelTopK:
             self.density, self.first_key = density, key
             self.hist = [torch.zeros(_BINS, dtype=torch.int64) for _ in range(n)]
             self.bin, self.rank, self.thresholds = [0] * n, [0] * n, [None] * n
+            self.numel = [0] * n
             return
         for i, (a, b) in enumerate(zip(self.density, density, strict=True)):
             if a != b:

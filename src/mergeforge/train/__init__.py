@@ -2,7 +2,8 @@
 needs (UMTAM, arXiv 2512.17109). Below the engine; it writes sidecars, never merges.
 
 * :mod:`.artifact`: the curvature artifact (a ``curvature`` sidecar: R, C, optional S and Adam's
-  ``exp_avg_sq`` per parameter) and :func:`saliency`, the one place S = τ² ⊙ √(R ⊗ C) lives;
+  ``exp_avg_sq`` per parameter) and :func:`saliency`, S = τ² ⊙ √(R ⊗ C) (the formula lives in
+  :mod:`mergeforge.methods.curvature`, a floor below, where the merge methods read it too);
 * :mod:`.optimizer`: :class:`UMTAM`, the merge-ready optimizer (low-rank momentum, factored
   curvature, AdamW for vectors) that exports the same artifact;
 * :mod:`.recorder`: :class:`CurvatureRecorder`, R and C recorded beside any optimizer;

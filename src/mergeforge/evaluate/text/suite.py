@@ -7,7 +7,12 @@ loaders of :data:`~mergeforge.evaluate.text.tasks.TEXT_TASKS`, seeded subsamples
 :data:`N_TRAIN` / the backbone's ``n_test`` per task (``full=True``: every training example). One
 expert per task with the backbone's :class:`~mergeforge.evaluate.text.experts.FinetuneRecipe`,
 cached per task under ``$MERGEFORGE_CACHE/text-suite/`` by a hash of everything it depends on.
-Merges read the experts' ``encoder/`` folders; every task keeps its own head.
+Merges read the experts' ``encoder/`` folders; every task keeps its own head. ``optimizer``
+(``--optimizer``: ``adamw``, ``adamw+recorder``, ``umtam``;
+:data:`~mergeforge.evaluate.text.experts.OPTIMIZERS`) trains the experts with AdamW, AdamW beside
+the curvature recorder, or the merge-ready UMTAM optimizer; the last two leave a curvature sidecar
+in each ``encoder/`` (what ``umtam`` / ``ota`` merges read), and each choice has its own cache keys
+(AdamW's are those from before the choice existed).
 
 MiniLM budget (2 CPU cores, ~1.7 s a step at batch 32 x 64 tokens): 7 x 200 steps ~ 40 min to
 build the experts once; one merged encoder on the 7 x 500 test texts takes well under 3 minutes.
@@ -20,7 +25,7 @@ import hashlib
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mergeforge.cache import cache_folder
@@ -30,6 +35,7 @@ from mergeforge.evaluate.text.backbones import get_backbone
 from mergeforge.evaluate.text.eval import embed, head_accuracy, load_encoder, load_head
 from mergeforge.evaluate.text.experts import ENCODER_DIR, FinetuneRecipe
 from mergeforge.evaluate.text.tasks import TASK_PACKAGES, TEXT_TASKS, TextTask, package_dir
+from mergeforge.train.artifact import KIND as CURVATURE
 
 ALL_TASKS = tuple(TEXT_TASKS)
 QUICK_TASKS = ("polarity", "news_topic", "tweet_authorship")
@@ -95,6 +101,7 @@ class TextSuite:
         n_train: int | None = None,
         n_test: int | None = None,
         backbone: str = "minilm",
+        optimizer: str | None = None,
         console=None,
     ) -> None:
         from rich.console import Console
@@ -105,6 +112,8 @@ class TextSuite:
             raise ConfigError(f"unknown text task(s) {unknown}; known: {list(TEXT_TASKS)}")
         self.backbone = get_backbone(backbone)
         self.recipe = recipe or (QUICK["recipe"] if quick else self.backbone.recipe)
+        if optimizer is not None:  # FinetuneRecipe checks the name (ConfigError)
+            self.recipe = replace(self.recipe, optimizer=optimizer)
         self.n_train = None if full else (n_train or (QUICK["n_train"] if quick else N_TRAIN))
         self.n_test = n_test or (QUICK["n_test"] if quick else self.backbone.n_test)
         self.quick = quick
@@ -154,11 +163,18 @@ class TextSuite:
         """Compute (once; cached in each expert's ``encoder/mergeforge-stats/``) the statistics
         a data-using method reads (a :class:`~mergeforge.methods.base.SidecarInputs`): on the
         first ``num_examples`` (default :data:`STATS_EXAMPLES`) training texts of each task,
-        RegMean Grams of the encoder, or the Fisher of encoder + the task's own head."""
+        RegMean Grams of the encoder, or the Fisher of encoder + the task's own head. The
+        ``curvature`` statistics (umtam, ota) are written while an expert trains (``optimizer``
+        ``adamw+recorder`` or ``umtam``): here they are only checked, and a missing or stale file
+        is refused with the command that trains merge-ready experts."""
         from mergeforge.checkpoint.sidecar import open_sidecar
         from mergeforge.errors import ValidationError
         from mergeforge.evaluate.text.cache import quiet_transformers
 
+        if request.kind == CURVATURE:  # recorded in training: checked here, never computed
+            for t in self.tasks:
+                open_sidecar(self.expert_dirs[t], CURVATURE, command=self._retrain(t)).close()
+            return
         n = request.num_examples or STATS_EXAMPLES
         for t in self.tasks:
             folder = self.expert_dirs[t]
@@ -175,9 +191,10 @@ class TextSuite:
                                 request.kind, self.recipe.max_length)  # fmt: skip
             self.timings.setdefault("stats_s", {})[f"{t}/{request.kind}"] = time.perf_counter() - t0
 
-    settings_defaults = {"backbone": "minilm"}
+    settings_defaults = {"backbone": "minilm", "optimizer": "adamw"}
     """Settings added after results were written: results.json files from before session 5
-    have no ``backbone`` and are MiniLM runs (``--resume`` reads them so)."""
+    have no ``backbone`` and are MiniLM runs, those from before the ``optimizer`` choice (issue
+    14) trained with AdamW (``--resume`` reads them so)."""
 
     def settings(self) -> dict:
         return {
@@ -189,6 +206,7 @@ class TextSuite:
             "n_train_cap": {t: c for t, c in N_TRAIN_CAP.items() if t in self.tasks},
             "n_test": self.n_test,
             "recipe": self.recipe.to_dict(),
+            "optimizer": self.recipe.optimizer,
             "experts": {t: str(d) for t, d in self.expert_root.items()},
             "timings": self.timings,
             "sizes": {t: [len(d.train), len(d.test)] for t, d in self.data.items()},
@@ -220,6 +238,14 @@ class TextSuite:
         folder.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(folder.parent / f"{task}-{digest}.json", json.dumps(key, indent=2) + "\n")
         return folder
+
+    def _retrain(self, task: str) -> str:
+        """How to get ``task``'s expert with curvature statistics (for the refusal)."""
+        how = "adamw+recorder" if self.recipe.optimizer == "adamw" else self.recipe.optimizer
+        suite = "text" if self.backbone.name == "minilm" else f"text-{self.backbone.name}"
+        return (f"train the experts merge-ready: mergeforge bench {suite} --optimizer {how} "
+                f"... (or benchmarks/text/bench_text.py --optimizer {how}); the {task} expert "
+                f"was trained with optimizer {self.recipe.optimizer!r}")  # fmt: skip
 
     def _train(self, task: str) -> None:
         from mergeforge.evaluate.text.cache import train_or_reuse
