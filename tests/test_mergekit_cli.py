@@ -158,6 +158,10 @@ def test_mergeforge_yaml_runs_twice_into_the_same_folder(llama_family, tmp_path,
     assert yaml_main([str(cfg), str(other), "--quiet"]) == 2
     assert "not a previous mergeforge output" in capsys.readouterr().err
     assert (other / "keep.txt").read_text() == "mine"
+    (out / "model-q4.gguf").write_text("quantized")  # added to the previous output
+    assert yaml_main([str(cfg), str(out), "--quiet"]) == 2
+    assert "holds files a merge did not write: model-q4.gguf;" in capsys.readouterr().err
+    assert (out / "model-q4.gguf").read_text() == "quantized"
 
 
 def _with_tokenizer(src: Path, dst: Path) -> Path:

@@ -213,6 +213,28 @@ def test_overwrite_replaces_a_previous_output_and_an_empty_folder_is_fine(models
     assert torch.equal(load_dir(empty)[k], first[k])
 
 
+def test_overwrite_refuses_a_previous_output_with_files_added_later(models, tmp_path, capsys):
+    """A previous output the user added files to (a quantized copy, eval results) is not
+    replaced: --overwrite would delete them. The refusal names them; nothing is touched."""
+    out = tmp_path / "out"
+    a = _yaml(tmp_path / "a.yml", _ta(models / "base", [models / "expert0"], weight=0.2))
+    b = _yaml(tmp_path / "b.yml", _ta(models / "base", [models / "expert0"], weight=0.9))
+    assert _cli(a, out, capsys=capsys)[0] == 0
+    (out / "model-q4.gguf").write_text("quantized")
+    (out / "1_Pooling").mkdir()
+    (out / "1_Pooling" / "eval.json").write_text("{}")
+    before = sha_tree(out)
+    code, err = _cli(b, out, "--overwrite", capsys=capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "holds files a merge did not write: 1_Pooling/eval.json, model-q4.gguf;" in err
+    assert "move them away or choose another output folder" in err.lower()
+    assert sha_tree(out) == before and _leftovers(tmp_path) == []
+    for p in ("model-q4.gguf", "1_Pooling"):
+        shutil.move(out / p, tmp_path / p)
+    assert _cli(b, out, "--overwrite", capsys=capsys)[0] == 0  # only merge files: replaced
+    assert "weight: 0.9" in (out / "mergeforge_config.yml").read_text()
+
+
 # an unwritable output location: a clear error before any tensor is read
 
 

@@ -457,6 +457,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    staging = sys.modules.get("mergeforge.checkpoint._staging")
+    if staging is not None:  # forget outputs committed before this command (tests, scripts)
+        staging.take_committed()
     with handle_signals():  # SIGTERM and SIGHUP stop a run as Ctrl-C does (see _signals.py)
         try:
             return args.fn(args)
@@ -466,8 +469,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt as e:
             sig = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
             staging = sys.modules.get("mergeforge.checkpoint._staging")
+            written = []
             if staging is not None:  # a partial folder the signal caught before its writer
                 staging.discard_active()
+                written = staging.take_committed()
+            if written:  # the signal came once the output was in place: it is complete
+                # still 128 + signum: the job was stopped, as asked; its output is usable
+                done = ", ".join(str(p) for p in written)
+                print(f"interrupted by {sig.name} after the output was complete: {done} is "
+                      "written", file=sys.stderr)  # fmt: skip
+                return sig.exit_code
             what = "nothing was written at the output path" if args.command == "merge" else ""
             print(f"interrupted by {sig.name}: stopped" + (f"; {what}" if what else ""),
                   file=sys.stderr)  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -59,3 +61,43 @@ def test_missing_stale_and_mismatched_are_refused(tmp_path):
     save_file(sd, w)
     with pytest.raises(ValidationError, match="stale.*CMD"):
         open_sidecar(w, "regmean", command="CMD")
+
+
+def test_open_sidecar_closes_the_file_when_the_fingerprint_fails(tmp_path, monkeypatch):
+    """``weights_fingerprint`` reads the model and may raise: the sidecar opened before it is
+    closed all the same (review item 5)."""
+    import mergeforge.checkpoint.sidecar as sidecar
+    from mergeforge.checkpoint.safetensors_file import SafetensorsFile
+
+    w = tmp_path / "model.safetensors"
+    save_file({"a.weight": torch.ones(3, 3)}, w)
+    _save(w)
+    closed = []
+    real_close = SafetensorsFile.close
+    monkeypatch.setattr(SafetensorsFile, "close", lambda f: (closed.append(f), real_close(f)))
+
+    def unreadable(model):
+        raise OSError(5, "Input/output error", str(model))
+
+    monkeypatch.setattr(sidecar, "weights_fingerprint", unreadable)
+    with pytest.raises(OSError, match="Input/output error"):
+        open_sidecar(w, "regmean", command="CMD")
+    assert len(closed) == 1
+
+
+def test_save_sidecar_reports_an_unwritable_place_as_a_checkpoint_error(tmp_path):
+    """An OSError while writing a sidecar (a file where its folder goes, a folder where the file
+    goes) is a CheckpointError naming the folder, not a traceback (review item 6)."""
+    from mergeforge.errors import CheckpointError
+
+    w = tmp_path / "model.safetensors"
+    save_file({"a.weight": torch.ones(3, 3)}, w)
+    folder = tmp_path / "model.safetensors.mergeforge-stats"
+    folder.write_text("in the way")
+    with pytest.raises(CheckpointError, match=f"statistics of {w} into {folder} .*run again"):
+        _save(w)
+    folder.unlink()
+    (folder / "regmean.safetensors").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="regmean statistics.*Is a directory"):
+        _save(w)
+    assert os.listdir(folder) == ["regmean.safetensors"]  # no temporary file left

@@ -218,3 +218,88 @@ def test_sigkill_half_way_leaves_nothing_at_output(tmp_path: Path) -> None:
     assert not out.exists() and partial.exists()
     ShardedWriter(out, []).abort()  # the next start cleans up after the killed run
     assert os.listdir(tmp_path) == []
+
+
+def _rename_then(monkeypatch, action) -> None:
+    """``Path.rename`` of a staging folder onto its target succeeds, then runs ``action``."""
+    real = Path.rename
+
+    def rename(self, target):
+        res = real(self, target)
+        if ".mergeforge-partial-" in self.name:
+            action()
+        return res
+
+    monkeypatch.setattr(Path, "rename", rename)
+
+
+def _written_over(tmp_path: Path) -> tuple[Path, ShardedWriter]:
+    out = tmp_path / "o"
+    with ShardedWriter(out, [("w", (2,), torch.float32)]) as w:
+        w.write("w", torch.ones(2))
+    w = ShardedWriter(out, [("w", (2,), torch.float32)], overwrite=True)
+    w.write("w", torch.full((2,), 7.0))
+    return out, w
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals")
+def test_sigterm_during_the_renames_is_raised_after_a_complete_commit(tmp_path, monkeypatch):
+    """A SIGTERM that arrives while the new output is renamed into place is held until the
+    commit is complete: the old output is removed, the writer is committed, the output is
+    recorded for the CLI, and only then is the signal raised (review item 1)."""
+    from mergeforge._signals import Interrupted, handle_signals
+    from mergeforge.checkpoint import _staging
+
+    out, w = _written_over(tmp_path)
+    getattr(_staging, "take_committed", list)()  # forget earlier commits of this process
+    _rename_then(monkeypatch, lambda: signal.raise_signal(signal.SIGTERM))
+    with handle_signals(), pytest.raises(Interrupted) as e:
+        w.commit()
+    assert e.value.exit_code == 143
+    assert torch.equal(load_file(out / "model.safetensors")["w"], torch.full((2,), 7.0))
+    assert sorted(os.listdir(tmp_path)) == ["o"]  # no .o.mergeforge-old-<pid> left
+    assert w._state == "committed" and _staging.take_committed() == [out]
+    w.abort()  # a no-op once committed
+    assert (out / "model.safetensors").is_file()
+
+
+def test_an_error_after_the_rename_says_the_output_was_written(tmp_path, monkeypatch):
+    """The fsync of the parent after the rename fails: the error says the output is in place
+    (not "nothing was written"), the writer counts as committed and the old output is gone."""
+    import mergeforge.checkpoint._staging as staging
+
+    out, w = _written_over(tmp_path)
+    real = staging.fsync_path
+
+    def fsync_path(path):
+        if Path(path) == tmp_path:
+            raise OSError(5, "Input/output error", str(path))
+        real(path)
+
+    monkeypatch.setattr(staging, "fsync_path", fsync_path)
+    with pytest.raises(CheckpointError, match="written completely and is in place") as e:
+        w.commit()
+    assert "Nothing was written" not in str(e.value) and "Input/output error" in str(e.value)
+    assert w._state == "committed"
+    assert torch.equal(load_file(out / "model.safetensors")["w"], torch.full((2,), 7.0))
+    assert sorted(os.listdir(tmp_path)) == ["o"]
+
+
+def test_abort_removes_the_parent_folders_it_created(tmp_path: Path) -> None:
+    """``a/b`` did not exist: a failed run to ``a/b/o`` leaves no empty ``a/b`` (review item 4);
+    a folder that existed, or that holds something else, stays."""
+    with pytest.raises(RuntimeError):
+        with ShardedWriter(tmp_path / "a" / "b" / "o", [("w", (2,), torch.float32)]) as w:
+            w.write("w", torch.zeros(2))
+            raise RuntimeError("engine failed")
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "a").mkdir()
+    w = ShardedWriter(tmp_path / "a" / "b" / "o", [("w", (2,), torch.float32)])
+    (tmp_path / "a" / "b" / "mine.txt").write_text("x")  # added meanwhile: a/b is kept
+    w.abort()
+    assert sorted(os.listdir(tmp_path / "a" / "b")) == ["mine.txt"]
+    from mergeforge.checkpoint._staging import discard_active
+
+    ShardedWriter(tmp_path / "c" / "d" / "o", [("w", (2,), torch.float32)])
+    discard_active()  # the CLI's last resort after a stop signal removes them too
+    assert sorted(os.listdir(tmp_path)) == ["a"]

@@ -6,7 +6,13 @@ next run targeting the same output removes (its pid is dead). Replacing an exist
 renames (old aside to ``.<name>.mergeforge-old-<pid>``, new in place): if the process dies between
 them, the next start puts the old folder back. The renames and the removal of a partial folder
 run with SIGINT/SIGTERM/SIGHUP held (:func:`mergeforge._signals.deferred`), so a stopped run
-never leaves a replace half-done.
+never leaves a replace half-done. The clean-up after the renames (fsync of the parent, removal
+of the old folder) runs in the same held block: a signal that arrives during the commit is
+raised only once the new output is in place and nothing of the old one is left, and
+:func:`take_committed` tells the CLI that the output was written completely (it then says so
+and still exits with ``128 + signum``: the job was stopped, as the scheduler asked, but its
+result is usable). Missing parent folders created for the staging folder are removed again
+(if still empty) when the run is aborted.
 
 With ``overwrite``, an existing non-empty folder is replaced only if ``replaceable(folder)``
 says so (the engine passes "a previous mergeforge output"); it is checked at the start and
@@ -19,14 +25,16 @@ import os
 import re
 import shutil
 import threading
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
 from mergeforge._signals import deferred
 from mergeforge.errors import CheckpointError
 
-_ACTIVE: set[Path] = set()  # staging folders owned by live writers in this process
+_ACTIVE: dict[Path, Staging] = {}  # staging folders owned by live writers in this process
 _ACTIVE_LOCK = threading.Lock()
+_COMMITTED: deque[Path] = deque(maxlen=16)  # outputs put in place, for take_committed()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -100,13 +108,24 @@ def probe_writable(target: str | os.PathLike[str]) -> None:
 
 
 def discard_active() -> list[Path]:
-    """Remove every staging folder of this process not yet committed or aborted (a last
-    resort for the CLI when a stop signal unwound the run); returns the folders removed."""
+    """Remove every staging folder of this process not yet committed or aborted, with the
+    parent folders created for it (a last resort for the CLI when a stop signal unwound the
+    run); returns the staging folders removed."""
     with _ACTIVE_LOCK:
-        paths = sorted(_ACTIVE)
+        stagings = [_ACTIVE[p] for p in sorted(_ACTIVE)]
         _ACTIVE.clear()
-    for p in paths:
-        shutil.rmtree(p, ignore_errors=True)
+    for st in stagings:
+        st.abort()
+    return [st.path for st in stagings]
+
+
+def take_committed() -> list[Path]:
+    """The output folders put in place by :meth:`Staging.commit` since the last call (oldest
+    first), and forget them: the CLI asks when a stop signal ended a command, to tell a
+    complete output from nothing written."""
+    with _ACTIVE_LOCK:
+        paths = list(_COMMITTED)
+        _COMMITTED.clear()
     return paths
 
 
@@ -129,6 +148,13 @@ class Staging:
             raise CheckpointError(f"{target} exists and is not a folder; choose another output.")
         self._check_replace()
         self.path = target.parent / f".{target.name}.mergeforge-partial-{os.getpid()}"
+        self.committed = False
+        # missing folders on the way, deepest first: created below, removed again by abort()
+        self._made: list[Path] = []
+        p = Path(os.path.abspath(target.parent))
+        while not p.exists() and p != p.parent:
+            self._made.append(p)
+            p = p.parent
         created = False
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -141,11 +167,13 @@ class Staging:
                     shutil.rmtree(self.path)
                 with deferred():  # created and registered together (see discard_active)
                     self.path.mkdir()
-                    _ACTIVE.add(self.path)
+                    _ACTIVE[self.path] = self
                     created = True
         except BaseException as e:
             if created:  # a stop signal held over the creation: remove it again
                 self.abort()
+            else:
+                self._remove_made()
             if isinstance(e, OSError):
                 raise CheckpointError(
                     f"cannot write the output {str(target)!r}: creating {e.filename or self.path} "
@@ -185,10 +213,15 @@ class Staging:
                 _remove(entry)
 
     def commit(self) -> None:
-        """Rename the staging folder onto the target (fsync the files before calling)."""
+        """Rename the staging folder onto the target (fsync the files before calling).
+
+        Once the second rename has succeeded the output is complete and :attr:`committed` is
+        true, whatever follows: an ``OSError`` from the clean-up (fsync of the parent, removal
+        of the old folder) or a stop signal held over the commit is raised after it."""
         fsync_path(self.path)
         old = None
-        with deferred():  # both renames, or neither
+        # both renames and their clean-up, or neither: a signal is raised when all is done
+        with deferred():
             if self.target.exists() or self.target.is_symlink():
                 if _is_nonempty_dir(self.target):
                     self._check_replace()
@@ -207,15 +240,33 @@ class Staging:
                     old.rename(self.target)
                 raise
             self._release()
-        fsync_path(self.target.parent)
-        if old is not None:
-            _remove(old)
+            self.committed = True
+            with _ACTIVE_LOCK:
+                _COMMITTED.append(self.target)
+            try:
+                fsync_path(self.target.parent)
+            finally:
+                if old is not None:
+                    _remove(old)
 
     def abort(self) -> None:
+        if self.committed:
+            return
         with deferred():  # a second signal must not cut the removal short
             shutil.rmtree(self.path, ignore_errors=True)
             self._release()
+            self._remove_made()
+
+    def _remove_made(self) -> None:
+        """Remove the parent folders this staging created, deepest first, while empty."""
+        for d in self._made:
+            try:
+                d.rmdir()
+            except OSError:  # not empty (someone else uses it), or already gone
+                if d.exists():
+                    break
+        self._made = []
 
     def _release(self) -> None:
         with _ACTIVE_LOCK:
-            _ACTIVE.discard(self.path)
+            _ACTIVE.pop(self.path, None)

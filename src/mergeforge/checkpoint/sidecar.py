@@ -111,7 +111,6 @@ def save_sidecar(
     from safetensors.torch import save_file
 
     path = sidecar_path(model, kind)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "format": "pt",
         "kind": kind,
@@ -123,8 +122,16 @@ def save_sidecar(
         **{k: str(v) for k, v in (extra or {}).items()},
     }
     data = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
-    with atomic_file(path) as tmp:
-        save_file(data, str(tmp), metadata=meta)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as tmp:
+            save_file(data, str(tmp), metadata=meta)
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot write the {kind} statistics of {model} into {path.parent} "
+            f"({e.strerror or e}" + (f": {e.filename}" if e.filename else "") + "); make that "
+            "folder writable (or move away a file that is in its way) and run again."
+        ) from None
     return path
 
 
@@ -157,13 +164,17 @@ def open_sidecar(
     f = SafetensorsFile(path)
     meta = f.metadata
     problem = None
-    if meta.get("kind") != kind:
-        problem = f"it holds {meta.get('kind')!r} statistics, not {kind!r}"
-    elif meta.get("weights_fingerprint") != weights_fingerprint(model):
-        problem = "the model's weights changed since they were computed (stale statistics)"
-    elif num_examples is not None and meta.get("num_examples") != str(num_examples):
-        problem = (f"they were computed on num_examples={meta.get('num_examples')}, but the "
-                   f"config asks for num_examples={num_examples}")  # fmt: skip
+    try:  # weights_fingerprint reads the model and may raise: close f then too
+        if meta.get("kind") != kind:
+            problem = f"it holds {meta.get('kind')!r} statistics, not {kind!r}"
+        elif meta.get("weights_fingerprint") != weights_fingerprint(model):
+            problem = "the model's weights changed since they were computed (stale statistics)"
+        elif num_examples is not None and meta.get("num_examples") != str(num_examples):
+            problem = (f"they were computed on num_examples={meta.get('num_examples')}, but the "
+                       f"config asks for num_examples={num_examples}")  # fmt: skip
+    except BaseException:
+        f.close()
+        raise
     if problem is not None:
         f.close()
         raise ValidationError(f"unusable statistics: {path} for {model}: {problem}. "

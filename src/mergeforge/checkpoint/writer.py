@@ -267,8 +267,19 @@ class ShardedWriter:
             self._close_fds()
             self._staging.commit()
         except OSError as e:
+            if self._staging.committed:  # failed after the rename: the output is in place
+                raise CheckpointError(
+                    f"{self.out_dir}: the output was written completely and is in place, but "
+                    f"the clean-up after it failed ({e.strerror or e}"
+                    + (f": {e.filename}" if e.filename else "")
+                    + "): syncing its parent folder to disk or removing the previous output "
+                    f"(.{self.out_dir.name}.mergeforge-old-*); the output is usable; check the "
+                    "disk and remove such a leftover folder."
+                ) from None
             raise self._os_error("putting the output in place", e) from None
-        self._state = "committed"
+        finally:  # also when a stop signal held over the rename is raised after it
+            if self._staging.committed:
+                self._state = "committed"
         return self.out_dir
 
     def abort(self) -> None:

@@ -9,13 +9,15 @@ any tensor, so that a merge can never damage its inputs or a folder it does not 
    reads (:func:`input_paths`), after resolving symlinks and relative paths, whatever
    ``overwrite`` says.
 3. :func:`check_replaceable`: the output is absent, an empty folder, or, with ``overwrite``, a
-   previous mergeforge output (:func:`is_previous_output`); never a file or another folder.
+   previous mergeforge output (:func:`is_previous_output`: the marker files, and nothing a merge
+   does not write, so files added later are never deleted); never a file or another folder.
 4. :func:`~mergeforge.checkpoint._staging.probe_writable`: an empty folder is created and
    removed where the staging folder will go (read-only file systems, immutable folders, root).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,9 +30,53 @@ MARKERS = ("mergeforge_config.yml", "model.safetensors.index.json")
 """Files every output of :func:`~mergeforge.engine.run_merge` has."""
 
 
+WRITTEN = ("mergeforge_resolved.yml", "README.md")
+"""Files :func:`~mergeforge.engine.run_merge` writes besides :data:`MARKERS`, the shards and
+:data:`~mergeforge.checkpoint.CARRIED_FILES` (``config.json`` among them)."""
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """The entries of ``folder`` (paths relative to it, sorted) that a mergeforge merge does not
+    write: anything but the shards its ``model.safetensors.index.json`` names, that index,
+    :data:`MARKERS`, :data:`WRITTEN` and the carried files. Symbolic links count as foreign (a
+    merge writes plain files); an unreadable index names no shards."""
+    from mergeforge.checkpoint import CARRIED_FILES
+
+    ours = {*MARKERS, *WRITTEN, *CARRIED_FILES}
+    try:
+        index = json.loads((folder / MARKERS[1]).read_text(encoding="utf-8"))
+        ours.update(str(v) for v in index["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    dirs = {str(Path(p).parent) for p in ours} - {"."}
+    dirs |= {str(parent) for d in dirs for parent in Path(d).parents} - {"."}
+    foreign: list[str] = []
+
+    def unreadable(e: OSError) -> None:  # its contents are unknown: not ours to delete
+        foreign.append(os.path.relpath(e.filename, folder))
+
+    for root, subdirs, files in os.walk(folder, onerror=unreadable):
+        rel = Path(root).relative_to(folder)
+        walked = []
+        for name in subdirs:
+            p = rel / name
+            if str(p) in dirs and not (folder / p).is_symlink():
+                walked.append(name)
+            else:
+                foreign.append(str(p))
+        subdirs[:] = walked
+        foreign += [
+            str(rel / n)
+            for n in files
+            if str(rel / n) not in ours or (folder / rel / n).is_symlink()
+        ]
+    return sorted(foreign)
+
+
 def is_previous_output(folder: Path) -> bool:
-    """True if ``folder`` holds a previous mergeforge merge output (all of :data:`MARKERS`)."""
-    return all((folder / m).is_file() for m in MARKERS)
+    """True if ``folder`` holds a previous mergeforge merge output (all of :data:`MARKERS`) and
+    nothing a merge does not write (:func:`foreign_files`)."""
+    return all((folder / m).is_file() for m in MARKERS) and not foreign_files(folder)
 
 
 def _nonempty(folder: Path) -> bool:
@@ -76,6 +122,13 @@ def check_replaceable(out: Path, *, overwrite: bool) -> None:
         raise CheckpointError(
             f"output folder {str(out)!r} exists and is not empty; pass --overwrite "
             "(overwrite=True) to replace it, or choose another folder"
+        )
+    if all((out / m).is_file() for m in MARKERS) and (extra := foreign_files(out)):
+        shown = ", ".join(extra[:10]) + (f" and {len(extra) - 10} more" if len(extra) > 10 else "")
+        raise CheckpointError(
+            f"output folder {str(out)!r} is a previous mergeforge output but holds files a merge "
+            f"did not write: {shown}; --overwrite would delete them, so nothing in it was "
+            "touched. Move them away or choose another output folder."
         )
     if not is_previous_output(out):
         raise CheckpointError(

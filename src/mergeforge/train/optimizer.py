@@ -71,6 +71,9 @@ Deviations from the authors' code (``archive/src/umtam_optimizer.py`` and the st
 * The 1-D path is torch's AdamW step (``lerp_`` first moment): the authors' ``mul_/add_`` is the
   same formula, different rounding.
 * Half-precision parameters keep their state in their dtype (as AdamW does); the SVD runs in fp32.
+* (from the paper, not their code) ε_t = ε max(1, ‖G‖ / ‖W‖) takes ‖G‖ before clipping, as the
+  authors' code does (confirmed by its author); the paper and ALGORITHMS.md §4 write it after
+  "clip G to norm 1", where ‖G‖ ≤ 1 would make ε_t = ε for every ‖W‖ ≥ 1.
 """
 
 from __future__ import annotations
