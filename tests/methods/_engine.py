@@ -167,3 +167,17 @@ def random_stats(method: str, params: Mapping[str, Any], model: Model, seed: int
         for i in range(n)
     ]  # fmt: skip
     return sidecars, tuple({"fisher_norm": repr(x)} for x in norms)
+
+
+CURVATURE_SHAPES = {"w": (6, 5), "conv": (4, 2, 3), "b": (5,)}
+"""A matrix, a >2-D weight (viewed as (4, 6)) and a vector: the curvature methods' test model."""
+
+
+def random_family(n: int = 3, seed: int = 0, shapes=CURVATURE_SHAPES) -> dict:
+    """``{key: (base, [n experts])}``: a seeded base and experts 0.1·N(0, 1) away from it."""
+    g = torch.Generator().manual_seed(seed)
+    model = {}
+    for key, shape in shapes.items():
+        base = torch.randn(shape, generator=g)
+        model[key] = (base, [base + 0.1 * torch.randn(shape, generator=g) for _ in range(n)])
+    return model

@@ -11,21 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 from tests.methods._engine import merge_model
+from tests.methods._engine import random_family as make_model
 from torch.testing import assert_close
 
 from mergeforge.errors import ConfigError, ValidationError
 from mergeforge.methods.curvature import second_moment
-
-SHAPES = {"w": (6, 5), "conv": (4, 2, 3), "b": (5,)}
-
-
-def make_model(n=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    model = {}
-    for key, shape in SHAPES.items():
-        base = torch.randn(shape, generator=g)
-        model[key] = (base, [base + 0.1 * torch.randn(shape, generator=g) for _ in range(n)])
-    return model
 
 
 def stats_of(model, seed=1, v=True):

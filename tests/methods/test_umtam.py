@@ -14,6 +14,7 @@ import torch
 import yaml
 from tests.helpers import load_dir, sha_tree, write_model
 from tests.methods._engine import merge_model
+from tests.methods._engine import random_family as make_model
 from torch.testing import assert_close
 
 import mergeforge
@@ -21,17 +22,6 @@ from mergeforge.cli import main
 from mergeforge.engine import run_merge
 from mergeforge.errors import ValidationError
 from mergeforge.train import Curvature, CurvatureMeta, save_curvature
-
-SHAPES = {"w": (6, 5), "conv": (4, 2, 3), "b": (5,)}
-
-
-def make_model(n=3, seed=0, shapes=SHAPES):
-    g = torch.Generator().manual_seed(seed)
-    model = {}
-    for key, shape in shapes.items():
-        base = torch.randn(shape, generator=g)
-        model[key] = (base, [base + 0.1 * torch.randn(shape, generator=g) for _ in range(n)])
-    return model
 
 
 def recorded(model, seed=1, saliency=False):

