@@ -103,6 +103,23 @@ def test_kept_set_is_the_topk_of_the_concatenated_scores(score, density):
     assert stat.result() == (top.values[-1].item(),)
 
 
+def test_entries_scored_zero_return_to_the_base_even_at_a_zero_threshold():
+    """Rows no gradient reached (R = 0) have zero saliency; at density 0.9 more than 10 % of
+    the entries score 0, the threshold is 0, and those entries still return to the base
+    (they moved only by weight decay), while every entry scored above 0 is kept."""
+    model = make_model()
+    stats = statistics(model, "saliency")
+    for (st,) in stats.values():
+        if st is not None:
+            st[":R"][: st[":R"].numel() // 2] = 0.0  # half the rows never saw a gradient
+    out = merge_model("prune", model, {"score": "saliency"}, [{"density": 0.9}], sidecars=stats)
+    s = scores(model, stats, "saliency")
+    for key, (base, (x,)) in model.items():
+        if key in s:
+            assert torch.equal(out[key], torch.where(s[key] > 0, x, base)), key
+            assert bool((s[key] == 0).any()) and not torch.equal(out[key], x), key
+
+
 def test_density_one_is_the_expert():
     model = make_model()
     out = merge_model("prune", model, {"score": "magnitude"}, [{"density": 1.0}])

@@ -1,7 +1,7 @@
 """Saliency pruning ("grafting", UMTAM arXiv 2512.17109 §4; ../shared/ALGORITHMS.md §4): keep the
 entries of one expert that matter most and return the others to the base,
 
-    θ = θ₀ + m ⊙ (θ_T − θ₀),   m = [score ≥ the global top-``density`` threshold]
+    θ = θ₀ + m ⊙ (θ_T − θ₀),   m = [score ≥ the global top-``density`` threshold, score > 0]
 
 over every weight of two or more dimensions at once (the whole model's top-k, not each tensor's).
 Scores, with τ = θ_T − θ₀:
@@ -15,9 +15,11 @@ Scores, with τ = θ_T − θ₀:
 
 The threshold is the m-th largest score over the model, m = max(1, ⌊density·n⌋), n the entries of
 the scored weights, found in two streaming passes (:class:`.stats.ModelTopK`: 512 KiB of counts,
-whatever the model's size). Entries tied at it are all kept. Tensors of fewer than two dimensions
-(biases, norms) keep the expert's value: the paper prunes matrices. The output is the expert's
-(its tensor names, config and head: ``Method.output_like``).
+whatever the model's size). Entries tied at it are all kept, except entries scored 0, which
+always return to the base: when more than 1 − ``density`` of the entries score 0 (saliency: rows
+or columns no gradient reached, moved only by weight decay), fewer than ``density`` are kept.
+Tensors of fewer than two dimensions (biases, norms) keep the expert's value: the paper prunes
+matrices. The output is the expert's (its tensor names, config and head: ``Method.output_like``).
 """
 
 from __future__ import annotations
@@ -87,7 +89,10 @@ def prune(base, tensors, params: PruneParams, model_params, ctx) -> Tensor:
     score = prune_score(base, x, ctx.sidecars[0] if ctx.sidecars else None, params)
     if score is None or threshold is None:  # not a matrix, or density 1: the expert's value
         return x
-    return torch.where(score.to(torch.float32) >= threshold, x, base)
+    score = score.to(torch.float32)
+    # an entry scored 0 carries no importance (saliency: no gradient reached its row or column;
+    # it moved only by weight decay): it returns to the base even when the threshold is 0
+    return torch.where((score >= threshold) & (score > 0), x, base)
 
 
 def prune_sidecars(params: PruneParams) -> SidecarInputs | None:

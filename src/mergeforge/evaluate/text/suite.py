@@ -175,9 +175,11 @@ class TextSuite:
             for t in self.tasks:
                 open_sidecar(self.expert_dirs[t], CURVATURE, command=self._retrain(t)).close()
             return
-        n = request.num_examples or STATS_EXAMPLES
         for t in self.tasks:
             folder = self.expert_dirs[t]
+            # by default every training text when a task has fewer than STATS_EXAMPLES (--quick):
+            # the sidecar records what was used, and asking for more would recompute it each run
+            n = request.num_examples or min(STATS_EXAMPLES, len(self.data[t].train))
             try:
                 open_sidecar(folder, request.kind, command="", num_examples=n).close()
                 continue
