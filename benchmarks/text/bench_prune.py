@@ -183,7 +183,7 @@ def report(res: dict, out: Path) -> None:
     lines = [f"# Pruning the text experts ({res['settings']['optimizer']}), own-task accuracy", "",
              f"Mean over {len(done)} of {len(tasks)} tasks ({', '.join(done)}); "
              "`kept`: fraction of the 2-D weights' entries that hold the expert's value (entries "
-             "tied at the threshold are all kept, so a zero threshold keeps every changed entry).",
+             "tied at the threshold are kept, entries scored 0 return to the base).",
              "",
              "| density % | " + " | ".join(scores) + " | saliency − magnitude | kept "
              + " / ".join(scores) + " |", "|---|" + "---|" * (len(scores) + 2)]  # fmt: skip
