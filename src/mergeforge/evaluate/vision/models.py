@@ -33,6 +33,18 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: B×1×28×28
         return self.head(self.fc2(self.fc1(x)))
 
+    def permutation_spec(self) -> dict:
+        """Neuron permutation groups (``mergeforge.fusion.permspec``): fc1's and fc2's units."""
+        axes = {
+            "fc1.1.weight": ("fc1", None),
+            "fc1.1.bias": ("fc1",),
+            "fc2.0.weight": ("fc2", "fc1"),
+            "fc2.0.bias": ("fc2",),
+            "head.weight": (None, "fc2"),
+            "head.bias": (None,),
+        }
+        return {"axes": axes, "points": {"fc1": (("fc1", -1),), "fc2": (("fc2", -1),)}}
+
 
 def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
@@ -53,6 +65,22 @@ class VGGSmall(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.fc(self.block3(self.block2(self.block1(x)))))
+
+    def permutation_spec(self) -> dict:
+        """Groups: each conv block's channels and fc's units; fc reads block3's 3×3 map
+        flattened channel-major, so its input axis is (block3, 9)."""
+        axes: dict = {}
+        prev = None
+        for b in ("block1", "block2", "block3"):
+            axes[f"{b}.0.weight"] = (b, prev, None, None)
+            axes[f"{b}.0.bias"] = (b,)
+            prev = b
+        axes["fc.1.weight"] = ("fc", ("block3", 9))
+        axes["fc.1.bias"] = ("fc",)
+        axes["head.weight"] = (None, "fc")
+        axes["head.bias"] = (None,)
+        points = {g: ((g, 1),) for g in ("block1", "block2", "block3")} | {"fc": (("fc", -1),)}
+        return {"axes": axes, "points": points}
 
 
 class BasicBlock(nn.Module):
@@ -89,6 +117,30 @@ class ResNetSmall(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.block3(self.block2(self.block1(self.stem(x)))))
+
+    def permutation_spec(self) -> dict:
+        """Groups: the residual streams and each block's inner conv1 channels. block1's
+        identity shortcut ties its output to the stem's (one stream, ``res1``); block2/3 have
+        1×1 conv shortcuts, so their outputs start new streams (``res2``, ``res3``)."""
+        axes: dict = {"stem.0.weight": ("res1", None, None, None), "stem.0.bias": ("res1",)}
+        points: dict = {"res1": (("stem", 1), ("block1", 1))}
+        stream_in = "res1"
+        for i, b in enumerate(("block1", "block2", "block3"), start=1):
+            inner = f"{b}.inner"
+            out = stream_in if i == 1 else f"res{i}"
+            axes[f"{b}.conv1.weight"] = (inner, stream_in, None, None)
+            axes[f"{b}.conv1.bias"] = (inner,)
+            axes[f"{b}.conv2.weight"] = (out, inner, None, None)
+            axes[f"{b}.conv2.bias"] = (out,)
+            if i > 1:
+                axes[f"{b}.shortcut.weight"] = (out, stream_in, None, None)
+                axes[f"{b}.shortcut.bias"] = (out,)
+                points[out] = ((b, 1),)
+            points[inner] = ((f"{b}.conv1", 1),)
+            stream_in = out
+        axes["head.2.weight"] = (None, stream_in)
+        axes["head.2.bias"] = (None,)
+        return {"axes": axes, "points": points}
 
 
 class PatchEmbed(nn.Module):
@@ -157,6 +209,38 @@ class ViTSmall(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.patch_embed(x)))
+
+    def permutation_spec(self) -> dict:
+        """Groups: the residual stream ``res`` (every token's d features: patch projection,
+        CLS, positions, every LayerNorm, what qkv / the MLP read, what proj / the MLP write)
+        and each block's MLP hidden units; attention internals (q, k, v, heads) stay in
+        place. The CLS token and position table carry the stream on their last axis."""
+        axes: dict = {
+            "patch_embed.cls": (None, None, "res"),
+            "patch_embed.pos": (None, None, "res"),
+            "patch_embed.proj.weight": ("res", None, None, None),
+            "patch_embed.proj.bias": ("res",),
+        }
+        points: dict = {"res": (("patch_embed", -1),)}
+        for i in range(len(self.blocks)):
+            b, hidden = f"blocks.{i}", f"blocks.{i}.mlp"
+            for ln in ("ln1", "ln2"):
+                axes[f"{b}.{ln}.weight"] = ("res",)
+                axes[f"{b}.{ln}.bias"] = ("res",)
+            axes[f"{b}.qkv.weight"] = (None, "res")
+            axes[f"{b}.qkv.bias"] = (None,)
+            axes[f"{b}.proj.weight"] = ("res", None)
+            axes[f"{b}.proj.bias"] = ("res",)
+            axes[f"{b}.mlp.0.weight"] = (hidden, "res")
+            axes[f"{b}.mlp.0.bias"] = (hidden,)
+            axes[f"{b}.mlp.2.weight"] = ("res", hidden)
+            axes[f"{b}.mlp.2.bias"] = ("res",)
+            points["res"] += ((b, -1),)
+            points[hidden] = ((f"{b}.mlp.1", -1),)
+        axes |= {"head.norm.weight": ("res",), "head.norm.bias": ("res",)}
+        axes |= {"head.fc.weight": (None, "res"), "head.fc.bias": (None,)}
+        output_axis = {"patch_embed.cls": 2, "patch_embed.pos": 2}
+        return {"axes": axes, "points": points, "output_axis": output_axis}
 
 
 ARCHS: dict[str, type[nn.Module]] = {

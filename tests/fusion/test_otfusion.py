@@ -1,0 +1,149 @@
+"""OT-Fusion: a permuted copy is transported back exactly (both modes, every arch), the fused
+layer equals a hand-built ½(W_A + Q W_B) with Q from ot.emd, uniform marginals are the unweighted
+form, K = 3 works, parents are not touched."""
+
+from __future__ import annotations
+
+import ot
+import pytest
+import torch
+from torch import nn
+
+import mergeforge.fusion.otfusion  # noqa: F401  (registers the method)
+from mergeforge.errors import ConfigError, ValidationError
+from mergeforge.evaluate.vision.models import MLP, ResNetSmall, VGGSmall, ViTSmall
+from mergeforge.fusion.base import FusionData, fuse, get_method
+from mergeforge.fusion.otfusion import OTFusionParams, ot_fusion_state, transport_map
+from mergeforge.fusion.permspec import permute, spec_for
+
+BUILDERS = {
+    "mlp": lambda: MLP(hidden=(12, 10)),
+    "vgg": lambda: VGGSmall(widths=(4, 6, 8)),
+    "resnet": lambda: ResNetSmall(widths=(4, 6, 8)),
+    "vit": lambda: ViTSmall(dim=16, depth=2, heads=2, mlp_dim=12),
+    "chain": lambda: nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(4),
+        nn.Flatten(),
+        nn.Linear(4 * 7 * 7, 10),
+        nn.ReLU(),
+        nn.Linear(10, 3),
+    ),
+}
+
+
+def _build(arch: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return BUILDERS[arch]().eval()
+
+
+def _permuted_copy(model: nn.Module, arch: str, seed: int) -> nn.Module:
+    spec = spec_for(model)
+    g = torch.Generator().manual_seed(seed)
+    perms = {grp: torch.randperm(w, generator=g) for grp, w in spec.widths(model).items()}
+    other = _build(arch, 99)
+    other.load_state_dict(permute(model.state_dict(), spec, perms))
+    return other
+
+
+def _data(n: int = 24, seed: int = 5) -> FusionData:
+    return FusionData(
+        inputs=torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+    )
+
+
+def _same_function(state: dict, model: nn.Module, arch: str) -> None:
+    fused = _build(arch, 123)
+    fused.load_state_dict(state)
+    x = _data(8, seed=11).inputs
+    with torch.no_grad():
+        assert torch.allclose(fused(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["activation", "weight"])
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_permuted_copy_is_fused_back(mode, arch):
+    a = _build(arch, 0)
+    b = _permuted_copy(a, arch, 1)
+    before = [{k: v.clone() for k, v in p.state_dict().items()} for p in (a, b)]
+    _same_function(fuse([a, b], _data(), "ot_fusion", {"mode": mode}), a, arch)
+    for p, ref in zip((a, b), before, strict=True):
+        assert all(torch.equal(p.state_dict()[k], v) for k, v in ref.items())
+
+
+@pytest.mark.parametrize("mode", ["activation", "weight"])
+def test_three_parents(mode):
+    a = _build("resnet", 0)
+    copies = [_permuted_copy(a, "resnet", s) for s in (1, 2)]
+    _same_function(fuse([a, *copies], _data(), "ot_fusion", {"mode": mode}), a, "resnet")
+    out = fuse([_build("vgg", s) for s in range(3)], _data(), "ot_fusion", {"mode": mode})
+    assert all(torch.isfinite(v).all() for v in out.values())
+
+
+def test_weight_mode_equals_the_hand_built_transport():
+    torch.manual_seed(0)
+    a, b = (nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)) for _ in range(2))
+    out = fuse([a, b], _data(4), "ot_fusion", {"mode": "weight"})
+    sa, sb = ({k: v.double() for k, v in m.state_dict().items()} for m in (a, b))
+    rows = [torch.cat([s["0.weight"], s["0.bias"][:, None]], 1) for s in (sb, sa)]
+    plan = ot.emd(torch.full((5,), 0.2).double(), torch.full((5,), 0.2).double(),
+                  torch.cdist(*rows))  # fmt: skip
+    q = 5.0 * torch.as_tensor(plan).T  # diag(1/ν) Tᵀ with ν = 1/5
+    assert torch.allclose(out["0.weight"].double(), (sa["0.weight"] + q @ sb["0.weight"]) / 2)
+    assert torch.allclose(out["0.bias"].double(), (sa["0.bias"] + q @ sb["0.bias"]) / 2)
+    assert torch.allclose(out["2.weight"].double(), (sa["2.weight"] + sb["2.weight"] @ q.T) / 2)
+    assert torch.allclose(out["2.bias"].double(), (sa["2.bias"] + sb["2.bias"]) / 2)
+    assert not torch.allclose(q, torch.eye(5, dtype=torch.float64))  # a real re-ordering
+
+
+@pytest.mark.parametrize("mode", ["activation", "weight"])
+def test_uniform_marginals_are_the_unweighted_form(mode):
+    parents = [_build("resnet", s) for s in (0, 1)]
+    params = OTFusionParams(mode=mode)
+    widths = spec_for(parents[0]).widths(parents[0])
+    ones = {g: [torch.full((w,), 3.0), torch.ones(w)] for g, w in widths.items()}
+    plain = ot_fusion_state(parents, _data(), params)
+    weighted = ot_fusion_state(parents, _data(), params, marginals=ones)
+    assert all(torch.allclose(plain[k], weighted[k], atol=1e-6) for k in plain)
+    skew = {"res1": [torch.arange(1.0, 5.0), torch.ones(4)]}
+    other = ot_fusion_state(parents, _data(), params, marginals=skew)
+    assert not torch.allclose(other["stem.0.weight"], plain["stem.0.weight"])
+
+
+def test_transport_map_rows_are_convex_combinations():
+    cost = torch.rand(4, 6, generator=torch.Generator().manual_seed(0))
+    q = transport_map(cost, torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert q.shape == (6, 4) and torch.allclose(q.sum(1), torch.ones(6, dtype=torch.float64))
+    perm = torch.tensor([2, 0, 1])
+    assert torch.allclose(transport_map(1 - torch.eye(3)[:, perm]), torch.eye(3)[perm].double())
+
+
+def test_bad_marginals_and_params():
+    parents = [_build("mlp", s) for s in (0, 1)]
+    params = OTFusionParams()
+    with pytest.raises(ValidationError, match="group 'nope'"):
+        ot_fusion_state(parents, _data(), params, marginals={"nope": [torch.ones(3)] * 2})
+    with pytest.raises(ValidationError, match="parent 1's marginal for group 'fc1'"):
+        ot_fusion_state(
+            parents, _data(), params, marginals={"fc1": [torch.ones(12), -torch.ones(12)]}
+        )
+    with pytest.raises(ConfigError, match="mode"):
+        get_method("ot_fusion").make_params({"mode": "sinkhorn"})
+
+
+def test_weighted_marginals_give_a_soft_normalised_transport():
+    torch.manual_seed(0)
+    a, b = (nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)) for _ in range(2))
+    nu, mu = torch.tensor([1.0, 1, 1, 1, 4]), torch.tensor([2.0, 1, 1, 3, 1])
+    out = ot_fusion_state(
+        [a, b], _data(4), OTFusionParams(mode="weight"), marginals={"0": [nu, mu]}
+    )
+    sa, sb = ({k: v.double() for k, v in m.state_dict().items()} for m in (a, b))
+    rows = [torch.cat([s["0.weight"], s["0.bias"][:, None]], 1) for s in (sb, sa)]
+    nu_n, mu_n = (nu / nu.sum()).double(), (mu / mu.sum()).double()
+    plan = torch.as_tensor(ot.emd(mu_n.numpy(), nu_n.numpy(), torch.cdist(*rows).numpy()))
+    q = plan.T / nu_n[:, None]
+    assert (q > 0).sum() > 5  # a soft transport, not a permutation
+    assert torch.allclose(out["0.weight"].double(), (sa["0.weight"] + q @ sb["0.weight"]) / 2)
+    assert torch.allclose(out["2.weight"].double(), (sa["2.weight"] + sb["2.weight"] @ q.T) / 2)

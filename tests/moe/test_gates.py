@@ -1,0 +1,113 @@
+"""Gate rows: each mode against an oracle that does not use gates.py.
+
+* random / uniform_random: mergekit's draws (``torch.manual_seed(seed)``, then one (L, N, H)
+  tensor from the global generator), without mergekit;
+* cheap_embed: the token embeddings summed by hand from the tokenizer's ids;
+* router_input / router_input_avg: on a base whose MLPs are zero, the residual leaving layer i
+  is h_i + attention_i(h_i), so the MLP's input is ``post_attention_layernorm(hidden_states[i +
+  1])``, read from transformers' own hidden states;
+* degenerate layers: equal rows are flagged, orthonormal rows are not.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tests.moe._family import save, tiny_llama
+
+from mergeforge.checkpoint import open_checkpoint
+from mergeforge.moe import load_moe_config
+from mergeforge.moe.gates import compute_gates, degenerate_layers, random_gates, unit
+
+CPU = torch.device("cpu")
+
+
+def test_random_modes_are_mergekits_draws():
+    torch.manual_seed(5)
+    expect = torch.randn((2, 3, 32))
+    assert torch.equal(random_gates("random", (2, 3, 32), seed=5), expect)
+    torch.manual_seed(5)
+    scale = math.sqrt(1 / 32)
+    expect = torch.rand((2, 3, 32)) * 2 * scale - scale
+    got = random_gates("uniform_random", (2, 3, 32), seed=5)
+    assert torch.equal(got, expect) and got.abs().max() <= scale
+
+
+def test_unit_clamps_zero_vectors():
+    assert torch.equal(unit(torch.zeros(2, 3)), torch.zeros(2, 3))
+    assert torch.allclose(unit(torch.tensor([[3.0, 4.0]])), torch.tensor([[0.6, 0.8]]))
+
+
+def _gates(base, mode: str, experts: list[dict], **extra) -> torch.Tensor:
+    cfg = load_moe_config({"base_model": str(base), "gate_mode": mode, "experts_per_token": 1,
+                           "experts": experts, **extra}, allow_same_experts=True)  # fmt: skip
+    ck = open_checkpoint(str(base))
+    try:
+        return compute_gates(cfg, ck, layers=2, hidden=32, device=CPU)
+    finally:
+        ck.close()
+
+
+def test_cheap_embed_is_the_unit_sum_of_token_embeddings(fam):
+    base = fam["base"]
+    embed = open_checkpoint(str(base)).get("model.embed_tokens.weight").float()
+    ids = lambda words: [1] + [int(w[1:]) + 3 for w in words.split()]  # noqa: E731  <s> + words
+    pos = unit(embed[ids("w1 w2 w3") + ids("w4")].sum(0))
+    neg = unit(embed[ids("w9")].sum(0))
+    g = _gates(base, "cheap_embed", [
+        {"source_model": "a", "positive_prompts": ["w1 w2 w3", "w4"], "negative_prompts": ["w9"]},
+        {"source_model": "b", "positive_prompts": ["w4"]},
+    ])  # fmt: skip
+    assert g.shape == (2, 2, 32) and torch.equal(g[0], g[1])  # the same for every layer
+    torch.testing.assert_close(g[0, 0], unit(pos - neg))
+    torch.testing.assert_close(g[0, 1], unit(embed[ids("w4")].sum(0)))
+
+
+@pytest.fixture(scope="module")
+def no_mlp_base(tmp_path_factory):
+    model = tiny_llama(seed=3)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.zero_()
+    return save(model, tmp_path_factory.mktemp("nomlp") / "base"), model
+
+
+@pytest.mark.parametrize("mode", ["router_input", "router_input_avg"])
+def test_router_input_is_the_normalised_input_of_the_mlp(no_mlp_base, mode):
+    base, model = no_mlp_base
+    prompts = ["w5 w6 w7", "w8 w9"]
+    g = _gates(base, mode, [{"source_model": "a", "positive_prompts": prompts},
+                            {"source_model": "b", "positive_prompts": ["w1"]}])  # fmt: skip
+    model = model.to(torch.bfloat16)  # as gate_dtype: bfloat16
+    rows = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([[1] + [int(w[1:]) + 3 for w in p.split()]])
+            hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+            per_layer = []
+            for i, layer in enumerate(model.model.layers):
+                x = layer.post_attention_layernorm(hs[i + 1])[0].float()  # (T, H)
+                per_layer.append(x.mean(0) if mode == "router_input_avg" else x[-1])
+            rows.append(torch.stack(per_layer))
+    expect = unit(torch.stack(rows).mean(0))
+    torch.testing.assert_close(g[:, 0], expect, atol=1e-6, rtol=1e-5)
+
+
+def test_hidden_gate_reads_the_residual_entering_each_layer(no_mlp_base):
+    base, model = no_mlp_base
+    g = _gates(base, "hidden", [{"source_model": "a", "positive_prompts": ["w5 w6"]},
+                                {"source_model": "b", "positive_prompts": ["w1"]}])  # fmt: skip
+    with torch.no_grad():
+        hs = model.to(torch.bfloat16)(input_ids=torch.tensor([[1, 8, 9]]),
+                                      output_hidden_states=True).hidden_states  # fmt: skip
+    expect = unit(torch.stack([hs[i][0, -1].float() for i in range(2)]))
+    torch.testing.assert_close(g[:, 0], expect)
+    assert torch.equal(g[0, 0], unit(hs[0][0, -1].float()))  # layer 0: the embedding of w6
+
+
+def test_degenerate_layers():
+    same = torch.ones(1, 3, 8)
+    eye = torch.eye(8)[:3].unsqueeze(0)
+    assert degenerate_layers(torch.cat([eye, same, eye])) == [1]
