@@ -10,6 +10,12 @@ different inits. Writes ``results/vision.json`` and ``results/vision.md``.
     python benchmarks/vision/run.py                                   # fashion_mnist, all archs
     python benchmarks/vision/run.py --datasets mnist digits --archs mlp vgg
     python benchmarks/vision/run.py --quick                           # 2k train, 1 epoch: minutes
+    python benchmarks/vision/run.py --parents plateau --archs vgg --regimes seeds2 \
+        --threads 1 --name vision-plateau                             # parents worth fusing
+
+``--parents plateau``: the suite's plateau recipe (``recipe_for(..., plateau=True)``: every
+training example, 10 epochs on Fashion-MNIST, Adam 1e-3 with a cosine decay, batch 128); the
+sizes, steps and optimiser flags are then ignored.
 
 Regimes: ``seeds<P>`` (same data, P seeds), ``halves<P>`` (disjoint class groups),
 ``dirichlet<P>`` (per-class Dirichlet(α) shares). Parents are cached under
@@ -30,6 +36,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mergeforge.evaluate.vision.data import load_dataset
 from mergeforge.evaluate.vision.models import ARCHS
+from mergeforge.evaluate.vision.suite import recipe_for
 from mergeforge.evaluate.vision.train import VisionRecipe, evaluate_family, get_parents
 
 RESULTS = Path(__file__).parent / "results"
@@ -58,6 +65,12 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.3, help="Dirichlet concentration")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="2k train, 1k test, 1 epoch")
+    ap.add_argument(
+        "--parents",
+        choices=["custom", "plateau"],
+        default="custom",
+        help="custom: the recipe of the flags above; plateau: the suite's plateau recipe",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--name", default="vision", help="output file stem")
     args = ap.parse_args()
@@ -67,24 +80,31 @@ def main() -> None:
     console = Console()
 
     rows = []
+    plateau = args.parents == "plateau"
     for dataset in args.datasets:
-        n_train = None if dataset == "digits" else args.n_train
+        n_train = None if dataset == "digits" or plateau else args.n_train
         n_test = 360 if dataset == "digits" else args.n_test
+        if plateau:
+            n_test = recipe_for(dataset, args.archs[0], args.regimes[0], plateau=True).n_test
         data = load_dataset(dataset, n_train=n_train, n_test=n_test, seed=0)
         console.print(f"[bold]{dataset}[/]: {len(data.train_y)} train / {len(data.test_y)} test")
         for arch in args.archs:
             for regime in args.regimes:
-                recipe = VisionRecipe(
-                    dataset=dataset,
-                    arch=arch,
-                    regime=regime,
-                    alpha=args.alpha,
-                    n_train=n_train,
-                    n_test=n_test,
-                    epochs=args.epochs,
-                    steps=args.steps,
-                    batch_size=args.batch_size,
-                    lr=args.lr,
+                recipe = (
+                    recipe_for(dataset, arch, regime, plateau=True)
+                    if plateau
+                    else VisionRecipe(
+                        dataset=dataset,
+                        arch=arch,
+                        regime=regime,
+                        alpha=args.alpha,
+                        n_train=n_train,
+                        n_test=n_test,
+                        epochs=args.epochs,
+                        steps=args.steps,
+                        batch_size=args.batch_size,
+                        lr=args.lr,
+                    )
                 )
                 start = time.perf_counter()
                 with Progress(
@@ -143,6 +163,9 @@ def _write(args: argparse.Namespace, rows: list[dict]) -> None:
         "python": platform.python_version(),
         "machine": platform.machine(),
     }
+    if args.parents == "plateau":  # every row has its own recipe (recipe_for, plateau=True)
+        settings = {"parents": "plateau", "recipe": rows[0]["recipe"] if rows else None}
+        return _write_files(args, env, settings, rows)
     settings = {
         "n_train": args.n_train,
         "n_test": args.n_test,
@@ -153,6 +176,10 @@ def _write(args: argparse.Namespace, rows: list[dict]) -> None:
         "optimizer": "adam",
         "alpha": args.alpha,
     }
+    _write_files(args, env, settings, rows)
+
+
+def _write_files(args: argparse.Namespace, env: dict, settings: dict, rows: list[dict]) -> None:
     (args.out / f"{args.name}.json").write_text(
         json.dumps({"env": env, "settings": settings, "rows": rows}, indent=1)
     )

@@ -86,6 +86,38 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_moe(args: argparse.Namespace) -> int:
+    """``moe``: a mixture of experts from mergekit-moe's YAML (see ``mergeforge.moe``)."""
+    import dataclasses
+    import json
+
+    from mergeforge.moe import build_moe, load_moe_config, load_prompt_groups, routing_report
+
+    allow = args.i_understand_this_is_not_useful_without_training
+    config = load_moe_config(args.config, allow_same_experts=allow)
+    if args.random_seed is not None:
+        config = dataclasses.replace(config, seed=args.random_seed)
+    groups = load_prompt_groups(args.report) if args.report not in (None, "-") else None
+    res = build_moe(config, args.out, overwrite=args.overwrite, allow_same_experts=allow,
+                    copy_tokenizer=args.copy_tokenizer, device=args.device,
+                    durable=args.fsync)  # fmt: skip
+    print(f"wrote {res.out} ({res.architecture}, {res.experts} experts"
+          + (f" + {res.shared_experts} shared" if res.shared_experts else "")
+          + f"): {res.tensors} tensors, {human(res.bytes_written)} in {res.seconds:.1f} s, "
+          f"peak RSS {res.peak_rss_bytes / 2**30:.2f} GiB")  # fmt: skip
+    if args.report is not None:
+        if groups is None:  # "-": each expert's own gate prompts (a self-check, not held out)
+            groups = {f"{i}:{os.path.basename(e.source_model)}": list(e.positive_prompts)
+                      for i, e in enumerate(config.experts)}  # fmt: skip
+        rep = routing_report(res.out, groups, device=args.device or "cpu")
+        _print_lines(["top-1 routing (% of tokens x MoE layers):", rep.to_markdown()])
+        if args.report_json:
+            from mergeforge.checkpoint.atomic import write_text_atomic
+
+            write_text_atomic(args.report_json, json.dumps(rep.to_dict(), indent=2) + "\n")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from mergeforge.engine import prepare
 
@@ -261,6 +293,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from mergeforge.evaluate.bench import run_bench
 
+    # options of one suite only: a suite that takes none of them says so (ConfigError)
+    options = {k: v for k, v in (("optimizer", args.optimizer), ("parents", args.parents)) if v}
     run_bench(
         args.suite,
         args.methods,
@@ -272,10 +306,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
         keep_merged=args.keep_merged,
         plots=not args.no_plots,
         resume=args.resume,
-        suite_options={"optimizer": args.optimizer} if args.optimizer else None,
+        suite_options=options or None,
         console=_console(),
     )
     return 0
+
+
+def cmd_fuse(args: argparse.Namespace) -> int:
+    """``fuse``: the same function a Python user calls (``evaluate/vision/fuse.py``)."""
+    from mergeforge.evaluate.vision.fuse import fuse_from_config
+
+    fuse_from_config(args.config, args.out, overwrite=args.overwrite, device=args.device,
+                     console=_console())  # fmt: skip
+    return 0
+
+
+class _FuseHelp(argparse.Action):
+    """``mergeforge fuse --help``: the usage, then every registered fusion method (imported
+    only when asked, so other commands do not load torch)."""
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from mergeforge.fusion import FUSION_METHODS
+
+        rows = sorted({m.name: m for m in FUSION_METHODS.values()}.items())
+        lines = [f"  {name:<20}{m.summary} ({m.reference})" for name, m in rows]
+        parser.epilog = (parser.epilog or "") + "\n\nfusion methods:\n" + "\n".join(lines)
+        parser.print_help()
+        parser.exit()
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -339,6 +399,40 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
     pr.set_defaults(fn=cmd_prune)
 
+    mo = sub.add_parser(
+        "moe", help="build a mixture of experts (Mixtral / Qwen2-MoE) from dense experts",
+        description="Read mergekit-moe's YAML (base_model, experts with positive_prompts / "
+        "negative_prompts, gate_mode, experts_per_token, shared_experts, dtype, architecture) "
+        "and write a Mixtral or Qwen2-MoE folder atomically. See docs/moe.md.",
+    )  # fmt: skip
+    mo.add_argument("config", help="mergekit-moe YAML (plus mergeforge extras)")
+    mo.add_argument("out", help="output folder (written atomically)")
+    mo.add_argument("--device", default=None, help="where the base model runs the gate "
+                    "prompts: cpu (default), cuda or auto")  # fmt: skip
+    mo.add_argument("--overwrite", action="store_true", help="replace a previous output")
+    mo.add_argument(
+        "--random-seed",
+        type=int,
+        default=None,
+        help="seed of random gates and noise_scale (default: the config's seed, 0)",
+    )
+    mo.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                    help="copy the base model's tokenizer files (default yes)")  # fmt: skip
+    mo.add_argument(
+        "--i-understand-this-is-not-useful-without-training",
+        action="store_true",
+        help="allow every expert to be the same model (mergekit-moe's flag)",
+    )
+    mo.add_argument("--fsync", action="store_true", help="flush to disk before it appears")
+    mo.add_argument(
+        "--report", nargs="?", const="-", default=None, metavar="PROMPTS",
+        help="after writing, print how the routers send held-out texts to the experts: a YAML/"
+        "JSON {group: [texts]}, a JSONL of {text, label}, or a text file; alone: each expert's "
+        "own gate prompts",
+    )  # fmt: skip
+    mo.add_argument("--report-json", default=None, help="also write the report as JSON here")
+    mo.set_defaults(fn=cmd_moe)
+
     v = sub.add_parser("validate", help="check a config and its inputs without merging")
     v.add_argument("config")
     v.set_defaults(fn=cmd_validate)
@@ -398,6 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
         "recorder, or the UMTAM optimizer; the last two write curvature sidecars (for umtam / "
         "ota rows) and are cached apart",
     )  # fmt: skip
+    b.add_argument(
+        "--parents", default=None, choices=("short", "plateau"),
+        help="vision: the parents' recipe: short (default; 200 steps, cached for CI) or plateau "
+        "(every training example, trained to a plateau; cached apart)",
+    )  # fmt: skip
     b.add_argument("--keep-merged", action="store_true", help="keep merged models under OUT")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     b.add_argument(
@@ -406,6 +505,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="reuse the rows of OUT/results.json made with the same suite settings",
     )
     b.set_defaults(fn=cmd_bench)
+
+    f = sub.add_parser(
+        "fuse",
+        help="fuse independently trained models (no shared base) into one, as a YAML describes",
+        description="Fuse parents of one vision architecture (mlp, vgg, resnet, vit) trained "
+        "from different inits or data: neuron-centric fusion (HF, KF) and the alignment "
+        "baselines. Writes OUT/model.safetensors, config.json, mergeforge_fusion.yml (the "
+        "resolved config) and README.md, atomically.",
+        epilog="config keys: method, parameters, parents (files or folders), architecture, "
+        "levels, data ({dataset: fashion_mnist|mnist|digits, n: 400, seed: 0} or {file: "
+        "X.safetensors} with 'inputs' N×1×28×28 and optional 'labels'), class_fractions, seed. "
+        "See docs/fusion.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
+    )
+    f.add_argument("-h", "--help", action=_FuseHelp, help="this help and the fusion methods")
+    f.add_argument("config", help="fusion YAML (method, parents, data, ...)")
+    f.add_argument("out", help="output folder (written atomically)")
+    f.add_argument("--overwrite", action="store_true", help="replace an earlier fused output")
+    f.add_argument("--device", default=None, help="where the fusion runs: cpu (default), cuda "
+                   "or auto")  # fmt: skip
+    f.set_defaults(fn=cmd_fuse)
 
     s = sub.add_parser(
         "stats",
@@ -479,7 +600,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"interrupted by {sig.name} after the output was complete: {done} is "
                       "written", file=sys.stderr)  # fmt: skip
                 return sig.exit_code
-            what = "nothing was written at the output path" if args.command == "merge" else ""
+            what = ("nothing was written at the output path"
+                    if args.command in ("merge", "fuse", "moe") else "")  # fmt: skip
             print(f"interrupted by {sig.name}: stopped" + (f"; {what}" if what else ""),
                   file=sys.stderr)  # fmt: skip
             return sig.exit_code

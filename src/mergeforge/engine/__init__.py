@@ -28,9 +28,11 @@ from mergeforge.config import MergeConfig, load_config, yaml_field_map
 from mergeforge.device import resolve_device
 from mergeforge.engine.execute import Loader, Progress, run_jobs, run_statistics
 from mergeforge.engine.output import (
+    check_not_among,
     check_not_an_input,
     check_output_location,
     check_replaceable,
+    checkpoint_paths,
     is_previous_output,
 )
 from mergeforge.engine.plan import MergePlan, build_plan, output_config
@@ -38,7 +40,13 @@ from mergeforge.errors import CheckpointError
 
 log = logging.getLogger("mergeforge")
 
-__all__ = ["run_merge", "merge_state_dicts", "prepare", "MergeResult", "build_plan", "MergePlan"]
+__all__ = [
+    "run_merge", "merge_state_dicts", "prepare", "MergeResult", "build_plan", "MergePlan",
+    # engine/output.py's checks, for other producers of model folders (fusion): where an output
+    # may go, never over an input, --overwrite replacing only that producer's earlier output
+    "check_output_location", "check_not_among", "check_replaceable", "checkpoint_paths",
+    "is_previous_output", "probe_writable",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)

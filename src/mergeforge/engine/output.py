@@ -11,6 +11,9 @@ any tensor, so that a merge can never damage its inputs or a folder it does not 
 3. :func:`check_replaceable`: the output is absent, an empty folder, or, with ``overwrite``, a
    previous mergeforge output (:func:`is_previous_output`: the marker files, and nothing a merge
    does not write, so files added later are never deleted); never a file or another folder.
+   Fusion (``mergeforge fuse``, :mod:`mergeforge.fusion.output`) applies the same rules with its
+   own files (the ``markers``/``written``/``producer`` arguments) and inputs
+   (:func:`check_not_among`).
 4. :func:`~mergeforge.checkpoint._staging.probe_writable`: an empty folder is created and
    removed where the staging folder will go (read-only file systems, immutable folders, root).
 """
@@ -19,14 +22,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from mergeforge.checkpoint import Checkpoint
 from mergeforge.checkpoint._staging import nearest_existing
 from mergeforge.errors import CheckpointError, ConfigError
 
-MARKERS = ("mergeforge_config.yml", "model.safetensors.index.json")
+INDEX = "model.safetensors.index.json"
+MARKERS = ("mergeforge_config.yml", INDEX)
 """Files every output of :func:`~mergeforge.engine.run_merge` has."""
 
 
@@ -35,16 +39,19 @@ WRITTEN = ("mergeforge_resolved.yml", "README.md")
 :data:`~mergeforge.checkpoint.CARRIED_FILES` (``config.json`` among them)."""
 
 
-def foreign_files(folder: Path) -> list[str]:
+def foreign_files(
+    folder: Path, *, markers: tuple[str, ...] = MARKERS, written: tuple[str, ...] = WRITTEN
+) -> list[str]:
     """The entries of ``folder`` (paths relative to it, sorted) that a mergeforge merge does not
     write: anything but the shards its ``model.safetensors.index.json`` names, that index,
-    :data:`MARKERS`, :data:`WRITTEN` and the carried files. Symbolic links count as foreign (a
-    merge writes plain files); an unreadable index names no shards."""
+    :data:`MARKERS`, :data:`WRITTEN` and the carried files (``markers``/``written``: another
+    producer's files, e.g. fusion's). Symbolic links count as foreign (a merge writes plain
+    files); an unreadable index names no shards."""
     from mergeforge.checkpoint import CARRIED_FILES
 
-    ours = {*MARKERS, *WRITTEN, *CARRIED_FILES}
+    ours = {*markers, *written, *CARRIED_FILES}
     try:
-        index = json.loads((folder / MARKERS[1]).read_text(encoding="utf-8"))
+        index = json.loads((folder / INDEX).read_text(encoding="utf-8"))
         ours.update(str(v) for v in index["weight_map"].values())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
@@ -73,10 +80,14 @@ def foreign_files(folder: Path) -> list[str]:
     return sorted(foreign)
 
 
-def is_previous_output(folder: Path) -> bool:
+def is_previous_output(
+    folder: Path, *, markers: tuple[str, ...] = MARKERS, written: tuple[str, ...] = WRITTEN
+) -> bool:
     """True if ``folder`` holds a previous mergeforge merge output (all of :data:`MARKERS`) and
     nothing a merge does not write (:func:`foreign_files`)."""
-    return all((folder / m).is_file() for m in MARKERS) and not foreign_files(folder)
+    return all((folder / m).is_file() for m in markers) and not foreign_files(
+        folder, markers=markers, written=written
+    )
 
 
 def _nonempty(folder: Path) -> bool:
@@ -111,9 +122,17 @@ def check_output_location(out: Path) -> None:
         )
 
 
-def check_replaceable(out: Path, *, overwrite: bool) -> None:
+def check_replaceable(
+    out: Path,
+    *,
+    overwrite: bool,
+    markers: tuple[str, ...] = MARKERS,
+    written: tuple[str, ...] = WRITTEN,
+    producer: str = "merge",
+) -> None:
     """Refuse an output path that is a file, or a non-empty folder without ``overwrite`` or
-    that is not a previous mergeforge output. Touches nothing."""
+    that is not a previous mergeforge output (``markers``/``written``/``producer``: another
+    producer's output, e.g. ``"fusion"``'s). Touches nothing."""
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"output path {str(out)!r} exists and is not a folder")
     if not (out.is_dir() and _nonempty(out)):
@@ -123,19 +142,20 @@ def check_replaceable(out: Path, *, overwrite: bool) -> None:
             f"output folder {str(out)!r} exists and is not empty; pass --overwrite "
             "(overwrite=True) to replace it, or choose another folder"
         )
-    if all((out / m).is_file() for m in MARKERS) and (extra := foreign_files(out)):
+    kind = {"markers": markers, "written": written}
+    if all((out / m).is_file() for m in markers) and (extra := foreign_files(out, **kind)):
         shown = ", ".join(extra[:10]) + (f" and {len(extra) - 10} more" if len(extra) > 10 else "")
         raise CheckpointError(
-            f"output folder {str(out)!r} is a previous mergeforge output but holds files a merge "
-            f"did not write: {shown}; --overwrite would delete them, so nothing in it was "
-            "touched. Move them away or choose another output folder."
+            f"output folder {str(out)!r} is a previous mergeforge output but holds files a "
+            f"{producer} did not write: {shown}; --overwrite would delete them, so nothing in it "
+            "was touched. Move them away or choose another output folder."
         )
-    if not is_previous_output(out):
+    if not is_previous_output(out, **kind):
         raise CheckpointError(
             f"output folder {str(out)!r} is not empty and is not a previous mergeforge output "
-            f"(it lacks {' or '.join(MARKERS)}); --overwrite only replaces an earlier merge's "
-            "output or an empty folder, so nothing in it was touched. Choose another output "
-            "folder, or move it away yourself."
+            f"(it lacks {' or '.join(markers)}); --overwrite only replaces an earlier "
+            f"{producer}'s output or an empty folder, so nothing in it was touched. Choose "
+            "another output folder, or move it away yourself."
         )
 
 
@@ -193,9 +213,18 @@ def _same(a: tuple[Path, tuple[int, int] | None], b: tuple[Path, tuple[int, int]
 def check_not_an_input(out: Path, plan) -> None:
     """Refuse (:class:`ConfigError`) an output that is, lies inside or contains any input path,
     naming the input and the output."""
+    check_not_among(out, input_paths(plan))
+
+
+def check_not_among(
+    out: Path, inputs: Iterable[tuple[str, Path]], *, producer: str = "merge"
+) -> None:
+    """Refuse (:class:`ConfigError`) an output that is, lies inside or contains any of the
+    ``(name, path)`` inputs (symlinks and relative paths resolved; a second mount of one folder
+    counts as the same), naming the input and the output."""
     out_chain = _chain(out)
     seen: set[Path] = set()
-    for name, path in input_paths(plan):
+    for name, path in inputs:
         if path in seen:
             continue
         seen.add(path)
@@ -210,8 +239,8 @@ def check_not_an_input(out: Path, plan) -> None:
             continue
         where = "" if str(path) == name else f" ({path})"
         raise ConfigError(
-            f"output folder {str(out)!r} {how} the input {name!r}{where}: a merge never writes "
-            "into, over or around its inputs, with or without --overwrite. Nothing was "
+            f"output folder {str(out)!r} {how} the input {name!r}{where}: a {producer} never "
+            "writes into, over or around its inputs, with or without --overwrite. Nothing was "
             "written; choose an output folder outside every input model, adapter and "
-            "statistics folder."
+            f"{'statistics' if producer == 'merge' else 'data'} folder."
         )

@@ -25,6 +25,12 @@ anything with the :class:`Suite` shape registered in :data:`SUITES` with :func:`
 trained from scratch, fused into one model, :mod:`~mergeforge.evaluate.vision.suite`; its
 reference rows are ``ensemble``, ``ensemble_weighted`` and ``parent<k>``; only base-free methods
 and two-model interpolations such as ``slerp`` run there, as the parents share no base).
+
+A suite that fuses (``fuses = True``: vision) also takes rows whose ``method`` is a *fusion*
+method (:data:`mergeforge.fusion.FUSION_METHODS`, e.g. ``kf``, ``ot_fusion``) with its
+``parameters``: the parents are fused in memory on the suite's fusion set, written as a model
+folder and scored like a merge (``merge_seconds`` is then the fusion time, measured in a fresh
+process like a merge's, with its peak RSS). A merge method's name wins over a fusion method's.
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ class BenchRun:
     swept: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     """Regexes of tensors kept at the base (the merge config's ``exclude:``)."""
+    kind: str = "merge"
+    """``"merge"`` (a merge method, or a reference row) or ``"fusion"`` (a fusion method)."""
 
     @property
     def params(self) -> dict[str, Any]:
@@ -96,6 +104,10 @@ class Suite(Protocol):
     #       every run before prepare(), so a bad methods file fails before any training.
     #   merge_inputs(run) -> (base_dir, [expert_dir, ...])  what one merge reads (default:
     #       ``base_dir`` and every folder of ``expert_dirs``).
+    #   fuses: bool  the suite runs fusion rows (``kind == "fusion"``), through
+    #   fusion_job(run, out) -> (fn, args, kwargs)  a picklable call that fuses the experts and
+    #       writes the model folder ``out``, returning {"fusion_seconds": s, ...}; the bench
+    #       runs it in a fresh process (:func:`call_isolated`).
 
 
 SuiteFactory = Callable[..., Suite]  # (quick=, full=, cache_dir=, tasks=, console=) -> Suite
@@ -152,11 +164,13 @@ def load_methods(
     *,
     quick: bool = False,
     references: Sequence[str] = REFERENCE_METHODS,
+    fusion: bool = False,
 ) -> list[BenchRun]:
     """Parse a methods file (path, YAML text or dict) and expand its sweeps into runs.
 
     ``quick`` keeps only the middle value of each sweep (a smoke run, not a sweep).
     ``references``: the method names that are reference rows of the suite (merge nothing).
+    ``fusion``: the suite also runs fusion methods (see the module docstring).
     """
     import yaml
 
@@ -174,7 +188,7 @@ def load_methods(
     runs: list[BenchRun] = []
     for i, entry in enumerate(doc["methods"]):
         runs += expand_entry(entry, where=f"{where}: methods[{i}]", quick=quick,
-                             references=references)  # fmt: skip
+                             references=references, fusion=fusion)  # fmt: skip
     names = [r.name for r in runs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -188,6 +202,7 @@ def expand_entry(
     where: str = "methods",
     quick: bool = False,
     references: Sequence[str] = REFERENCE_METHODS,
+    fusion: bool = False,
 ) -> list[BenchRun]:
     """One methods-file entry -> one run per combination of its swept (list) values."""
     if not isinstance(entry, Mapping) or "method" not in entry:
@@ -201,8 +216,10 @@ def expand_entry(
     family = str(entry.get("name", method))
     groups = {"parameters": entry.get("parameters") or {}, "model_parameters": entry.get(
         "model_parameters") or {}}  # fmt: skip
-    _check_params(method, groups, where, references)
+    kind = _check_params(method, groups, where, references, fusion=fusion)
     exclude = _check_exclude(entry.get("exclude"), method, where, references)
+    if exclude and kind == "fusion":
+        raise ConfigError(f"{where}: the fusion method '{method}' takes no exclude")
     axes: list[tuple[str, str, list]] = []  # (group, key, values)
     for group, params in groups.items():
         for key, value in params.items():
@@ -228,8 +245,14 @@ def expand_entry(
                 model_parameters=fixed["model_parameters"],
                 swept=swept,
                 exclude=exclude,
+                kind=kind,
             )
         )
+    if kind == "fusion":  # each run's values (sweeps fixed) checked now, before any training
+        from mergeforge.fusion import get_method as get_fusion
+
+        for run in runs:
+            get_fusion(method).make_params(run.parameters)
     return runs
 
 
@@ -248,18 +271,23 @@ def _check_params(
     groups: Mapping[str, Mapping],
     where: str,
     references: Sequence[str] = REFERENCE_METHODS,
-) -> None:
-    """Unknown methods and parameter names fail here, before anything is trained or loaded."""
+    *,
+    fusion: bool = False,
+) -> str:
+    """Unknown methods and parameter names fail here, before anything is trained or loaded.
+    Returns the run's kind: ``"merge"`` (merge methods and reference rows) or ``"fusion"``."""
     if method in references:
         if any(groups.values()):
             raise ConfigError(f"{where}: '{method}' merges nothing and takes no parameters")
-        return
+        return "merge"
     from mergeforge.config import yaml_field_map
     from mergeforge.methods import get_method
 
     try:
         m = get_method(method)
     except (KeyError, MergeforgeError) as exc:
+        if fusion:
+            return _check_fusion_params(method, groups, where, references)
         raise ConfigError(
             f"{where}: unknown method {method!r} ({exc}); `mergeforge methods` lists them, "
             f"and {list(references)} are this suite's reference rows"
@@ -273,6 +301,34 @@ def _check_params(
             raise ConfigError(
                 f"{where}: {method} has no {group} {bad}; its {group}: {sorted(known) or 'none'}"
             )
+    return "merge"
+
+
+def _check_fusion_params(
+    method: str, groups: Mapping[str, Mapping], where: str, references: Sequence[str]
+) -> str:
+    """A fusion row: a registered fusion method with known parameter names, no per-model ones."""
+    import dataclasses
+
+    from mergeforge.fusion import FUSION_METHODS
+
+    if method not in FUSION_METHODS:
+        from mergeforge.methods import all_methods
+
+        raise ConfigError(
+            f"{where}: unknown method {method!r}; fusion methods: {sorted(FUSION_METHODS)}; "
+            f"merge methods: {sorted(m.name for m in all_methods())} (`mergeforge methods`); "
+            f"reference rows: {list(references)}"
+        )
+    spec = FUSION_METHODS[method]
+    if groups["model_parameters"]:
+        raise ConfigError(f"{where}: the fusion method '{method}' takes no model_parameters")
+    if not isinstance(groups["parameters"], Mapping):
+        raise ConfigError(f"{where}: parameters must be a mapping")
+    known = [f.name for f in dataclasses.fields(spec.params)]
+    if bad := sorted(set(groups["parameters"]) - set(known)):
+        raise ConfigError(f"{where}: {method} has no parameters {bad}; its parameters: {known}")
+    return "fusion"
 
 
 # ---------------------------------------------------------------------------- merging
@@ -341,6 +397,36 @@ def merge_isolated(config: dict, out: Path) -> tuple[float, int]:
     return value, peak
 
 
+def _call_child(fn, args, kwargs, conn) -> None:
+    try:
+        result = fn(*args, **kwargs)
+        conn.send(("ok", result, _own_peak_rss() or 0))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which re-raises
+        conn.send(("error", f"{type(exc).__name__}: {exc}", 0))
+    finally:
+        conn.close()
+
+
+def call_isolated(fn, *args, **kwargs) -> tuple[Any, int]:
+    """``fn(*args, **kwargs)`` in a fresh (spawned) process, like :func:`merge_isolated`:
+    returns (its result, its peak RSS bytes). ``fn`` and its arguments must be picklable; an
+    exception there is raised here as a :class:`MergeforgeError` (the row fails, the rest run).
+    """
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_call_child, args=(fn, args, kwargs, child))
+    proc.start()
+    child.close()
+    try:
+        status, value, peak = parent.recv()
+    except EOFError:
+        status, value, peak = "error", "the process died (out of memory?)", 0
+    proc.join()
+    if status != "ok":
+        raise MergeforgeError(f"{getattr(fn, '__name__', fn)} failed: {value}")
+    return value, peak
+
+
 # ---------------------------------------------------------------------------- the benchmark
 
 
@@ -375,7 +461,8 @@ def run_bench(
     bench = get_suite(suite, quick=quick, full=full, cache_dir=cache_dir, tasks=tasks,
                       console=console, options=suite_options)  # fmt: skip
     # fail on a bad file before any training
-    runs = load_methods(methods, quick=quick, references=_references(bench))
+    runs = load_methods(methods, quick=quick, references=_references(bench),
+                        fusion=bool(getattr(bench, "fuses", False)))  # fmt: skip
     check = getattr(bench, "check_run", None)  # optional in the Suite protocol
     for run in runs if check is not None else ():
         check(run)
@@ -469,6 +556,17 @@ def _one_run(run, bench, expert_acc, merged_root: Path, keep: bool) -> RunResult
         return RunResult(accuracy=accuracy, eval_seconds=time.perf_counter() - t0,
                          **{**common, "family": run.family or run.method})  # fmt: skip
     out = merged_root / run.name.replace(" ", "_").replace("/", "-")
+    if run.kind == "fusion":
+        fn, args, kwargs = bench.fusion_job(run, out)
+        result, peak = call_isolated(fn, *args, **kwargs)
+        try:
+            return evaluate_pool(bench.pool, out, merge_seconds=result["fusion_seconds"],
+                                 peak_rss_bytes=peak, **common)  # fmt: skip
+        finally:
+            if not keep:
+                import shutil
+
+                shutil.rmtree(out, ignore_errors=True)
     _statistics(run, bench)
     inputs = getattr(bench, "merge_inputs", None)  # optional in the Suite protocol
     if inputs is not None:

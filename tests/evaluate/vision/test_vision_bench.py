@@ -147,3 +147,118 @@ def test_run_bench_vision_writes_ensemble_and_weight_average_rows(suite, cache, 
     assert rows["avg"]["normalized_average"] == pytest.approx(expected / ens)
     assert rows["avg"]["merge_seconds"] is not None
     assert "| avg |" in (out / "results.md").read_text()
+
+
+# ---------------------------------------------------------------- fusion rows and plateau parents
+
+FUSION_FILE = Path(__file__).parents[3] / "benchmarks" / "vision" / "methods-fusion.yaml"
+
+
+def _in_process(fn, *args, **kwargs):  # bench.call_isolated without the fresh process
+    return fn(*args, **kwargs), None
+
+
+def test_a_fusion_row_is_fused_written_and_scored(suite, cache, tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.setattr(bench, "call_isolated", _in_process)
+    methods = {"methods": [{"name": "fused", "method": "average"}]}
+    out = tmp_path / "out"
+    payload = bench.run_bench("vision", methods, out, quick=True, cache_dir=cache, plots=False,
+                              tasks=[FAMILY], keep_merged=True)  # fmt: skip
+    (row,) = [r for r in payload["runs"] if r["name"] == "fused"]
+    assert payload["failed"] == {} and row["merge_seconds"] is not None
+    # oracle: fusion's plain average is the parents' mean, scored by the suite's pool
+    mean = vt.average_state_dicts([p.state_dict for p in suite.parents])
+    fused = vs.read_state_dict(out / "merged" / "fused", "mlp")
+    assert all(torch.allclose(fused[k], mean[k], atol=1e-6) for k in mean)
+    assert row["accuracy"] == suite.pool.evaluate(out / "merged" / "fused")
+    folder = out / "merged" / "fused"
+    doc = yaml.safe_load((folder / "mergeforge_fusion.yml").read_text())
+    assert doc["method"] == "average" and doc["architecture"] == "mlp"
+    assert doc["data"]["n"] == vs.FUSION_N and doc["data"]["dataset"] == "digits"
+    assert doc["class_fractions"] == suite.split.class_share.tolist()
+    assert doc["parents"] == [str(d) for d in suite.expert_dirs.values()]
+    assert payload["settings"]["fusion"] == {"n": vs.FUSION_N, "seed": 0}
+
+
+def test_call_isolated_runs_in_a_fresh_process_and_reports_failures():
+    import os
+
+    pid, peak = bench.call_isolated(os.getpid)
+    assert pid != os.getpid() and peak > 0
+    with pytest.raises(MergeforgeError, match="failed: ValueError"):
+        bench.call_isolated(int, "not a number")
+
+
+def test_unknown_and_bad_fusion_rows_fail_before_training(tmp_path):
+    cache = tmp_path / "cache"
+    cases = [
+        ({"method": "nope"}, r"unknown method 'nope'; fusion methods: \[.*'average'.*merge "
+                             r"methods: \[.*'linear'"),
+        ({"method": "average", "parameters": {"alpha": 1}}, r"average has no parameters \['alpha'"),
+        ({"method": "average", "model_parameters": {"weight": 1}}, "takes no model_parameters"),
+        ({"method": "average", "parameters": {"weights": [[-1, 1]]}}, "non-negative"),
+        ({"method": "average", "exclude": "head"}, "takes no exclude"),
+    ]  # fmt: skip
+    for entry, match in cases:
+        with pytest.raises(ConfigError, match=match):
+            bench.run_bench("vision", {"methods": [entry]}, tmp_path / "out", quick=True,
+                            cache_dir=cache, plots=False)  # fmt: skip
+    assert not cache.exists()  # nothing trained
+    with pytest.raises(ConfigError, match="unknown method 'average'"):  # text: no fusion rows
+        bench.load_methods({"methods": [{"method": "average"}]})
+
+
+def test_the_fusion_methods_file_parses_for_every_registered_method():
+    from mergeforge.fusion import FUSION_METHODS
+
+    entries = __import__("yaml").safe_load(FUSION_FILE.read_text())["methods"]
+    refs = (*bench.REFERENCE_METHODS, "ensemble", "ensemble_weighted", "parent0", "parent1")
+    waiting = []
+    for entry in entries:
+        if entry["method"] in (*refs, *FUSION_METHODS):
+            (run,) = bench.expand_entry(entry, references=refs, fusion=True)
+            assert run.kind == ("fusion" if entry["method"] in FUSION_METHODS else "merge")
+        else:
+            waiting.append(entry["method"])
+    if waiting:
+        pytest.skip(f"fusion methods not registered yet: {sorted(set(waiting))}")
+
+
+def test_the_plateau_recipe():
+    plateau = vs.recipe_for("fashion_mnist", "vgg", "seeds2", plateau=True)
+    assert (plateau.n_train, plateau.epochs, plateau.steps) == (None, 10, None)
+    assert (plateau.batch_size, plateau.lr, plateau.schedule) == (128, 1e-3, "cosine")
+    short = vs.recipe_for("fashion_mnist", "vgg", "seeds2")
+    assert plateau.key() != short.key() and short.schedule == "constant"
+    assert vs.recipe_for("digits", "mlp", "halves2", plateau=True).epochs == 100
+    with pytest.raises(ConfigError, match="neither --quick nor --full"):
+        vs.recipe_for("digits", "mlp", "seeds2", plateau=True, quick=True)
+    suite = vs.VisionSuite(tasks=["fashion_mnist/vgg/seeds2"], parents="plateau")
+    assert suite.recipe == plateau
+    with pytest.raises(ConfigError, match="parents 'long' is not one of"):
+        vs.VisionSuite(parents="long")
+
+
+def _registered() -> list[str]:
+    from mergeforge.fusion import FUSION_METHODS
+
+    return sorted({m.name for m in FUSION_METHODS.values()})
+
+
+@pytest.mark.parametrize("method", _registered())
+def test_every_registered_fusion_method_runs_as_a_bench_row(suite, tmp_path, method):
+    import yaml
+
+    from mergeforge.fusion import get_method
+
+    run = bench.BenchRun(name=method, family=method, method=method, kind="fusion")
+    fn, args, kwargs = suite.fusion_job(run, tmp_path / method)
+    result, _ = _in_process(fn, *args, **kwargs)
+    doc = yaml.safe_load((tmp_path / method / "mergeforge_fusion.yml").read_text())
+    assert doc["method"] == method and doc["result"] == result
+    defaults = get_method(method).make_params({})
+    assert doc["parameters"].keys() == defaults.__dataclass_fields__.keys()
+    acc = suite.pool.evaluate(tmp_path / method)["digits"]
+    assert 0.2 < acc <= 1.0  # a working classifier (chance: 0.1), whatever the method

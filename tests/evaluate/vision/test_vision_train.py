@@ -110,3 +110,31 @@ def test_recipe_validation_and_key():
         vt.VisionRecipe(epochs=0)
     with pytest.raises(ValueError, match="VisionRecipe.steps"):
         vt.VisionRecipe(steps=0)
+
+
+def test_cosine_schedule_follows_its_closed_form():
+    # oracle: a hand-written loop with lr_t = lr·½(1 + cos(π t / T)) at step t of T (SGD, so the
+    # update is exactly -lr_t·grad); the last step moves the weights by a tiny amount
+    data = _synthetic(n=48)
+    model = vt.new_parent("mlp", 0)
+    manual = vt.new_parent("mlp", 0)
+    vt.train_model(model, data.train_x, data.train_y, epochs=2, batch_size=16, lr=0.1,
+                   optimizer="sgd", seed=3, schedule="cosine")  # fmt: skip
+    opt = torch.optim.SGD(manual.parameters(), lr=0.1, momentum=0.9)
+    gen, total, t = torch.Generator().manual_seed(3), 6, 0
+    for _ in range(2):
+        for idx in torch.randperm(48, generator=gen).split(16):
+            for group in opt.param_groups:
+                group["lr"] = 0.1 * 0.5 * (1 + math.cos(math.pi * t / total))
+            loss = torch.nn.functional.cross_entropy(manual(data.train_x[idx]), data.train_y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            t += 1
+    got, want = model.state_dict(), manual.state_dict()
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+    with pytest.raises(ValueError, match="VisionRecipe.schedule"):
+        vt.VisionRecipe(schedule="step")
+    # recipes from before the field existed keep their cache key
+    assert vt.VisionRecipe(schedule="constant").key() == vt.VisionRecipe().key()
+    assert vt.VisionRecipe(schedule="cosine").key() != vt.VisionRecipe().key()

@@ -22,6 +22,16 @@ takes ``parent0`` as its base (t = 0) and ``parent1`` as the other end (t = 1), 
 regimes only. Every other method fails before anything is trained, naming those that run
 (:meth:`VisionSuite.check_run`). Data-using methods (RegMean, Fisher) are not supported yet.
 
+Fusion rows (a methods-file row naming a fusion method, e.g. ``kf``: see
+:mod:`mergeforge.evaluate.bench`) fuse the parents in memory on the *fusion set* — a seeded,
+class-stratified sample of ``fusion_n`` (default 400) examples of the union of the parents'
+training data, with each parent's class share of the regime (``ParentSplit.class_share``) as
+its class fractions — and write the fused model with
+:func:`~mergeforge.fusion.output.write_fused`; it is scored like a merge.
+
+``parents="plateau"`` (``mergeforge bench vision --parents plateau``) uses the plateau recipe
+(:func:`recipe_for`): parents trained on every example until the loss flattens, cached apart.
+
 Normalized accuracy: merged ÷ the **output ensemble** (mean of the parents' softmax), the
 reference every fusion method tries to reach in one model (the ``experts (own task)`` row is the
 ensemble). Reference rows (no merge): ``ensemble``, ``ensemble_weighted`` (class-wise weighted
@@ -48,6 +58,7 @@ QUICK_STEPS = 30  # per parent: a couple of seconds for the MLP on 1 CPU thread
 QUICK_SIZES = {"n_train": 1000, "n_test": 500}  # digits keeps its 1,437 / 360
 ENSEMBLES = ("ensemble", "ensemble_weighted")
 MODEL_FILE = "model.safetensors"
+FUSION_N = 400  # the fusion set of fusion rows (2507.00037's v1 code: 400 for VGG / CIFAR-10)
 
 
 def parse_family(tasks: Sequence[str] | None, *, quick: bool = False) -> tuple[str, str, str]:
@@ -80,13 +91,55 @@ def parse_family(tasks: Sequence[str] | None, *, quick: bool = False) -> tuple[s
     return dataset, arch, regime
 
 
-def recipe_for(dataset: str, arch: str, regime: str, *, quick: bool = False, full: bool = False):
+PARENTS = ("short", "plateau")
+PLATEAU_EPOCHS = {"fashion_mnist": 10, "mnist": 20, "digits": 100}
+"""Epochs of the plateau recipe: ~4,700 Adam steps of batch 128 per same-data parent on
+Fashion-MNIST's 60k, ~1,250 on MNIST's 8k and ~1,200 on digits' 1,437 (small sets need more
+passes for as many updates)."""
+
+
+def recipe_for(
+    dataset: str,
+    arch: str,
+    regime: str,
+    *,
+    quick: bool = False,
+    full: bool = False,
+    plateau: bool = False,
+):
     """The suite's recipe: that of ``benchmarks/vision/results/vision.json`` (the cached
     parents); ``quick``: :data:`QUICK_STEPS` steps on a smaller subsample; ``full``: every
-    training example."""
+    training example.
+
+    ``plateau``: parents worth fusing. Every training example of the dataset (each parent its
+    regime's part of it), :data:`PLATEAU_EPOCHS` epochs of Adam (lr 1e-3, batch 128) with the
+    learning rate decayed to 0 along a cosine, so training ends where the loss has flattened
+    (Fashion-MNIST VGG seeds2: 91.0 / 90.5 %, 2.7 min per parent on one CPU thread; measured in
+    ``benchmarks/vision/README.md``).
+    Its own cache key; ``quick`` and ``full`` do not apply to it."""
     from mergeforge.evaluate.vision.train import VisionRecipe
 
     digits = dataset == "digits"
+    if plateau:
+        if quick or full:
+            raise ConfigError(
+                "the plateau recipe trains on every example for a fixed number of epochs; it "
+                "takes neither --quick nor --full"
+            )
+        return VisionRecipe(
+            dataset=dataset,
+            arch=arch,
+            regime=regime,
+            alpha=0.3,
+            n_train=None,
+            n_test=360 if digits else 2000,
+            epochs=PLATEAU_EPOCHS[dataset],
+            steps=None,
+            batch_size=128,
+            lr=1e-3,
+            optimizer="adam",
+            schedule="cosine",
+        )
     recipe = VisionRecipe(
         dataset=dataset,
         arch=arch,
@@ -156,6 +209,8 @@ class VisionSuite:
     """The ``vision`` suite of ``mergeforge bench`` (see the module docstring)."""
 
     name = "vision"
+    fuses = True  # the bench runs fusion rows through fusion_job()
+    settings_defaults = {"fusion": {"n": FUSION_N, "seed": 0}}  # results.json before fusion
 
     def __init__(
         self,
@@ -166,16 +221,25 @@ class VisionSuite:
         tasks: Sequence[str] | None = None,
         recipe=None,
         console=None,
+        parents: str = "short",
+        fusion_n: int = FUSION_N,
+        fusion_seed: int = 0,
     ) -> None:
         from rich.console import Console
 
         from mergeforge.evaluate.vision.train import cache_root
 
+        if parents not in PARENTS:
+            raise ConfigError(f"vision suite: parents {parents!r} is not one of {PARENTS}")
+        if fusion_n < 1:
+            raise ConfigError(f"vision suite: fusion_n must be >= 1, got {fusion_n}")
         self.dataset, self.arch, self.regime = parse_family(tasks, quick=quick)
         self.family = f"{self.dataset}/{self.arch}/{self.regime}"
+        plateau = parents == "plateau"
         self.recipe = recipe or recipe_for(
-            self.dataset, self.arch, self.regime, quick=quick, full=full
+            self.dataset, self.arch, self.regime, quick=quick, full=full, plateau=plateau
         )
+        self.fusion_n, self.fusion_seed = fusion_n, fusion_seed
         self.n_parents = n_parents(self.recipe.regime)
         self.cache_dir = cache_dir
         self.folder = cache_root(cache_dir) / self.recipe.key()
@@ -211,6 +275,7 @@ class VisionSuite:
         for k, parent in enumerate(self.parents):
             self._write_folder(k, parent)
         self.pool = VisionPool(r.dataset, r.arch, data.test_x, data.test_y)
+        self.train_x, self.train_y = data.train_x, data.train_y  # the fusion set's source
         logits = [
             predict_logits(load_into(r.arch, p.state_dict), data.test_x) for p in self.parents
         ]
@@ -263,8 +328,49 @@ class VisionSuite:
             "normalized_by": "ensemble",
             "references": self.references,
             "parents": {k: str(d) for k, d in self.expert_dirs.items()},
+            "fusion": {"n": self.fusion_n, "seed": self.fusion_seed},
             "timings": self.timings,
         }
+
+    def fusion_job(self, run, out: Path):
+        """The call that fuses the parents for a fusion row and writes ``out`` (the bench runs
+        it in a fresh process): ``(fn, args, kwargs)``, see the module docstring."""
+        import numpy as np
+
+        from mergeforge.evaluate.vision.fuse import fuse_to_folder, fusion_set
+        from mergeforge.evaluate.vision.models import build_model
+        from mergeforge.fusion.output import resolved_parameters
+
+        union = np.unique(np.concatenate(self.split.indices))
+        data = fusion_set(
+            self.train_x[union],
+            self.train_y[union],
+            self.fusion_n,
+            seed=self.fusion_seed,
+            class_fractions=self.split.class_share,
+        )
+        dirs = [str(d) for d in self.expert_dirs.values()]
+        source = f"union of the parents' training data ({self.family}, {self.recipe.key()})"
+        config = {
+            "method": run.method,
+            "parameters": resolved_parameters(run.method, run.parameters),
+            "parents": dirs,
+            "architecture": self.arch,
+            "levels": list(build_model(self.arch).levels),
+            "data": {
+                "dataset": self.dataset,
+                "n": len(data),
+                "seed": self.fusion_seed,
+                "from": source,
+            },  # fmt: skip
+            "class_fractions": self.split.class_share.round(6).tolist(),
+            "seed": self.fusion_seed,
+        }
+        states = [p.state_dict for p in self.parents]
+        args = (self.arch, states, dirs, data, run.method, dict(run.parameters), out)
+        kwargs = {"config": config, "seed": self.fusion_seed, "overwrite": True,
+                  "inputs": list(self.expert_dirs.values())}  # fmt: skip
+        return fuse_to_folder, args, kwargs
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -273,6 +379,8 @@ class VisionSuite:
 
         if run.method in self.reference_methods:
             return "reference"
+        if getattr(run, "kind", "merge") == "fusion":
+            return "fusion"  # fusion_job fuses every parent
         method = get_method(run.method)
         if method.sidecar_inputs is not None:
             raise ConfigError(

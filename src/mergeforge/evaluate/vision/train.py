@@ -35,6 +35,9 @@ from mergeforge.evaluate.metrics import accuracy
 from mergeforge.evaluate.vision.data import ImageSplit, ParentSplit, load_dataset, make_regime
 from mergeforge.evaluate.vision.models import ARCHS, build_model
 
+SCHEDULES = ("constant", "cosine")
+_LATER_FIELDS = {"schedule": "constant"}  # field -> the value recipes had before it existed
+
 
 @dataclass(frozen=True)
 class VisionRecipe:
@@ -53,6 +56,7 @@ class VisionRecipe:
     optimizer: str = "adam"
     weight_decay: float = 0.0
     seed: int = 0
+    schedule: str = "constant"  # or "cosine": the lr decays to 0 over the run (plateau recipe)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -62,6 +66,10 @@ class VisionRecipe:
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(
                 f"VisionRecipe.optimizer must be 'adam' or 'sgd', got {self.optimizer!r}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"VisionRecipe.schedule must be one of {SCHEDULES}, got {self.schedule!r}"
             )
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"VisionRecipe.steps must be >= 1 or None, got {self.steps}")
@@ -73,8 +81,11 @@ class VisionRecipe:
         return asdict(self)
 
     def key(self) -> str:
-        """16 hex digits of the SHA-256 of the recipe's JSON: the cache folder name."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """16 hex digits of the SHA-256 of the recipe's JSON: the cache folder name. Fields
+        added later are left out while they hold the value every older recipe implied
+        (:data:`_LATER_FIELDS`), so existing caches keep their key."""
+        fields = {k: v for k, v in self.to_dict().items() if _LATER_FIELDS.get(k, object()) != v}
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -93,18 +104,29 @@ def train_model(
     weight_decay: float = 0.0,
     seed: int = 0,
     max_steps: int | None = None,
+    schedule: str = "constant",
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train ``model`` in place with cross-entropy; minibatch order drawn from ``seed``.
 
     ``x``: N×1×28×28, ``y``: N. Returns the loss of every step. ``max_steps`` stops early
     (smoke tests); ``on_step(step, loss)`` is called after each step (progress bars).
+    ``schedule="cosine"``: the learning rate follows lr·½(1 + cos(π t/T)) over the T steps of
+    the run (Loshchilov & Hutter 2017, no restarts), so the run ends at a plateau.
     """
     params = list(model.parameters())
     if optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    total = epochs * -(-len(x) // batch_size)
+    if max_steps is not None:
+        total = min(total, max_steps)
+    sched = None
+    if schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
+    elif schedule != "constant":
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     gen = torch.Generator().manual_seed(seed)
     model.train()
     losses: list[float] = []
@@ -114,6 +136,8 @@ def train_model(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             losses.append(loss.item())
             if on_step is not None:
                 on_step(len(losses), losses[-1])
@@ -237,6 +261,7 @@ def get_parents(
             weight_decay=recipe.weight_decay,
             seed=recipe.seed + k,
             max_steps=recipe.steps,
+            schedule=recipe.schedule,
             on_step=None if on_step is None else lambda s, loss, k=k: on_step(k, s, loss),
         )
         seconds = time.perf_counter() - start
