@@ -8,7 +8,10 @@ two learning rates, weight decay, linear decay to zero, dropout on, seeded batch
     python benchmarks/train/bench_optimizer.py --steps 10 --configs adamw umtam-stable
     python benchmarks/train/bench_optimizer.py --backbone smollm2 --steps 20
 
-Configurations (``--configs``): ``adamw`` (the suite's optimizer), ``umtam`` (the paper's
+Configurations (``--configs``): ``adamw`` (the suite's optimizer), ``adamw+recorder`` (the same
+AdamW with a :class:`~mergeforge.train.CurvatureRecorder` beside it, as the suite's
+``adamw+recorder`` experts train: EMA R and C of every parameter; its state column counts the
+recorder's R and C, its overhead is its step time over ``adamw``'s), ``umtam`` (the paper's
 defaults: exact SVD every step), ``umtam-stable`` (the authors' stable variant: SVD every 10
 steps, clamps), ``umtam-stable-feedback`` (the same, the gradients between refreshes kept in
 E), ``umtam-randomized`` (paper defaults, randomized rank-32 SVD). Every UMTAM
@@ -41,7 +44,14 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = ("adamw", "umtam", "umtam-stable", "umtam-stable-feedback", "umtam-randomized")
+CONFIGS = (
+    "adamw",
+    "adamw+recorder",
+    "umtam",
+    "umtam-stable",
+    "umtam-stable-feedback",
+    "umtam-randomized",
+)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -55,7 +65,7 @@ def make_optimizer(name: str, groups: list[dict], weight_decay: float):
 
     from mergeforge.train import UMTAM
 
-    if name == "adamw":
+    if name in ("adamw", "adamw+recorder"):
         plain = [{**g, "params": [p for _, p in g["params"]]} for g in groups]
         return torch.optim.AdamW(plain, weight_decay=weight_decay)
     if name == "umtam":
@@ -96,6 +106,12 @@ def child(args: argparse.Namespace) -> None:
         {"params": [(f"head.{n}", p) for n, p in head.named_parameters()], "lr": recipe.head_lr},
     ]
     opt = make_optimizer(args.child, groups, recipe.weight_decay)
+    recorder = None
+    if args.child == "adamw+recorder":  # hooks AdamW's step: recording is inside opt.step()
+        from mergeforge.train import CurvatureRecorder
+
+        recorder = CurvatureRecorder(nn.ModuleDict({"encoder": encoder, "head": head}),
+                                     optimizer=opt)  # fmt: skip
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 - t / args.steps)
     gen = torch.Generator().manual_seed(recipe.seed)
     order: list[int] = []
@@ -122,11 +138,16 @@ def child(args: argparse.Namespace) -> None:
     n_params = sum(p.numel() for p in encoder.parameters()) + sum(
         p.numel() for p in head.parameters()
     )
+    recorder_floats = 0 if recorder is None else sum(recorder.state_floats().values())
+    matrices = [p for p in [*encoder.parameters(), *head.parameters()] if p.ndim >= 2]
     print(json.dumps({
         "config": args.child,
+        "recorder_bytes": 4 * recorder_floats,
+        # the issue's budget: 2 (m + n) floats per matrix (here R, C are m + n)
+        "recorder_budget_bytes": 4 * 2 * sum(p.shape[0] + p[0].numel() for p in matrices),
         "steps": args.steps,
         "params": n_params,
-        "state_bytes": state_bytes(opt),
+        "state_bytes": state_bytes(opt) + 4 * recorder_floats,
         "rss_before_bytes": rss_before,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "step_median_s": statistics.median(step_s),

@@ -118,6 +118,34 @@ def cmd_moe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evolve(args: argparse.Namespace) -> int:
+    """``evolve``: the same function a Python user calls (``mergeforge.evolve.evolve``)."""
+    from pathlib import Path
+
+    from mergeforge.evolve import evolve, load_evolve_config
+
+    config = load_evolve_config(args.config)
+    out = args.out or config.out or f"evolve-{Path(args.config).stem}"
+    res = evolve(config, out=out, restart=args.restart, write_model=not args.no_model,
+                 progress=False if args.no_progress else None, console=_console(),
+                 workers=args.workers, address=args.address, evaluations=args.evaluations,
+                 seed=args.seed)  # fmt: skip
+    lines = [f"best fitness {res.best_fitness:.4f} (generation {res.best_generation + 1}) after "
+             f"{res.evaluations} evaluations ({res.failed} failed) in {res.generations} "
+             f"generations; this run {res.seconds:.1f} s"
+             + (f", resumed after generation {res.resumed_from}" if res.resumed_from else ""),
+             f"recipe: {res.out / 'best.yaml'}; history: {res.out / 'history.json'}; plot: "
+             f"{res.out / 'fitness.png'}"]  # fmt: skip
+    if res.model is not None:
+        lines.append(f"merged model: {res.model}")
+    if res.test is not None:
+        tasks = ", ".join(f"{t} {100 * a:.1f}" for t, a in res.test["tasks"].items())
+        lines.append(f"test split (never searched): average {100 * res.test['average']:.1f} "
+                     f"({tasks})")  # fmt: skip
+    _print_lines([*lines, *(f"note: {n}" for n in res.notes)])
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from mergeforge.engine import prepare
 
@@ -403,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
         "moe", help="build a mixture of experts (Mixtral / Qwen2-MoE) from dense experts",
         description="Read mergekit-moe's YAML (base_model, experts with positive_prompts / "
         "negative_prompts, gate_mode, experts_per_token, shared_experts, dtype, architecture) "
-        "and write a Mixtral or Qwen2-MoE folder atomically. See docs/moe.md.",
+        "and write a Mixtral or Qwen2-MoE folder atomically. See the README's section "
+        "'Mixture of experts from dense experts'.",
     )  # fmt: skip
     mo.add_argument("config", help="mergekit-moe YAML (plus mergeforge extras)")
     mo.add_argument("out", help="output folder (written atomically)")
@@ -432,6 +461,31 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     mo.add_argument("--report-json", default=None, help="also write the report as JSON here")
     mo.set_defaults(fn=cmd_moe)
+
+    ev = sub.add_parser(
+        "evolve", help="search merge parameters with CMA-ES, candidates scored on Ray workers",
+        description="Evolutionary merge search: CMA-ES over per-model, per-layer-group weights "
+        "and densities (optionally the method and its shared parameters), each candidate "
+        "merged in memory and scored on a validation pool by Ray workers. Resumes from the "
+        "last generation saved in OUT; writes OUT/best.yaml (a plain mergekit YAML), "
+        "history.json, fitness.png and the merged model OUT/model. See the README's section "
+        "'Evolutionary merge search'.",
+    )  # fmt: skip
+    ev.add_argument("config", help="evolve YAML (genome, fitness, search)")
+    ev.add_argument("--out", default=None, help="the search's folder (default: the config's "
+                    "out, else ./evolve-CONFIGNAME); a saved search there is resumed")  # fmt: skip
+    ev.add_argument("--address", default=None, help="HOST:PORT of a running Ray cluster "
+                    "(as `ray start --head` prints), or auto; default: local Ray")  # fmt: skip
+    ev.add_argument("--workers", type=int, default=None, help="Ray workers (default: one per "
+                    "free CPU, at most the population); 0: in this process, no Ray")  # fmt: skip
+    ev.add_argument("--evaluations", type=int, default=None,
+                    help="budget of candidates (default: the config's, else 100)")  # fmt: skip
+    ev.add_argument("--seed", type=int, default=None, help="CMA-ES seed (default: the config's)")
+    ev.add_argument("--restart", action="store_true",
+                    help="discard a saved search in OUT and start over")  # fmt: skip
+    ev.add_argument("--no-model", action="store_true", help="write the recipe, not the model")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
+    ev.set_defaults(fn=cmd_evolve)
 
     v = sub.add_parser("validate", help="check a config and its inputs without merging")
     v.add_argument("config")
@@ -516,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="config keys: method, parameters, parents (files or folders), architecture, "
         "levels, data ({dataset: fashion_mnist|mnist|digits, n: 400, seed: 0} or {file: "
         "X.safetensors} with 'inputs' N×1×28×28 and optional 'labels'), class_fractions, seed. "
-        "See docs/fusion.md.",
+        "See the README's section 'Fuse independently trained models'.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         add_help=False,
     )
@@ -602,6 +656,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return sig.exit_code
             what = ("nothing was written at the output path"
                     if args.command in ("merge", "fuse", "moe") else "")  # fmt: skip
+            if args.command == "evolve":
+                what = "run the same command again to resume from the last saved generation"
             print(f"interrupted by {sig.name}: stopped" + (f"; {what}" if what else ""),
                   file=sys.stderr)  # fmt: skip
             return sig.exit_code

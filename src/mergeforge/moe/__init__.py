@@ -1,5 +1,6 @@
 """Mixture of experts from dense experts: ``mergeforge moe CONFIG OUT`` reads mergekit-moe's YAML
-unchanged and writes a Mixtral or Qwen2-MoE folder that ``transformers`` loads (docs/moe.md).
+unchanged and writes a Mixtral or Qwen2-MoE folder that ``transformers`` loads (README: "Mixture
+of experts from dense experts").
 
 ``config.py`` (the YAML and its checks) -> ``inputs.py`` (headers: architectures, sizes,
 tensors) -> ``layout.py`` (the output's tensors and config.json) -> ``gates.py`` (router rows

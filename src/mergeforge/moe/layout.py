@@ -36,7 +36,7 @@ MERGEKIT_ARCHITECTURES = ("Mixtral", "DeepSeek MoE", "Qwen MoE", "Qwen3 MoE")
 """mergekit's output architectures, in its order of preference (Mixtral first)."""
 PROJ = ("gate_proj", "up_proj", "down_proj")
 EMBED, HEAD, NORM = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
-MOE_DOCS = "docs/moe.md"
+MOE_DOCS = 'the README\'s "Mixture of experts from dense experts"'
 
 
 @dataclass(frozen=True)

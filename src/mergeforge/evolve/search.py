@@ -1,0 +1,420 @@
+"""The search: CMA-ES over the genome, candidates merged in memory and scored on workers.
+
+Settings as mergekit-evolve's (ALGORITHMS.md §6.2): σ₀ = 1/6, population 4 + ⌊3 ln N⌋ for N
+genes, a budget of evaluations (default 100); the optimizer is the maintained ``cmaes`` package
+(``cmaes.CMA``, Hansen's CMA-ES with box bounds; every gene spans [0, 1]). Unlike
+mergekit-evolve, the search resumes: after every generation the optimizer (pickled: mean,
+covariance, σ, evolution paths) and the history are saved atomically to
+``OUT/evolve-state.pkl``. The optimizer's random generator is reseeded from (seed, generation)
+before each generation's samples, so a search killed and restarted makes the same candidates,
+and ends with the same result, as one never stopped (given a deterministic fitness).
+
+A failed candidate (its merge or fitness raised, or its worker died) is recorded with its error
+and told to CMA-ES as worse than the generation's worst; a generation where every candidate
+fails stops the search (a systematic error), with nothing of it saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import pickle
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from mergeforge.checkpoint.atomic import atomic_file, write_text_atomic
+from mergeforge.errors import ConfigError, MergeforgeError
+from mergeforge.evolve.config import EvolveConfig, load_evolve_config
+from mergeforge.evolve.fitness import CallableFitness, build_fitness, local_path
+from mergeforge.evolve.genome import Genome, count_layers
+from mergeforge.evolve.report import (
+    best_of,
+    generation_rows,
+    plot_fitness,
+    write_best,
+    write_history,
+)
+from mergeforge.evolve.workers import LocalPool, RayPool
+
+log = logging.getLogger("mergeforge")
+
+STATE_FILE, HISTORY_FILE, BEST_FILE = "evolve-state.pkl", "history.json", "best.yaml"
+PLOT_FILE, MODEL_DIR, TEST_FILE = "fitness.png", "model", "test.json"
+OUR_FILES = (STATE_FILE, HISTORY_FILE, BEST_FILE, PLOT_FILE, MODEL_DIR, TEST_FILE)
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EvolveResult:
+    best_fitness: float
+    best_config: dict
+    """The best recipe as a plain mergekit-style mapping (``best.yaml``)."""
+    best_metrics: Mapping[str, float]
+    best_generation: int
+    """0-based, as in ``history``; shown from 1."""
+    generations: int
+    evaluations: int
+    failed: int
+    history: list[dict]
+    seconds: float
+    """This run's time (a resumed run: since it resumed)."""
+    resumed_from: int = 0
+    """Generations already done when this run started (0: a fresh search)."""
+    out: Path | None = None
+    model: Path | None = None
+    test: dict | None = None
+    """The text suite's test split scored on the best merge (never used by the search)."""
+    notes: tuple[str, ...] = ()
+    workers: int = 0
+    start_seconds: float = 0.0
+    """Starting the workers (Ray, loading the models, the fitness's setup) in this run."""
+    generation_seconds: float = 0.0
+    """The generations of this run (what evaluations per hour divide by)."""
+
+
+def default_population(n_genes: int) -> int:
+    """CMA-ES's default λ = 4 + ⌊3 ln N⌋ (Hansen 2016, arXiv 1604.00772; mergekit-evolve's)."""
+    return 4 + int(3 * math.log(n_genes))
+
+
+def _generation_seed(seed: int, generation: int) -> int:
+    return (seed * 1_000_003 + generation) % 2**32
+
+
+@dataclass
+class _Setup:
+    genome: Genome
+    sources: dict[str, Any]
+    fitness: Any
+    suite: Any = None
+    fingerprint: str = ""
+    settings: dict = field(default_factory=dict)
+
+
+def _resolve_models(cfg: EvolveConfig, given: Mapping[str, Any], suite) -> tuple[list, Any]:
+    """The genome's models and base as the candidates' configs name them: in-memory names as
+    given, paths made absolute against the YAML's folder, Hub ids as written."""
+    spec = cfg.genome
+    models = list(spec.models) or list(suite.models if suite else [])
+    base = spec.base_model or (suite.base_model if suite and not spec.models else None)
+
+    def ref(m: str) -> str:
+        return m if m in given else local_path(m, cfg.root)
+
+    return [ref(m) for m in models], (ref(base) if base else None)
+
+
+def _layers(ref: str, given: Mapping[str, Any]) -> int:
+    from mergeforge.checkpoint import open_checkpoint
+
+    if ref in given:
+        return count_layers(given[ref])
+    ck = open_checkpoint(ref)  # a missing path: CheckpointError naming it, before anything runs
+    try:
+        return count_layers(ck.keys(), ck.config)
+    finally:
+        ck.close()
+
+
+def _setup(cfg: EvolveConfig, fitness, given: Mapping[str, Any], console) -> _Setup:
+    from mergeforge.engine import prepare
+
+    suite = None
+    if fitness is None and cfg.fitness is None:
+        raise ConfigError("no fitness: add 'fitness:' to the config (suite: text, tasks: or "
+                          "texts:) or pass fitness= to evolve() in Python")  # fmt: skip
+    if fitness is None and cfg.fitness.kind == "suite":
+        from mergeforge.evolve.suite import text_suite_fitness
+
+        suite = text_suite_fitness(cfg.fitness.options, console=console)
+    models, base = _resolve_models(cfg, given, suite)
+    for m in [*models, *([base] if base else [])]:
+        if m not in given:
+            _layers(m, given)  # opens every path first: a missing model fails here, by name
+    genome = Genome(cfg.genome, models=models, base_model=base,
+                    num_layers=_layers(base or models[0], given))  # fmt: skip
+    doc = genome.document(genome.decode(genome.initial()))
+    prepare(doc, models=given).close()  # shapes, methods, parameter values: before Ray starts
+    if fitness is not None:
+        fit = fitness if hasattr(fitness, "setup") else CallableFitness(fitness)
+        fit_key = getattr(fitness, "__qualname__", type(fitness).__qualname__)
+    elif suite is not None:
+        fit, fit_key = suite.fitness, cfg.fitness.options
+    else:
+        default = base if base and base not in given else None
+        fit = build_fitness(cfg.fitness, root=cfg.root, default_model=default)
+        fit_key = cfg.fitness.options
+    sources = {m: given.get(m, m) for m in [*models, *([base] if base else [])]}
+    s = cfg.search
+    settings = {
+        "genome": {**dataclasses.asdict(cfg.genome), "models": models, "base_model": base},
+        "genes": genome.labels(), "fitness": fit_key,
+        "search": {"sigma0": s.sigma0, "seed": s.seed, "in_memory": s.in_memory,
+                   "population": s.population or default_population(genome.size)},
+    }  # fmt: skip
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return _Setup(genome, sources, fit, suite, hashlib.sha256(text.encode()).hexdigest(),
+                  settings)  # fmt: skip
+
+
+def _load_state(out: Path, fingerprint: str) -> dict | None:
+    path = out / STATE_FILE
+    if not path.exists():
+        if out.exists() and any(p.name not in OUR_FILES for p in out.iterdir()):
+            raise ConfigError(f"{out}: the output folder holds other files and no evolve state; "
+                              "choose an empty or new --out")  # fmt: skip
+        return None
+    try:
+        with open(path, "rb") as f:  # our own file, written by _save_state below
+            state = pickle.load(f)
+    except Exception as e:
+        raise ConfigError(f"{path}: cannot read the saved search ({e}); pass --restart to "
+                          "start over") from None  # fmt: skip
+    if state.get("version") != STATE_VERSION or state.get("fingerprint") != fingerprint:
+        raise ConfigError(
+            f"{path}: holds a different search (its genome, fitness or CMA-ES settings differ "
+            "from this config's); pass --restart to discard it, or choose another --out"
+        )
+    return state
+
+
+def _save_state(out: Path, state: dict) -> None:
+    with atomic_file(out / STATE_FILE) as tmp, open(tmp, "wb") as f:
+        pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+class _Bar:
+    """Progress: a rich bar over the evaluations (``progress`` None: on a terminal), and one
+    line per generation (on the bar's console, else the ``mergeforge`` logger)."""
+
+    def __init__(self, progress: bool | None, console, total: int, done: int) -> None:
+        from rich.console import Console
+
+        self.console = console or Console(stderr=True)
+        show = progress if progress is not None else self.console.is_terminal
+        self.bar = None
+        if show:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,  # fmt: skip
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                                MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                                console=self.console)  # fmt: skip
+            self.task = self.bar.add_task("evolve", total=total, completed=done)
+            self.bar.start()
+        self.quiet = progress is False
+
+    def describe(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, description=text)
+
+    def advance(self, _outcome=None) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task)
+
+    def say(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(line)
+        elif not self.quiet:
+            log.info(line)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def evolve(
+    config: str | Path | Mapping[str, Any] | EvolveConfig,
+    *,
+    fitness: Callable | None = None,
+    models: Mapping[str, Mapping[str, Any]] | None = None,
+    out: str | Path | None = None,
+    restart: bool = False,
+    write_model: bool = True,
+    test: bool = True,
+    progress: bool | None = None,
+    console=None,
+    on_generation: Callable[[int, dict], None] | None = None,
+    **search: Any,
+) -> EvolveResult:
+    """Search the merge recipe ``config`` describes; see the module docstring and the README's
+    section "Evolutionary merge search".
+
+    ``fitness``: a callable ``f(state_dict) -> float`` (or an object with ``setup()`` and
+    ``__call__``, see ``fitness.py``) instead of the config's ``fitness:``. ``models``: name ->
+    state dict, for models held in memory (the genome names them; the merged model is then not
+    written). ``out``: the search's folder (state, history, best.yaml, fitness.png, model/;
+    default the config's ``out``; ``None``: nothing written, no resume). An ``out`` holding a
+    saved search of the same config resumes it; ``restart`` discards it. ``search``: overrides
+    of the config's ``search:`` keys (``workers``, ``address``, ``evaluations``, ``seed``, ...).
+    ``on_generation(g, summary)``: called after generation ``g`` is saved. ``test``: score
+    the text suite's test split on the best merge at the end (``EvolveResult.test``).
+    """
+    t0 = time.perf_counter()
+    cfg = load_evolve_config(config)
+    if search:
+        unknown = set(search) - {f.name for f in dataclasses.fields(cfg.search)}
+        if unknown:
+            raise ConfigError(f"evolve(): unknown search setting(s) {sorted(unknown)}")
+        cfg = dataclasses.replace(cfg, search=dataclasses.replace(
+            cfg.search, **{k: v for k, v in search.items() if v is not None}))  # fmt: skip
+    if cfg.search.address is not None and cfg.search.workers == 0:
+        raise ConfigError(
+            f"--address {cfg.search.address}: workers: 0 runs in this process, "
+            "without Ray; give --workers N (or leave it out) to use the cluster"
+        )
+    given = dict(models or {})
+    setup = _setup(cfg, fitness, given, console)
+    genome, s = setup.genome, cfg.search
+    if not s.in_memory and given:
+        raise ConfigError("search.in_memory: false writes candidates through the files' writer; "
+                          "it needs models on disk, not given in memory")  # fmt: skip
+    out = Path(out) if out is not None else (Path(cfg.out) if cfg.out else None)
+    if out is not None and restart:
+        for name in OUR_FILES:
+            p = out / name
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    state = _load_state(out, setup.fingerprint) if out is not None else None
+    pop = s.population or default_population(genome.size)
+    if s.evaluations < pop:
+        raise ConfigError(f"search.evaluations: {s.evaluations} is less than one generation of "
+                          f"{pop} candidates ({genome.size} genes); raise it (--evaluations) or "
+                          "set search.population")  # fmt: skip
+    total_gens = s.evaluations // pop
+    if state is None:
+        import cmaes
+
+        bounds = np.tile([0.0, 1.0], (genome.size, 1))
+        opt = cmaes.CMA(mean=genome.initial(), sigma=s.sigma0, bounds=bounds, seed=s.seed,
+                        population_size=pop)  # fmt: skip
+        state = {"version": STATE_VERSION, "fingerprint": setup.fingerprint, "generation": 0,
+                 "optimizer": pickle.dumps(opt), "history": [], "stopped": False}  # fmt: skip
+    # the optimizer always continues from its pickle (cmaes stores the covariance as one
+    # triangle): a resumed search then computes exactly what an uninterrupted one does
+    opt = pickle.loads(state["optimizer"])
+    history, resumed = state["history"], state["generation"]
+    notes = list(setup.suite.notes) if setup.suite else []
+    bar = _Bar(progress, console, total_gens * pop, min(len(history), total_gens * pop))
+    pool, timings = None, {"start_seconds": 0.0, "generation_seconds": 0.0}
+    try:
+        if resumed:
+            bar.say(f"resuming after generation {resumed} of {total_gens} ({len(history)} "
+                    "evaluations done)")  # fmt: skip
+        if resumed < total_gens and not state["stopped"]:
+            kind = LocalPool if s.workers == 0 else RayPool
+            tp = time.perf_counter()
+            pool = kind(setup.sources, setup.fitness, workers=s.workers, population=pop,
+                        cpus_per_worker=s.cpus_per_worker, address=s.address,
+                        in_memory=s.in_memory, start_timeout=s.start_timeout)  # fmt: skip
+            timings["start_seconds"] = time.perf_counter() - tp
+        for g in range(resumed, total_gens if not state["stopped"] else resumed):
+            bar.describe(f"generation {g + 1}/{total_gens}")
+            tg = time.perf_counter()
+            opt.reseed_rng(_generation_seed(s.seed, g))
+            xs = [opt.ask() for _ in range(opt.population_size)]
+            recipes = [genome.decode(x) for x in xs]
+            outcomes = pool.run([genome.document(r) for r in recipes], bar.advance)
+            ok = [-o.fitness for o in outcomes if o.fitness is not None]
+            if not ok:
+                raise MergeforgeError(
+                    f"generation {g}: every candidate failed; the first: {outcomes[0].error}. "
+                    "Nothing of this generation was saved: fix the cause and run the same "
+                    "command again to resume."
+                )
+            penalty = max(ok) + max(1.0, max(ok) - min(ok))  # failed: worse than the worst
+            opt.tell([(x, -o.fitness if o.fitness is not None else penalty)
+                      for x, o in zip(xs, outcomes, strict=True)])  # fmt: skip
+            history += [{"generation": g, "candidate": o.index, "fitness": o.fitness,
+                         "method": r.method, "metrics": dict(o.metrics), "error": o.error,
+                         "merge_s": round(o.merge_s, 4), "eval_s": round(o.eval_s, 4),
+                         "genes": [float(v) for v in x]}
+                        for x, r, o in zip(xs, recipes, outcomes, strict=True)]  # fmt: skip
+            state.update(generation=g + 1, stopped=bool(opt.should_stop()),
+                         optimizer=pickle.dumps(opt))  # fmt: skip
+            opt = pickle.loads(state["optimizer"])
+            row = generation_rows(history)[-1]
+            if out is not None:
+                out.mkdir(parents=True, exist_ok=True)
+                _save_state(out, state)
+                _write_files(out, genome, history, setup.settings)
+            bar.say(f"generation {g + 1}/{total_gens}: best {row['best_so_far']:.4f} (this "
+                    f"generation {row['best']:.4f}, mean {row['mean']:.4f}"
+                    + (f", {row['failed']} failed" if row["failed"] else "")
+                    + f"), {time.perf_counter() - tg:.1f} s")  # fmt: skip
+            timings["generation_seconds"] += time.perf_counter() - tg
+            if on_generation is not None:
+                on_generation(g, row)
+            if state["stopped"]:
+                notes.append(f"CMA-ES converged after generation {g + 1} (σ or the fitness "
+                             "spread below its tolerance): stopped early")  # fmt: skip
+                break
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+    res = _finish(cfg, setup, out, history, state, resumed, notes, write_model, test, t0,
+                  pool.workers if pool is not None else 0, progress)  # fmt: skip
+    return dataclasses.replace(res, **timings)
+
+
+def _write_files(out: Path, genome: Genome, history: list, settings: dict) -> None:
+    write_history(out / HISTORY_FILE, history, settings)
+    best = best_of(history)
+    if best is not None:
+        write_best(out / BEST_FILE, genome.document(genome.decode(best["genes"])), best,
+                   len(history))  # fmt: skip
+
+
+def _finish(cfg, setup: _Setup, out, history, state, resumed, notes, write_model, score_test,
+            t0, workers, progress) -> EvolveResult:  # fmt: skip
+    from mergeforge.engine import merge_state_dicts, run_merge
+
+    genome = setup.genome
+    best = best_of(history)
+    if best is None:
+        raise MergeforgeError("the search has no successful candidate to report")
+    doc = genome.document(genome.decode(best["genes"]))
+    model = test = None
+    if out is not None:
+        _write_files(out, genome, history, setup.settings)
+        plot_fitness(out / PLOT_FILE, history,
+                     title=f"mergeforge evolve: {', '.join(genome.methods)}")  # fmt: skip
+        on_disk = all(isinstance(v, str) for v in setup.sources.values())
+        written = out / MODEL_DIR / "mergeforge_config.yml"  # run_merge's copy of the config
+        if write_model and on_disk:
+            if written.is_file() and written.read_text() == yaml.safe_dump(doc, sort_keys=False):
+                model = out / MODEL_DIR  # a finished search asked again: already written
+            else:
+                model = run_merge(doc, out / MODEL_DIR, overwrite=True, progress=progress).out
+    if setup.suite is not None and score_test:  # once, on the best merge; never searched
+        merged = merge_state_dicts(doc, {})
+        setup.suite.test.setup()
+        score = setup.suite.test(merged)
+        tasks = {t.name: score.metrics[t.name] for t in setup.suite.test.tasks}
+        test = {"tasks": tasks, "average": sum(tasks.values()) / len(tasks),
+                "validation_fitness": best["fitness"]}  # fmt: skip
+        if out is not None:
+            write_text_atomic(out / TEST_FILE, json.dumps(test, indent=1) + "\n")
+    return EvolveResult(
+        best_fitness=best["fitness"], best_config=doc, best_metrics=best["metrics"],
+        best_generation=best["generation"], generations=state["generation"],
+        evaluations=len(history), failed=sum(r["fitness"] is None for r in history),
+        history=history, seconds=time.perf_counter() - t0, resumed_from=resumed, out=out,
+        model=model, test=test, notes=tuple(notes), workers=workers,
+    )  # fmt: skip
