@@ -85,7 +85,8 @@ CASES = {  # model, permuter, fusion-set size (more rows than any affine fan-in)
     "vgg": (lambda: VGGSmall(widths=(4, 5, 6)), permute_vgg, 96),
     "resnet": (lambda: ResNetSmall(widths=(4, 6, 6)), permute_resnet, 48),
 }
-FAST = {"epochs": 4, "patience": 2}  # gradient levels start at their target: nothing to learn
+# gradient levels start at their target: nothing to learn
+FAST = {"epochs": 4, "head_epochs": 4, "patience": 2}
 
 
 def _model(arch, seed=0):
@@ -199,3 +200,53 @@ def test_hf_needs_two_parents_and_params_are_checked():
         get_method("kf").make_params({"fit": "sgd"})
     with pytest.raises(ValidationError, match="class_fractions"):
         fuse([m, m], FusionData(_x(8), class_fractions=torch.ones(2, 3)), "kf")
+
+
+@pytest.mark.parametrize("head_loss", ["mse", "kl"])
+def test_gradient_head_objective_and_epochs(monkeypatch, head_loss):
+    # MSE on the target logits by default (the v1 code's criterion), KL on request; the head
+    # gets its own epoch budget (v1 VGG recipe: 100 a level, 150 at the head)
+    seen = []
+    real = neuron.fit_gradient
+
+    def spy(module, x, target, **kw):
+        seen.append((kw["loss"], kw["epochs"]))
+        return real(module, x, target, **kw)
+
+    monkeypatch.setattr(neuron, "fit_gradient", spy)
+    m = _model("mlp")
+    params = {"epochs": 2, "head_epochs": 3, "patience": 1, "head_loss": head_loss}
+    fuse([m, permute_mlp(m, 1)], FusionData(_x(40)), "kf_gradient", params)
+    assert seen == [("mse", 2), ("mse", 2), (head_loss, 3)]
+    assert get_method("kf").make_params({}).head_loss == "mse"
+    with pytest.raises(ConfigError, match="head_loss"):
+        get_method("kf_gradient").make_params({"head_loss": "ce"})
+
+
+@pytest.mark.parametrize("method", ["hf", "kf"])
+def test_normalized_grouping_still_fuses_permuted_parents_back(monkeypatch, method):
+    # row norms are permutation-invariant, so the grouping still finds the permutation; the
+    # targets (and hence the fit) use the raw activations
+    seen = []
+    real = neuron.cluster.unit_rows
+
+    def spy(m):
+        out = real(m)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(neuron.cluster, "unit_rows", spy)
+    m = _model("vgg")
+    parents = [m, permute_vgg(m, 5)]
+    fused = fuse(parents, FusionData(_x(96)), method, {**FAST, "normalize_acts": True})
+    assert _max_diff(_load("vgg", fused), m, _x(16, seed=1)) < 1e-5
+    assert len(seen) == 2 * 4  # two parents × block1..3 and fc; never the head
+    norms = seen[0].norm(dim=1)
+    assert torch.allclose(norms[norms > 0], torch.ones(1, dtype=torch.float64))
+
+
+def test_unit_rows():
+    from mergeforge.fusion.cluster import unit_rows
+
+    m = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    assert torch.equal(unit_rows(m), torch.tensor([[0.6, 0.8], [0.0, 0.0]], dtype=torch.float64))

@@ -13,7 +13,12 @@ import mergeforge.fusion.otfusion  # noqa: F401  (registers the method)
 from mergeforge.errors import ConfigError, ValidationError
 from mergeforge.evaluate.vision.models import MLP, ResNetSmall, VGGSmall, ViTSmall
 from mergeforge.fusion.base import FusionData, fuse, get_method
-from mergeforge.fusion.otfusion import OTFusionParams, ot_fusion_state, transport_map
+from mergeforge.fusion.otfusion import (
+    OTFusionParams,
+    importance_marginals,
+    ot_fusion_state,
+    transport_map,
+)
 from mergeforge.fusion.permspec import permute, spec_for
 
 BUILDERS = {
@@ -147,3 +152,78 @@ def test_weighted_marginals_give_a_soft_normalised_transport():
     assert (q > 0).sum() > 5  # a soft transport, not a permutation
     assert torch.allclose(out["0.weight"].double(), (sa["0.weight"] + q @ sb["0.weight"]) / 2)
     assert torch.allclose(out["2.weight"].double(), (sa["2.weight"] + sb["2.weight"] @ q.T) / 2)
+
+
+# ---- importance marginals (the OT-Fusion {uniform, conductance, DeepLIFT} rows) -------
+
+
+def test_uniform_importance_is_the_current_result_exactly():
+    parents = [_build("resnet", s) for s in (0, 1)]
+    plain = ot_fusion_state(parents, _data(), OTFusionParams())
+    via = fuse(parents, _data(), "ot_fusion", {"importance": "uniform"})
+    assert importance_marginals(parents, _data(), OTFusionParams()) == {}
+    assert all(torch.equal(plain[k], via[k]) for k in plain)
+
+
+@pytest.mark.parametrize(
+    ("arch", "importance"),
+    [("resnet", "conductance"), ("vit", "deeplift"), ("vgg", "deeplift"), ("mlp", "ablation")],
+)
+def test_importance_marginals_still_fuse_a_permuted_copy_back(arch, importance):
+    # importances are permutation-equivariant: parent B's marginal is parent A's, permuted, so
+    # the zero-cost permutation is still a feasible (and optimal) plan
+    a = _build(arch, 0)
+    b = _permuted_copy(a, arch, 1)
+    params = {"importance": importance, "conductance_steps": 2}
+    data = _data()  # fewer rows leave VGG's fc units dead on all of them: ties, not a bug
+    marg = importance_marginals([a, b], data, OTFusionParams(**params))
+    assert set(marg) == set(spec_for(a).groups)
+    assert any(not torch.allclose(m[0], m[0].mean().expand_as(m[0])) for m in marg.values())
+    _same_function(fuse([a, b], data, "ot_fusion", params), a, arch)
+
+
+def test_stream_importance_is_the_mean_over_its_points():
+    from mergeforge.fusion.importance import neuron_importance
+
+    parents = [_build("resnet", s) for s in (0, 1)]
+    data = _data(6)
+    marg = importance_marginals(parents, data, OTFusionParams(importance="ablation"))
+    x = data.inputs
+    for k, m in enumerate(parents):
+        per_point = [
+            neuron_importance(m, m.get_submodule(n), x, method="ablation", dim=1)
+            for n in ("stem", "block1")
+        ]
+        assert torch.allclose(marg["res1"][k], (per_point[0] + per_point[1]) / 2)
+        assert abs(float(marg["res1"][k].sum()) - 1) < 1e-12
+
+
+def test_importance_marginals_change_the_plan_as_ot_emd_says():
+    from mergeforge.fusion.importance import neuron_importance
+
+    torch.manual_seed(0)
+    a, b = (
+        nn.Sequential(nn.Flatten(), nn.Linear(784, 5), nn.ReLU(), nn.Linear(5, 3)) for _ in "ab"
+    )
+    data = _data(16)
+    out = fuse([a, b], data, "ot_fusion", {"mode": "weight", "importance": "ablation"})
+    nu, mu = (
+        neuron_importance(m, m[2], data.inputs, method="ablation", dim=-1) for m in (a, b)
+    )  # the hidden group "1" is observed after its ReLU, module "2"
+    assert not torch.allclose(nu, torch.full_like(nu, 0.2), atol=0.02)  # truly non-uniform
+    sa, sb = ({k: v.double() for k, v in m.state_dict().items()} for m in (a, b))
+    rows = [torch.cat([s["1.weight"], s["1.bias"][:, None]], 1) for s in (sb, sa)]
+    plan = torch.as_tensor(ot.emd(mu.numpy(), nu.numpy(), torch.cdist(*rows).numpy()))
+    q = plan.T / nu[:, None]
+    uniform = 5.0 * torch.as_tensor(ot.emd(torch.full((5,), 0.2).double().numpy(),
+                                           torch.full((5,), 0.2).double().numpy(),
+                                           torch.cdist(*rows).numpy())).T  # fmt: skip
+    assert not torch.allclose(q, uniform)  # the marginals moved the plan
+    assert torch.allclose(out["1.weight"].double(), (sa["1.weight"] + q @ sb["1.weight"]) / 2)
+    assert torch.allclose(out["1.bias"].double(), (sa["1.bias"] + q @ sb["1.bias"]) / 2)
+    assert torch.allclose(out["3.weight"].double(), (sa["3.weight"] + sb["3.weight"] @ q.T) / 2)
+
+
+def test_bad_importance_is_refused():
+    with pytest.raises(ConfigError, match="importance"):
+        get_method("ot_fusion").make_params({"importance": "shapley"})

@@ -9,11 +9,11 @@ from torch import nn
 
 from mergeforge.errors import ValidationError
 from mergeforge.evaluate.vision.models import MLP, ResNetSmall, VGGSmall, ViTSmall
+from mergeforge.fusion.infer import infer_spec
 from mergeforge.fusion.permspec import (
     PermutationSpec,
     apply_transforms,
     features,
-    infer_spec,
     perm_matrix,
     permute,
     spec_for,

@@ -133,6 +133,14 @@ def pair_targets(
     return rows, cols, (sr * a[rows] + sc * b[cols]) / (sr + sc)
 
 
+def unit_rows(m: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``m`` (rows × neurons) with every row scaled to unit L2 norm (an all-zero row stays 0):
+    the v1 code's ``normalize_activations_per_sample`` (2507.00037's ViT runs), so that every
+    token weighs the same in the neurons' distances whatever its activation scale."""
+    m = m.double()
+    return m / m.norm(dim=1, keepdim=True).clamp_min(eps)
+
+
 # ---- from neurons to the fused level's targets ---------------------------------------------
 # A grouping is one int64 tensor per parent: ``assign[k][i]`` = the fused neuron (slot) that
 # parent k's neuron i feeds. Slots follow parent 0's order wherever possible, so a fused level

@@ -39,10 +39,13 @@ def neuron_importance(
     labels: torch.Tensor | None = None,
     batch_size: int = 64,
     n_steps: int = 20,
+    dim: int | None = None,
 ) -> torch.Tensor:
     """Importance (float64, sums to 1) of the output neurons of ``layer`` (a submodule of
     ``model``) over ``inputs``. ``width`` (the neuron count) is needed for ``uniform`` only.
-    ``n_steps``: integration steps of Conductance. The model's training flag is restored."""
+    ``n_steps``: integration steps of Conductance. ``dim``: the neuron axis of the layer's
+    output (default :func:`~mergeforge.fusion.levels.channel_dim`; a permutation spec's point
+    names its own). The model's training flag is restored."""
     if method not in METHODS:
         raise ConfigError(f"unknown neuron importance {method!r}; choose one of {list(METHODS)}")
     if method == "uniform":
@@ -55,8 +58,10 @@ def neuron_importance(
         total: torch.Tensor | None = None
         for i, xb in enumerate(inputs.split(batch_size)):
             tb = _targets(model, xb, labels, i * batch_size)
-            attr = _attribute(method, model, layer, xb, tb, n_steps)
-            dims = [d for d in range(attr.ndim) if d != channel_dim(attr.ndim)]
+            attr = _attribute(method, model, layer, xb, tb, n_steps, dim)
+            # ablation already returns B×n
+            c = _axis(attr.ndim, None if method == "ablation" else dim)
+            dims = [d for d in range(attr.ndim) if d != c]
             part = attr.detach().abs().double().sum(dim=dims)
             total = part if total is None else total + part
     finally:
@@ -74,6 +79,10 @@ def normalise(s: torch.Tensor) -> torch.Tensor:
     return s / s.sum()
 
 
+def _axis(ndim: int, dim: int | None) -> int:
+    return channel_dim(ndim) if dim is None else dim % ndim
+
+
 @torch.no_grad()
 def _targets(model, xb, labels, start):
     if labels is not None:
@@ -81,7 +90,7 @@ def _targets(model, xb, labels, start):
     return model(xb).argmax(-1)
 
 
-def _attribute(method, model, layer, xb, tb, n_steps):
+def _attribute(method, model, layer, xb, tb, n_steps, dim):
     from captum.attr import LayerConductance, LayerDeepLift
 
     if method == "conductance":
@@ -93,18 +102,18 @@ def _attribute(method, model, layer, xb, tb, n_steps):
         )
     if method == "deeplift":
         return LayerDeepLift(model, layer).attribute(xb, baselines=0.0, target=tb)
-    return _ablation(model, layer, xb, tb)
+    return _ablation(model, layer, xb, tb, dim)
 
 
 @torch.no_grad()
-def _ablation(model, layer, xb, tb, rows: int = 512):
+def _ablation(model, layer, xb, tb, dim, rows: int = 512):
     """Per sample, the drop of the target logit when one neuron is set to 0 at every position
     (Captum's LayerFeatureAblation with one mask group per neuron, done directly: its batched
     perturbations reject a per-sample target in captum 0.9). Several neurons per forward pass,
     each on its own copy of the batch. Returns B×n (the drop, as one "position")."""
     b = len(xb)
     shape = _layer_shape(model, layer, xb[:1])
-    c = channel_dim(len(shape))
+    c = _axis(len(shape), dim)
     width = shape[c]
     base = model(xb).gather(1, tb[:, None])[:, 0]
     drops = []

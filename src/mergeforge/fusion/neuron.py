@@ -11,7 +11,8 @@ The fused model F starts as a copy of parent 0. For each level in order (levels.
    residual stream reuses the grouping of the level that created the stream (its output neuron
    j *is* its input neuron j, so re-clustering would scramble the stream);
 5. fit (fit.py): closed-form least squares for affine levels (``fit="closed"``), gradient
-   training for general levels, and for every level with ``fit="gradient"`` / ``kf_gradient``.
+   training for general levels, and for every level with ``fit="gradient"`` / ``kf_gradient``
+   (importance-weighted MSE; at the head MSE on the target logits, as the v1 code, or KL).
 
 Unlike the paper's code we cluster the raw activations (no projection onto span(X) first) and
 build HF's pair targets from squared distances (cluster.py).
@@ -45,18 +46,30 @@ from mergeforge.fusion.levels import (
 @dataclass(frozen=True, kw_only=True)
 class _Common:
     """``importance``: uniform | conductance | deeplift | ablation; ``seed``: k-means++ and
-    gradient shuffles; ``ridge``: closed-form λ (fit.py); ``epochs``/``patience``/``lr``/
-    ``batch_size``: gradient fitting (v1 code: Adam 1e-3, 15, 32); ``eval_batch_size``: rows per
-    forward pass; ``conductance_steps``: Conductance's integration steps; ``levels``: the
-    ordered level names (default: the model's ``levels``)."""
+    gradient shuffles; ``ridge``: closed-form λ (fit.py); ``epochs``/``head_epochs``/
+    ``patience``/``lr``/``batch_size``: gradient fitting (v1 code's VGG recipe: 100 epochs a
+    level, 150 at the head, Adam 1e-3, patience 15, batch 32 — 50 epochs left every level of a
+    digits ResNet visibly unconverged); ``head_loss``: the head's gradient objective, ``"mse"``
+    on the target logits (the v1 code's default) or ``"kl"`` (KL(softmax target ‖ softmax
+    output)), which only sees the softmax's shape and converged slower on the vision suite;
+    ``normalize_acts``: group (KF's k-means, HF's pairing) on each parent's activations with
+    every row (sample × position) scaled to unit L2 norm over that parent's neurons, as the v1
+    code's ViT recipe (``normalize_acts_for_kmeans``); the targets are still the weighted means
+    of the raw activations. Off by default (the v1 CNN/MLP recipes); on ViTSmall here it only
+    affects the patch embedding, since the blocks carry its residual stream.
+    ``eval_batch_size``: rows per forward pass; ``conductance_steps``: Conductance's
+    integration steps; ``levels``: the ordered level names (default: the model's ``levels``)."""
 
     importance: str = "uniform"
     seed: int = 0
     ridge: float = 1e-10
-    epochs: int = 50
+    epochs: int = 100
+    head_epochs: int = 150
+    head_loss: str = "mse"
     patience: int = 15
     lr: float = 1e-3
     batch_size: int = 32
+    normalize_acts: bool = False
     eval_batch_size: int = 256
     conductance_steps: int = 20
     levels: tuple[str, ...] | None = None
@@ -67,8 +80,10 @@ class _Common:
         if self.ridge < 0 or self.lr <= 0:
             raise ValueError(f"ridge must be ≥ 0 and lr > 0, got {self.ridge}, {self.lr}")
         _positive(self, "patience", "batch_size", "eval_batch_size", "conductance_steps")
-        if self.epochs < 0:
-            raise ValueError(f"epochs must be ≥ 0, got {self.epochs}")
+        if self.epochs < 0 or self.head_epochs < 0:
+            raise ValueError(f"epochs must be ≥ 0, got {self.epochs}, {self.head_epochs}")
+        if self.head_loss not in ("mse", "kl"):
+            raise ValueError(f"head_loss must be 'mse' or 'kl', got {self.head_loss!r}")
 
 
 def _positive(params, *names: str) -> None:
@@ -160,10 +175,14 @@ def _fuse_level(parents, fused, spec: LevelSpec, i, data, x, p, groups, grouping
                     f"level {lv.name!r} carries the stream of {lv.stream_of!r} but its width "
                     f"{mats[0].shape[1]} differs from {len(assign[0])}; fix `streams`"
                 )
-        elif grouping == "hungarian":
-            assign = cluster.hf_grouping(mats, scores)
         else:
-            assign = cluster.kf_grouping(mats, scores, seed=p.seed, iters=p.kmeans_iters)
+            # the v1 code's ViT option: group by direction, not scale; targets stay raw
+            keys = [cluster.unit_rows(m) for m in mats] if p.normalize_acts else mats
+            if grouping == "hungarian":
+                assign = cluster.hf_grouping(keys, scores)
+            else:
+                assign = cluster.kf_grouping(keys, scores, seed=p.seed, iters=p.kmeans_iters)
+            del keys
         groups[lv.name] = assign
         target, slot_w = cluster.group_targets(mats, assign, scores)
         slot_w = slot_w.float()
@@ -197,9 +216,11 @@ def _fit(fused, spec, i, xf, target, weights, p, fit) -> None:
         module = nn.Sequential(*pre, aff)  # shares aff with F: loading the fit updates F
     else:
         module = spec.module(fused, i)
+    head = lv.kind == "head"
     state = fit_gradient(
-        module, xf, target, weights=weights, loss="kl" if lv.kind == "head" else "mse",
-        epochs=p.epochs, patience=p.patience, lr=p.lr, batch_size=p.batch_size, seed=p.seed + i,
+        module, xf, target, weights=weights, loss=p.head_loss if head else "mse",
+        epochs=p.head_epochs if head else p.epochs, patience=p.patience, lr=p.lr,
+        batch_size=p.batch_size, seed=p.seed + i,
     )  # fmt: skip
     module.load_state_dict(state)
 

@@ -6,7 +6,10 @@ Per group, in the spec's (forward) order, for each parent k ≥ 1:
    "activation"`` compares their features over the fusion set (each parent on its own
    forward pass); ``mode "weight"`` compares the weight rows producing them, after parent k's
    incoming axes were mapped by the transports already computed (§4, "aligning incoming edges").
-2. T = ``ot.emd``(μ_k, ν, C) with marginals μ_k, ν uniform or given (importance marginals).
+2. T = ``ot.emd``(μ_k, ν, C) with marginals μ_k, ν uniform or the neurons' importances
+   (``importance``: each parent's Conductance / DeepLIFT / ablation scores of the group's
+   neurons, importance.py: the paper's non-uniform measure on neurons, so an important neuron
+   claims more of the other model's mass instead of every neuron one equal share).
 3. Q_k = diag(1/ν) Tᵀ (w × w_k), each target neuron's transported mass normalised to 1 (so a
    permutation stays a permutation): parent k's output axis is mapped by Q_k, its input axes by
    Q_kᵀ; the fused model is the mean of the target and the mapped parents.
@@ -16,7 +19,9 @@ residual stream is one group of the permutation spec, so its transport is comput
 its observation points (activations) or all the weights writing it (weights). In weight mode, a
 weight whose input group comes later in the order (a residual stream written by a block's
 second layer) does not enter that stream's cost. A target neuron with zero marginal receives
-nothing from parent k (its fused value is its own / K).
+nothing from parent k (its fused value is its own / K). A group observed at several points (a
+residual stream written by several blocks) gets the mean of its normalised importances there:
+the paper scores a layer's neurons once, a shared stream has no single layer.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from torch import nn
 
 from mergeforge.errors import ValidationError
 from mergeforge.fusion.base import FusionData, FusionMethod, check_parents, register
+from mergeforge.fusion.importance import METHODS as IMPORTANCES
+from mergeforge.fusion.importance import neuron_importance
 from mergeforge.fusion.match import ot_plan
 from mergeforge.fusion.permspec import (
     PermutationSpec,
@@ -47,17 +54,29 @@ MODES = ("activation", "weight")
 @dataclass(frozen=True, kw_only=True)
 class OTFusionParams:
     """``mode``: ``"activation"`` (costs from features on the fusion set, the paper's
-    recommended variant) or ``"weight"`` (costs from weight rows; data-free);
-    ``batch_size``: inputs per forward pass when reading features."""
+    recommended variant) or ``"weight"`` (costs from weight rows; still reads the fusion set
+    when ``importance`` is not uniform); ``batch_size``: inputs per forward pass when reading
+    features; ``importance``: the transport marginals, uniform | conductance | deeplift |
+    ablation (:func:`importance_marginals`); ``conductance_steps``: Conductance's
+    integration steps."""
 
     mode: str = "activation"
     batch_size: int = 256
+    importance: str = "uniform"
+    conductance_steps: int = 20
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be ≥ 1, got {self.batch_size}")
+        if self.importance not in IMPORTANCES:
+            raise ValueError(
+                f"importance must be one of {list(IMPORTANCES)}, got {self.importance!r}"
+            )
+        if self.batch_size < 1 or self.conductance_steps < 1:
+            raise ValueError(
+                f"batch_size and conductance_steps must be ≥ 1, got {self.batch_size}, "
+                f"{self.conductance_steps}"
+            )
 
 
 def transport_map(
@@ -157,10 +176,53 @@ def ot_fusion_state(
     return apply_transforms(states, spec, merge, unmerge)
 
 
+def importance_marginals(
+    parents: Sequence[nn.Module], data: FusionData, params: OTFusionParams
+) -> dict[str, list[torch.Tensor]]:
+    """Group → one importance vector per parent (float64, sums to 1): the mean, over the
+    group's observation points, of :func:`~mergeforge.fusion.importance.neuron_importance` of
+    the point module's outputs along the point's feature dim; ``{}`` for uniform importance.
+    Each parent is scored on its own forward pass, so the scores follow its neuron order (a
+    permuted parent gets permuted scores, and OT still maps it back exactly)."""
+    if params.importance == "uniform":
+        return {}  # ot_plan's uniform default: bit-for-bit the unweighted transport
+    spec = spec_for(parents[0])
+    widths = spec.widths(parents[0])
+    missing = [g for g in spec.groups if not spec.points.get(g)]
+    if missing:
+        raise ValidationError(
+            f"ot_fusion: importance {params.importance!r} needs observation points for groups "
+            f"{missing}; add them to the permutation spec's 'points'"
+        )
+    out: dict[str, list[torch.Tensor]] = {}
+    for g in spec.groups:
+        out[g] = []
+        for k, model in enumerate(parents):
+            dev = next(model.parameters()).device
+            x = data.inputs.to(dev)
+            y = None if data.labels is None else data.labels.to(dev)
+            scores = []
+            for name, dim in spec.points[g]:
+                s = neuron_importance(
+                    model, model.get_submodule(name), x, method=params.importance,
+                    labels=y, batch_size=max(1, params.batch_size // 4),
+                    n_steps=params.conductance_steps, dim=dim,
+                )  # fmt: skip
+                if len(s) != widths[g]:
+                    raise ValidationError(
+                        f"ot_fusion: parent {k}'s point {name!r} of group {g!r} has {len(s)} "
+                        f"features on dim {dim}, the group {widths[g]}"
+                    )
+                scores.append(s)
+            out[g].append(torch.stack(scores).mean(0).cpu())
+    return out
+
+
 def ot_fusion(
     parents: Sequence[nn.Module], data: FusionData, params: OTFusionParams
 ) -> dict[str, torch.Tensor]:
-    return ot_fusion_state(parents, data, params)
+    marginals = importance_marginals(parents, data, params)
+    return ot_fusion_state(parents, data, params, marginals=marginals)
 
 
 register(
@@ -170,6 +232,6 @@ register(
         params=OTFusionParams,
         reference="OT-Fusion (Singh & Jaggi, 1910.05653), exact OT with ot.emd",
         summary="align each parent's neurons to parent 0 by optimal transport (activations or "
-        "weights), average",
+        "weights; uniform or importance marginals), average",
     )
 )
