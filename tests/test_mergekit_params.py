@@ -281,8 +281,11 @@ def test_models_list_messages(extra, needle):
     assert needle in str(e.value)
 
 
-@pytest.mark.parametrize("method", sorted(MERGEKIT_ONLY_METHODS))
-def test_mergekit_only_method_not_implemented(llama_family, tmp_path, capsys, method):
+def test_mergekit_only_method_not_implemented(llama_family, tmp_path, capsys, monkeypatch):
+    # every method of mergekit 0.1.5 is implemented now; a stand-in entry keeps the CLI's
+    # "not implemented yet" path tested for the next one mergekit adds
+    method = "future_method"
+    monkeypatch.setitem(MERGEKIT_ONLY_METHODS, method, "`ties`")
     cfg = _ta(llama_family)
     cfg["merge_method"] = method
     err = _cli_error(tmp_path, cfg, capsys)

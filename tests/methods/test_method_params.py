@@ -73,6 +73,9 @@ def test_registry():
         "tsv", "iso_c", "iso_cts", "wudi", "swudi", "swudi_a", "ace", "regmean", "fisher",
         # curvature recorded in training (issue 14)
         "umtam", "ota", "prune",
+        # mergekit's remaining methods (issue 18)
+        "multislerp", "nuslerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram",
+        "ramplus_tl",
     }  # fmt: skip
     for m in methods.all_methods():
         assert m.reference.startswith("https://") and m.summary, m.name

@@ -98,6 +98,22 @@ CASES = [
     Case("prune", {"score": "magnitude"}, ({"density": 0.3},)),
     Case("prune", {"score": "fisher"}, ({"density": 0.3},)),
     Case("slerp", {"t": 0.3}, ({},)),
+    # mergekit's remaining methods (issue 18); oracles: tests/test_vs_mergekit_more.py and
+    # tests/methods/test_{spherical,sce,ram,nearswap_fusion}.py
+    Case("multislerp", {}, W3),
+    Case("multislerp", {"normalize_weights": False}, W3),
+    Case("nuslerp", {}, W3[:2]),
+    Case("nuslerp", {"nuslerp_flatten": False, "nuslerp_row_wise": True}, W3[1:]),
+    Case("karcher", {}),
+    Case("karcher", {"max_iter": 3, "tol": 1e-7}),
+    Case("sce", {}),
+    Case("sce", {"select_topk": 0.5}),
+    Case("nearswap", {"t": 0.05}, ({},)),
+    Case("arcee_fusion", {}, ({},)),
+    Case("ram", {}),
+    Case("ram", {"epsilon": 0.1}),
+    Case("ramplus_tl", {"epsilon": 0.1, "r": 0.5, "alpha": 0.5}),
+    Case("ramplus_tl", {"overlap_scope": "model", "epsilon": 0.1, "r": 0.5}),
     Case("passthrough", {}, ({},)),
     Case("passthrough", {}, ({"scale": 0.5},), idempotent=False),
 ]

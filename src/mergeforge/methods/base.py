@@ -231,16 +231,7 @@ def register(method: Method) -> Method:
     return method
 
 
-MERGEKIT_ONLY_METHODS: dict[str, str] = {
-    "arcee_fusion": "ties / breadcrumbs",
-    "karcher": "slerp (two models) / linear",
-    "multislerp": "slerp (two models) / linear",
-    "nearswap": "slerp",
-    "nuslerp": "slerp",
-    "ram": "task_arithmetic / ties",
-    "ramplus_tl": "task_arithmetic / ties",
-    "sce": "ties / dare_ties",
-}
+MERGEKIT_ONLY_METHODS: dict[str, str] = {}
 """mergekit methods mergeforge lacks, with the closest mergeforge methods (said instead of
 "unknown method")."""
 

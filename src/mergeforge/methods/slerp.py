@@ -15,6 +15,7 @@ import torch
 
 from mergeforge.methods.base import Method, NoParams, register
 from mergeforge.methods.checks import check_real
+from mergeforge.methods.sphere import great_circle
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -40,13 +41,8 @@ def slerp(base, tensors, params, model_params, ctx):
     na = na if na > EPS else torch.ones_like(na)
     nb = nb if nb > EPS else torch.ones_like(nb)
     cos = ((a / na) * (b / nb)).sum(dim=1).clamp(-1, 1)
-    if a.shape[1] == 0 or cos.abs().item() > DOT_THRESHOLD:
-        out = (1 - t) * a + t * b
-    else:
-        omega = torch.acos(cos)
-        sin_omega = torch.sin(omega)
-        out = torch.sin((1 - t) * omega) / sin_omega * a + torch.sin(t * omega) / sin_omega * b
-    return out.reshape(base.shape).to(base.dtype)
+    linear = (cos.abs() > DOT_THRESHOLD) | (a.shape[1] == 0)
+    return great_circle(a, b, cos, t, linear).reshape(base.shape).to(base.dtype)
 
 
 register(

@@ -49,8 +49,14 @@ def keep_top(score: Tensor, density: float) -> Tensor:
     """The trim step with any score: a boolean mask (``score``'s shape) of its
     k = max(1, ⌊density·n⌋) largest entries; of the entries tied at the threshold, the first in
     index order. TIES' trim is ``keep_top(|τ|, density)``; UMTAM's ``keep_top(S, density)``."""
+    return keep_top_k(score, max(1, int(density * score.numel())))
+
+
+def keep_top_k(score: Tensor, k: int) -> Tensor:
+    """A boolean mask (``score``'s shape) of the k ≥ 1 largest entries of ``score``; of the
+    entries tied at the threshold, the first in index order. SCE's select step is
+    ``keep_top_k(variance, ⌊select_topk·nnz⌋)``."""
     flat = score.reshape(-1)
-    k = max(1, int(density * flat.numel()))
     thr = kth_largest(flat, k)
     mask = flat >= thr
     extra = int(torch.count_nonzero(mask)) - k
