@@ -22,8 +22,14 @@ def test_one_version():
 def test_devices():
     assert resolve_device(None) == torch.device("cpu")
     assert resolve_device("cpu") == torch.device("cpu")
-    with pytest.raises(ConfigError, match="unsupported device 'meta'; use cpu or cuda"):
+    with pytest.raises(ConfigError, match="unsupported device 'meta'; use cpu, cuda"):
         resolve_device("meta")
+    # `--device auto` (advertised by merge, prune, moe, fuse): the GPU when torch sees one
+    want = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("auto") == want and resolve_device("AUTO") == want
+    for bad in ("tpu", "gpu", "cuda:x", ""):  # torch.device's own RuntimeError: a traceback
+        with pytest.raises(ConfigError, match=r"unsupported device .*; use cpu, cuda .*auto"):
+            resolve_device(bad)
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="--device cuda was requested but no CUDA GPU"):
             resolve_device("cuda")

@@ -146,3 +146,97 @@ def test_another_search_in_the_same_folder_is_refused(tiny, tmp_path):
     with pytest.raises(ConfigError, match="holds other files"):
         evolve(other, fitness=tiny, models=tiny.models, out=tmp_path.parent / "busy",
                progress=False)  # fmt: skip
+
+
+def _tree(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}  # fmt: skip
+
+
+def test_restart_deletes_nothing_in_a_folder_without_evolve_state(tiny, tmp_path):
+    """--restart discards a saved search only: a folder holding our file names but no
+    evolve-state.pkl (someone else's model/, history.json) and a foreign file is refused whole."""
+    out = tmp_path / "busy"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "weights.bin").write_bytes(b"precious")
+    (out / "history.json").write_text("[1, 2]")
+    (out / "notes.txt").write_text("mine")
+    before = _tree(out)
+    with pytest.raises(ConfigError, match="holds other files"):
+        evolve(tiny.config(evaluations=8), fitness=tiny, models=tiny.models, out=out,
+               progress=False, restart=True)  # fmt: skip
+    assert _tree(out) == before
+    (out / "notes.txt").unlink()  # only our names, but model/ is no mergeforge output
+    before = _tree(out)
+    with pytest.raises(ConfigError, match="model"):
+        evolve(tiny.config(evaluations=8), fitness=tiny, models=tiny.models, out=out,
+               progress=False, restart=True)  # fmt: skip
+    assert _tree(out) == before
+
+
+def test_restart_keeps_a_saved_search_folder_with_foreign_files(tiny, tmp_path):
+    evolve(tiny.config(evaluations=8), fitness=tiny, models=tiny.models, out=tmp_path,
+           progress=False)  # fmt: skip
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "weights.bin").write_bytes(b"precious")  # not a mergeforge output
+    before = _tree(tmp_path)
+    with pytest.raises(ConfigError, match="model"):
+        evolve(tiny.config(evaluations=8, seed=1), fitness=tiny, models=tiny.models,
+               out=tmp_path, progress=False, restart=True)  # fmt: skip
+    assert _tree(tmp_path) == before
+    (tmp_path / "model" / "weights.bin").unlink()
+    (tmp_path / "model").rmdir()
+    (tmp_path / "todo.txt").write_text("mine")
+    before = _tree(tmp_path)
+    with pytest.raises(ConfigError, match="todo.txt"):
+        evolve(tiny.config(evaluations=8, seed=1), fitness=tiny, models=tiny.models,
+               out=tmp_path, progress=False, restart=True)  # fmt: skip
+    assert _tree(tmp_path) == before
+
+
+def test_closing_the_pool_shuts_ray_down_even_when_a_kill_fails(monkeypatch):
+    """A worker whose kill raises (dead already, the cluster gone) neither stops the other
+    kills nor skips ray.shutdown(): Ray's processes never outlive the search."""
+    ray = pytest.importorskip("ray")
+    from mergeforge.evolve.workers import RayPool
+
+    killed, shut = [], []
+
+    def kill(actor):
+        killed.append(actor)
+        if actor == "dead":
+            raise ValueError("actor handle is dead")
+
+    monkeypatch.setattr(ray, "kill", kill)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "shutdown", lambda: shut.append(True))
+    pool = object.__new__(RayPool)  # as __init__ leaves it once its workers started
+    pool.started, pool.actors = True, ["dead", "alive"]
+    pool.close()
+    assert killed == ["dead", "alive"] and shut == [True] and pool.actors == []
+    pool.started, pool.actors = False, ["dead"]  # Ray was already up here: left running
+    pool.close()
+    assert shut == [True]
+
+
+@pytest.mark.parametrize(
+    "weights, needle",
+    [
+        (["heavy", 1], r"fitness.tasks\[0\] \(a\).weight: 'heavy' is not a number"),
+        ([True, 1], r"fitness.tasks\[0\] \(a\).weight: True is not a number"),
+        ([-1, 2], r"fitness.tasks\[0\] \(a\).weight: -1; .*finite number >= 0"),
+        ([float("nan"), 1], r"fitness.tasks\[0\] \(a\).weight: nan"),
+        ([1, float("inf")], r"fitness.tasks\[1\] \(b\).weight: inf"),
+        ([0, 0.0], "the task weights sum to 0"),
+    ],
+)
+def test_bad_task_weights_fail_when_the_config_is_read(weights, needle):
+    tasks = [{"name": n, "examples": [{"text": "x", "label": 0}], "head": "h", "weight": w}
+             for n, w in zip("ab", weights, strict=True)]  # fmt: skip
+    with pytest.raises(ConfigError, match=needle):
+        load_evolve_config({**genome(), "fitness": {"tasks": tasks}})
+    pool = [PoolTask(n, (("x", 0),), "h", w) for n, w in zip("ab", weights, strict=True)]
+    with pytest.raises(ConfigError):
+        ClassifierPool("m", pool)
+    ok = [{**t, "weight": w} for t, w in zip(tasks, (0, 2.5), strict=True)]  # one may be 0
+    assert load_evolve_config({**genome(), "fitness": {"tasks": ok}}).fitness.kind == "tasks"

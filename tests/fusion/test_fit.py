@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -101,6 +103,35 @@ def test_gradient_fit_converges_and_leaves_the_module():
     fitted.load_state_dict(state)
     with torch.no_grad():
         assert (fitted(x) - t).pow(2).mean() < 1e-3 < (lin(x) - t).pow(2).mean()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_gradient_fit_from_perturbed_weights_reaches_the_closed_form(kind):
+    """Started away from an exactly reachable target, the fitter must arrive where the closed
+    form does (a fitter that returns its start fails by orders of magnitude)."""
+    g = _gen(3)
+    torch.manual_seed(0)
+    if kind == "linear":
+        true, x = nn.Linear(6, 3), torch.randn(400, 6, generator=g)
+    else:
+        true, x = nn.Conv2d(2, 3, 3, padding=1), torch.randn(64, 2, 6, 6, generator=g)
+    with torch.no_grad():
+        t = true(x)
+        start = copy.deepcopy(true)
+        for p in start.parameters():
+            p += 0.3 * torch.randn(p.shape, generator=g)
+    w, b = affine_lstsq(start, x, t)  # the closed form: the true weights
+    closed = copy.deepcopy(start)
+    with torch.no_grad():
+        closed.weight.copy_(w)
+        closed.bias.copy_(b)
+    fitted = copy.deepcopy(start)
+    fitted.load_state_dict(fit_gradient(start, x, t, lr=1e-2, epochs=200, patience=15))
+    with torch.no_grad():
+        assert float((start(x) - t).abs().max()) > 1.0
+        assert float((closed(x) - t).abs().max()) < 1e-4
+        assert float((fitted(x) - closed(x)).abs().max()) < 1e-3
+    torch.testing.assert_close(fitted.weight, w, rtol=0, atol=1e-3)
 
 
 def test_gradient_fit_is_seeded():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from mergeforge.errors import ConfigError
 from mergeforge.evaluate.vision.models import MLP, ResNetSmall, VGGSmall, ViTSmall
@@ -93,7 +94,9 @@ ARCHS = {
 def test_captum_methods_run_on_every_level(arch, method):
     torch.manual_seed(0)
     m, x = ARCHS[arch](), _x(4)
-    m.train()  # the flag is restored
+    m.train()  # the flags are restored, each module's own
+    next(c for c in m.modules() if isinstance(c, (nn.Linear, nn.Conv2d))).eval()
+    flags = [c.training for c in m.modules()]
     spec = levels_of(m)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     for i, lv in enumerate(spec.levels[:-1]):
@@ -102,6 +105,6 @@ def test_captum_methods_run_on_every_level(arch, method):
         assert s.shape == (out.shape[channel_dim(out.ndim)],), lv.name
         assert s.dtype == torch.float64 and bool((s > 0).all()), lv.name
         assert float(s.sum()) == pytest.approx(1.0)
-    assert m.training
+    assert [c.training for c in m.modules()] == flags
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
     assert all(not mod._forward_hooks and not mod._backward_hooks for mod in m.modules())

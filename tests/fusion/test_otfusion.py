@@ -58,6 +58,14 @@ def _data(n: int = 24, seed: int = 5) -> FusionData:
     )
 
 
+def _mix_flags(model: nn.Module) -> list[bool]:
+    """One affine leaf in training mode under an eval-mode model; returns every module's flag.
+    A method that restores only the top-level flag (``model.train(was)``) resets the leaf."""
+    leaf = next(m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    leaf.train()
+    return [m.training for m in model.modules()]
+
+
 def _same_function(state: dict, model: nn.Module, arch: str) -> None:
     fused = _build(arch, 123)
     fused.load_state_dict(state)
@@ -72,9 +80,11 @@ def test_permuted_copy_is_fused_back(mode, arch):
     a = _build(arch, 0)
     b = _permuted_copy(a, arch, 1)
     before = [{k: v.clone() for k, v in p.state_dict().items()} for p in (a, b)]
+    flags = [_mix_flags(p) for p in (a, b)]
     _same_function(fuse([a, b], _data(), "ot_fusion", {"mode": mode}), a, arch)
-    for p, ref in zip((a, b), before, strict=True):
+    for p, ref, fl in zip((a, b), before, flags, strict=True):
         assert all(torch.equal(p.state_dict()[k], v) for k, v in ref.items())
+        assert [m.training for m in p.modules()] == fl  # every module's own train/eval flag
 
 
 @pytest.mark.parametrize("mode", ["activation", "weight"])
@@ -176,7 +186,9 @@ def test_importance_marginals_still_fuse_a_permuted_copy_back(arch, importance):
     b = _permuted_copy(a, arch, 1)
     params = {"importance": importance, "conductance_steps": 2}
     data = _data()  # fewer rows leave VGG's fc units dead on all of them: ties, not a bug
+    flags = [_mix_flags(p) for p in (a, b)]
     marg = importance_marginals([a, b], data, OTFusionParams(**params))
+    assert [[m.training for m in p.modules()] for p in (a, b)] == flags
     assert set(marg) == set(spec_for(a).groups)
     assert any(not torch.allclose(m[0], m[0].mean().expand_as(m[0])) for m in marg.values())
     _same_function(fuse([a, b], data, "ot_fusion", params), a, arch)

@@ -168,3 +168,24 @@ def test_a_failure_or_a_stop_signal_mid_write_leaves_nothing(tmp_path, monkeypat
     with pytest.raises(Interrupted), handle_signals():
         write_fused(_fused(), out, config=_config([]), model_config=ARCH_CONFIG)
     assert not (tmp_path / "new").exists()
+
+
+def test_overwrite_never_deletes_files_only_a_merge_carries(tmp_path):
+    """A merge carries tokenizer / generation files and may replace them; fusion writes none of
+    them, so in an earlier fused output they are someone else's: --overwrite refuses."""
+    out = tmp_path / "fused"
+    write_fused(_fused(), out, config=_config([]), model_config=ARCH_CONFIG)
+    for name in ("tokenizer.json", "generation_config.json", "1_Pooling/config.json"):
+        extra = out / name
+        extra.parent.mkdir(exist_ok=True)
+        extra.write_text("{}")
+        assert not is_previous_fused_output(out)
+        top = name.split("/")[0]  # a folder fusion never writes is named as a whole
+        with pytest.raises(CheckpointError, match=f"a fusion did not write: {top};"):
+            write_fused(_fused(), out, config=_config([]), overwrite=True)
+        assert extra.read_text() == "{}"
+        extra.unlink()
+        if top != name:
+            extra.parent.rmdir()
+    write_fused(_fused(), out, config=_config([]), model_config=ARCH_CONFIG, overwrite=True)
+    assert (out / "config.json").is_file()  # what fusion writes stays replaceable

@@ -56,6 +56,14 @@ def _data(n: int = 24, seed: int = 5) -> FusionData:
     )
 
 
+def _mix_flags(model: nn.Module) -> list[bool]:
+    """One affine leaf in training mode under an eval-mode model; returns every module's flag.
+    A method that restores only the top-level flag (``model.train(was)``) resets the leaf."""
+    leaf = next(m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    leaf.train()
+    return [m.training for m in model.modules()]
+
+
 def _same_function(state: dict, model: nn.Module, arch: str, atol: float = 1e-5) -> None:
     fused = _build(arch, 123)
     fused.load_state_dict(state)
@@ -70,10 +78,12 @@ def test_permuted_copy_is_fused_back(method, arch):
     a = _build(arch, 0)
     b = _permuted_copy(a, arch, 1)
     before = [{k: v.clone() for k, v in p.state_dict().items()} for p in (a, b)]
+    flags = [_mix_flags(p) for p in (a, b)]
     out = fuse([a, b], _data(), method)
     _same_function(out, a, arch)
-    for p, ref in zip((a, b), before, strict=True):
+    for p, ref, fl in zip((a, b), before, flags, strict=True):
         assert all(torch.equal(p.state_dict()[k], v) for k, v in ref.items())
+        assert [m.training for m in p.modules()] == fl  # every module's own train/eval flag
 
 
 @pytest.mark.parametrize("method", METHODS)

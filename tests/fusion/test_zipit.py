@@ -51,19 +51,29 @@ def _data(n: int = 24, seed: int = 5) -> FusionData:
     )
 
 
+def _mix_flags(model: nn.Module) -> list[bool]:
+    """One affine leaf in training mode under an eval-mode model; returns every module's flag.
+    A method that restores only the top-level flag (``model.train(was)``) resets the leaf."""
+    leaf = next(m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    leaf.train()
+    return [m.training for m in model.modules()]
+
+
 @pytest.mark.parametrize("arch", sorted(BUILDERS))
 def test_permuted_copy_zips_back(arch):
     a = _build(arch, 0)
     b = _permuted_copy(a, arch, 1)
     before = [{k: v.clone() for k, v in p.state_dict().items()} for p in (a, b)]
+    flags = [_mix_flags(p) for p in (a, b)]
     fused = _build(arch, 123)
     fused.load_state_dict(fuse([a, b], _data(), "zipit"))
     x = _data(8, seed=11).inputs
     with torch.no_grad():
         # every cross pair correlates exactly 1, above any within-model pair: an exact zip
         assert torch.allclose(fused(x), a(x), atol=1e-5)
-    for p, ref in zip((a, b), before, strict=True):
+    for p, ref, fl in zip((a, b), before, flags, strict=True):
         assert all(torch.equal(p.state_dict()[k], v) for k, v in ref.items())
+        assert [m.training for m in p.modules()] == fl  # every module's own train/eval flag
 
 
 def test_fused_layers_are_the_merge_unmerge_products():

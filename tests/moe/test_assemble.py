@@ -255,3 +255,41 @@ def test_noise_and_residual_scale_are_seeded(fam, tmp_path):
     assert 0.008 < float(noise.std()) < 0.012
     torch.testing.assert_close(a["model.layers.0.mlp.experts.down_proj"][1],
                                e1["model.layers.0.mlp.down_proj.weight"] * 0.5)  # fmt: skip
+
+
+def test_device_auto_and_bad_devices(fam, tmp_path, monkeypatch):
+    """`--device auto` (advertised by `mergeforge moe --help`) resolves in build_moe and in the
+    routing report; an unknown device is a ConfigError before any model is loaded."""
+    with pytest.raises(ConfigError, match="unsupported device 'tpu'; use cpu, cuda"):
+        build_moe(moe_yaml(fam, n=2, experts_per_token=1), tmp_path / "moe", device="tpu")
+    assert not (tmp_path / "moe").exists()
+    build_moe(moe_yaml(fam, n=2, experts_per_token=1), tmp_path / "moe", device="auto")
+    import transformers as tf
+
+    loaded = []
+    real = tf.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(tf.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: loaded.append(a) or real(*a, **k))  # fmt: skip
+    with pytest.raises(ConfigError, match="unsupported device 'gpu'; use cpu, cuda"):
+        routing_report(tmp_path / "moe", {"a": ["w1 w2"]}, device="gpu")
+    assert loaded == []
+    rep = routing_report(tmp_path / "moe", {"a": ["w1 w2"]}, device="auto")
+    assert rep.tokens == (3,) and len(loaded) == 1
+
+
+def test_an_older_transformers_is_refused_with_the_pin(fam, tmp_path, monkeypatch):
+    """The output is transformers v5's layout (Mixtral's fused ``mlp.experts.gate_up_proj``),
+    which transformers 4.x cannot load: refused before anything is read or written."""
+    import importlib.metadata
+
+    real = importlib.metadata.version
+
+    def version(name: str) -> str:
+        return "4.46.3" if name == "transformers" else real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    with pytest.raises(ConfigError, match=r"transformers 4.46.3 .*transformers>=5"):
+        build_moe(moe_yaml(fam, n=2, gate_mode="cheap_embed"), tmp_path / "moe")
+    assert not (tmp_path / "moe").exists()
+    with pytest.raises(ConfigError, match=r"transformers>=5"):
+        routing_report(tmp_path / "moe", {"a": ["w1"]})

@@ -40,16 +40,22 @@ WRITTEN = ("mergeforge_resolved.yml", "README.md")
 
 
 def foreign_files(
-    folder: Path, *, markers: tuple[str, ...] = MARKERS, written: tuple[str, ...] = WRITTEN
+    folder: Path,
+    *,
+    markers: tuple[str, ...] = MARKERS,
+    written: tuple[str, ...] = WRITTEN,
+    carried: bool = True,
 ) -> list[str]:
     """The entries of ``folder`` (paths relative to it, sorted) that a mergeforge merge does not
     write: anything but the shards its ``model.safetensors.index.json`` names, that index,
     :data:`MARKERS`, :data:`WRITTEN` and the carried files (``markers``/``written``: another
-    producer's files, e.g. fusion's). Symbolic links count as foreign (a merge writes plain
+    producer's files, e.g. fusion's; ``carried=False``: a producer that never copies
+    :data:`~mergeforge.checkpoint.CARRIED_FILES`, such as fusion, so a tokenizer or generation
+    config found there is someone else's). Symbolic links count as foreign (a merge writes plain
     files); an unreadable index names no shards."""
     from mergeforge.checkpoint import CARRIED_FILES
 
-    ours = {*markers, *written, *CARRIED_FILES}
+    ours = {*markers, *written, *(CARRIED_FILES if carried else ())}
     try:
         index = json.loads((folder / INDEX).read_text(encoding="utf-8"))
         ours.update(str(v) for v in index["weight_map"].values())
@@ -81,12 +87,16 @@ def foreign_files(
 
 
 def is_previous_output(
-    folder: Path, *, markers: tuple[str, ...] = MARKERS, written: tuple[str, ...] = WRITTEN
+    folder: Path,
+    *,
+    markers: tuple[str, ...] = MARKERS,
+    written: tuple[str, ...] = WRITTEN,
+    carried: bool = True,
 ) -> bool:
     """True if ``folder`` holds a previous mergeforge merge output (all of :data:`MARKERS`) and
-    nothing a merge does not write (:func:`foreign_files`)."""
+    nothing a merge does not write (:func:`foreign_files`, with its ``carried``)."""
     return all((folder / m).is_file() for m in markers) and not foreign_files(
-        folder, markers=markers, written=written
+        folder, markers=markers, written=written, carried=carried
     )
 
 
@@ -129,10 +139,12 @@ def check_replaceable(
     markers: tuple[str, ...] = MARKERS,
     written: tuple[str, ...] = WRITTEN,
     producer: str = "merge",
+    carried: bool = True,
 ) -> None:
     """Refuse an output path that is a file, or a non-empty folder without ``overwrite`` or
-    that is not a previous mergeforge output (``markers``/``written``/``producer``: another
-    producer's output, e.g. ``"fusion"``'s). Touches nothing."""
+    that is not a previous mergeforge output (``markers``/``written``/``producer``/``carried``:
+    another producer's output, e.g. ``"fusion"``'s, see :func:`foreign_files`). Touches
+    nothing."""
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"output path {str(out)!r} exists and is not a folder")
     if not (out.is_dir() and _nonempty(out)):
@@ -142,7 +154,7 @@ def check_replaceable(
             f"output folder {str(out)!r} exists and is not empty; pass --overwrite "
             "(overwrite=True) to replace it, or choose another folder"
         )
-    kind = {"markers": markers, "written": written}
+    kind = {"markers": markers, "written": written, "carried": carried}
     if all((out / m).is_file() for m in markers) and (extra := foreign_files(out, **kind)):
         shown = ", ".join(extra[:10]) + (f" and {len(extra) - 10} more" if len(extra) > 10 else "")
         raise CheckpointError(

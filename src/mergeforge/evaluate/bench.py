@@ -388,13 +388,41 @@ def merge_isolated(config: dict, out: Path) -> tuple[float, int]:
     proc.start()
     child.close()
     try:
-        status, value, peak = parent.recv()
-    except EOFError:
-        status, value, peak = "error", "the merge process died (out of memory?)", 0
+        try:
+            status, value, peak = parent.recv()
+        except EOFError:
+            status, value, peak = "error", "the merge process died (out of memory?)", 0
+    except BaseException:  # stopped: the merge does not run on (see call_isolated)
+        _end(proc)
+        raise
+    finally:
+        parent.close()
     proc.join()
     if status != "ok":
         raise MergeforgeError(f"merge {config['merge_method']} failed: {value}")
     return value, peak
+
+
+def _end(proc, grace: float = 10.0) -> None:
+    """Terminate (SIGTERM) a child and join it; SIGKILL if it is still there after ``grace``."""
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(grace)
+        if proc.is_alive():
+            proc.kill()
+    proc.join()
+
+
+def _discard_partial(out: Path, existed: bool) -> None:
+    """Remove what a stopped child left of ``out``: the writer's hidden staging folders beside
+    it (``.<name>.mergeforge-*``; a terminated child cannot remove its own) and ``out`` itself
+    when the call created it (an output that was there before is left alone)."""
+    import shutil
+
+    for p in out.parent.glob(f".{out.name}.mergeforge-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _call_child(fn, args, kwargs, conn) -> None:
@@ -411,6 +439,9 @@ def call_isolated(fn, *args, **kwargs) -> tuple[Any, int]:
     """``fn(*args, **kwargs)`` in a fresh (spawned) process, like :func:`merge_isolated`:
     returns (its result, its peak RSS bytes). ``fn`` and its arguments must be picklable; an
     exception there is raised here as a :class:`MergeforgeError` (the row fails, the rest run).
+    Stopped while it waits (SIGINT/SIGTERM/SIGHUP as :class:`~mergeforge._signals.Interrupted`,
+    or any other exception), it terminates and joins the child before re-raising: nothing runs
+    on after the bench; the caller removes what the child left (:func:`_discard_partial`).
     """
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
@@ -418,9 +449,15 @@ def call_isolated(fn, *args, **kwargs) -> tuple[Any, int]:
     proc.start()
     child.close()
     try:
-        status, value, peak = parent.recv()
-    except EOFError:
-        status, value, peak = "error", "the process died (out of memory?)", 0
+        try:
+            status, value, peak = parent.recv()
+        except EOFError:
+            status, value, peak = "error", "the process died (out of memory?)", 0
+    except BaseException:
+        _end(proc)
+        raise
+    finally:
+        parent.close()
     proc.join()
     if status != "ok":
         raise MergeforgeError(f"{getattr(fn, '__name__', fn)} failed: {value}")
@@ -558,7 +595,12 @@ def _one_run(run, bench, expert_acc, merged_root: Path, keep: bool) -> RunResult
     out = merged_root / run.name.replace(" ", "_").replace("/", "-")
     if run.kind == "fusion":
         fn, args, kwargs = bench.fusion_job(run, out)
-        result, peak = call_isolated(fn, *args, **kwargs)
+        existed = out.exists()
+        try:
+            result, peak = call_isolated(fn, *args, **kwargs)
+        except BaseException:  # stopped (Interrupted) or failed: no partial output stays
+            _discard_partial(out, existed)
+            raise
         try:
             return evaluate_pool(bench.pool, out, merge_seconds=result["fusion_seconds"],
                                  peak_rss_bytes=peak, **common)  # fmt: skip

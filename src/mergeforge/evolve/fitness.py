@@ -142,6 +142,7 @@ class ClassifierPool(_Skeleton):
                                   "on; give it a non-empty examples file or list")  # fmt: skip
         if metric not in METRICS:
             raise ConfigError(f"fitness.metric: {metric!r}; use one of {', '.join(METRICS)}")
+        check_task_weights([t.weight for t in tasks], [t.name for t in tasks], "fitness.tasks")
         self.model, self.tasks, self.tokenizer = model, tuple(tasks), tokenizer or model
         self.max_length, self.batch_size, self.metric = max_length, batch_size, metric
 
@@ -235,6 +236,21 @@ def _keys(f: Mapping, allowed: set[str], where: str) -> None:
     _check_keys(f, allowed, where)
 
 
+def check_task_weights(weights: Sequence[Any], names: Sequence[str], where: str) -> None:
+    """Each task's ``weight``: a finite number >= 0 (not a bool), and their sum positive (the
+    pool's score divides by it); checked when the config is read, before any worker starts."""
+    for i, (w, name) in enumerate(zip(weights, names, strict=True)):
+        at = f"{where}[{i}] ({name}).weight"
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise ConfigError(f"{at}: {w!r} is not a number; give a finite number >= 0 (the "
+                              "task's share of the pool's score, default 1)")  # fmt: skip
+        if not math.isfinite(w) or w < 0:
+            raise ConfigError(f"{at}: {w!r}; a weight is a finite number >= 0")
+    if weights and sum(weights) <= 0:
+        raise ConfigError(f"{where}: the task weights sum to 0; give at least one task a "
+                          "positive weight")  # fmt: skip
+
+
 def _positive_int(f: Mapping, key: str, default: int, where: str) -> int:
     v = f.get(key, default)
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -273,6 +289,8 @@ def check_fitness_options(kind: str, f: Mapping[str, Any]) -> dict[str, Any]:
             if isinstance(t["examples"], list) and not t["examples"]:
                 raise ConfigError(f"{where} ({t['name']}): no examples; the pool needs at least "
                                   "one {text, label} per task")  # fmt: skip
+        check_task_weights([t.get("weight", 1.0) for t in tasks], [t["name"] for t in tasks],
+                           "fitness.tasks")  # fmt: skip
     else:
         _keys(f, TEXTS_KEYS, "fitness")
         if isinstance(f["texts"], list) and not f["texts"]:

@@ -167,12 +167,49 @@ def _setup(cfg: EvolveConfig, fitness, given: Mapping[str, Any], console) -> _Se
                   settings)  # fmt: skip
 
 
+def _foreign(out: Path) -> list[str]:
+    """The entries of ``out`` a search does not write (sorted): any name but :data:`OUR_FILES`,
+    a symbolic link, and ``model/`` unless it is a previous mergeforge merge output
+    (:func:`~mergeforge.engine.is_previous_output`: what ``run_merge`` may replace)."""
+    from mergeforge.engine import is_previous_output
+
+    if not out.is_dir():
+        return []
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OUR_FILES or p.is_symlink())
+    model = out / MODEL_DIR
+    if MODEL_DIR not in foreign and model.exists():
+        if not model.is_dir() or not is_previous_output(model):
+            foreign.append(f"{MODEL_DIR}/ (not a mergeforge merge output)")
+    return foreign
+
+
+def _refuse_foreign(out: Path, foreign: list[str], what: str) -> None:
+    shown = ", ".join(foreign[:10]) + (
+        f" and {len(foreign) - 10} more" if len(foreign) > 10 else ""
+    )
+    raise ConfigError(f"{out}: the output folder holds other files ({shown}) {what}; nothing in "
+                      "it was touched: choose an empty or new --out")  # fmt: skip
+
+
+def _discard_search(out: Path) -> None:
+    """``--restart``: delete a saved search's files in ``out``, and only those, only when
+    ``out`` holds a saved search (:data:`STATE_FILE`) and nothing a search does not write
+    (:func:`_foreign`; checked before anything is deleted). Without a saved search nothing is
+    deleted (:func:`_load_state` then judges the folder as for a fresh search)."""
+    if not (out / STATE_FILE).is_file():
+        return
+    if foreign := _foreign(out):
+        _refuse_foreign(out, foreign, "beside the saved search; --restart would delete it")
+    for name in OUR_FILES:
+        p = out / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def _load_state(out: Path, fingerprint: str) -> dict | None:
     path = out / STATE_FILE
     if not path.exists():
-        if out.exists() and any(p.name not in OUR_FILES for p in out.iterdir()):
-            raise ConfigError(f"{out}: the output folder holds other files and no evolve state; "
-                              "choose an empty or new --out")  # fmt: skip
+        if foreign := _foreign(out):
+            _refuse_foreign(out, foreign, "and no evolve state")
         return None
     try:
         with open(path, "rb") as f:  # our own file, written by _save_state below
@@ -287,9 +324,7 @@ def evolve(
                           "it needs models on disk, not given in memory")  # fmt: skip
     out = Path(out) if out is not None else (Path(cfg.out) if cfg.out else None)
     if out is not None and restart:
-        for name in OUR_FILES:
-            p = out / name
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        _discard_search(out)
     state = _load_state(out, setup.fingerprint) if out is not None else None
     pop = s.population or default_population(genome.size)
     if s.evaluations < pop:

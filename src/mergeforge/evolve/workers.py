@@ -266,10 +266,18 @@ class RayPool:
         return [results[i] for i in range(len(docs))]
 
     def close(self) -> None:
+        """Kill every worker (one that cannot be killed, dead already or its cluster gone, does
+        not stop the others) and, when Ray was started or joined here, shut it down whatever
+        happened: its processes never outlive the search."""
         import ray
 
-        for a in getattr(self, "actors", []):
-            ray.kill(a)
-        self.actors = []
-        if self.started and ray.is_initialized():
-            ray.shutdown()
+        try:
+            for a in getattr(self, "actors", []):
+                try:
+                    ray.kill(a)
+                except Exception as e:  # noqa: BLE001 - the next kill and the shutdown matter more
+                    log.debug("ray.kill of a worker failed: %s", _first_line(e))
+        finally:
+            self.actors = []
+            if getattr(self, "started", False) and ray.is_initialized():
+                ray.shutdown()

@@ -12,6 +12,7 @@ dtypes. :func:`fuse` checks the parents and the data before any method runs.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -19,6 +20,9 @@ import torch
 from torch import nn
 
 from mergeforge.errors import ConfigError, ValidationError
+from mergeforge.fusion.levels import eval_mode
+
+log = logging.getLogger("mergeforge")
 
 
 @dataclass(frozen=True)
@@ -26,9 +30,13 @@ class FusionData:
     """The fusion set: inputs the parents are run on (a few hundred to a few thousand).
 
     ``inputs``: N×… floating tensor, what the parents' ``forward`` takes. ``labels``: N int64
-    class labels (used by the attribution-based neuron importances; None = the parents' mean
-    prediction). ``class_fractions``: K×C, parent k's share of class c among the parents'
-    training examples (each column sums to 1), the weights of a non-IID head; None = uniform.
+    class labels, the target class the attribution-based neuron importances attribute to
+    (:mod:`~mergeforge.fusion.importance`); None = each parent's own prediction (its argmax on
+    the example), so each parent is scored on the class it predicts. ``class_fractions``: K×C,
+    parent k's share of class c among the parents' training examples (each column sums to 1),
+    the weights of a non-IID head (hf, kf, kf_gradient, last_layer_kd; the other methods
+    ignore it, with a warning); None = uniform. :func:`fuse` checks K against the parents and
+    C against their output width.
     """
 
     inputs: torch.Tensor
@@ -86,6 +94,9 @@ class FusionMethod:
     min_parents: int = 2
     max_parents: int | None = None
     aliases: tuple[str, ...] = field(default=())
+    uses_class_fractions: bool = False
+    """Whether ``fn`` reads ``FusionData.class_fractions`` (its head's targets); :func:`fuse`
+    checks their width for such a method and warns once that any other ignores them."""
 
     def make_params(self, values: Mapping[str, object] | None = None) -> object:
         """The parameter object from plain values; an unknown key names the valid ones."""
@@ -167,6 +178,38 @@ def check_parents(parents: Sequence[nn.Module], *, names: Sequence[str] | None =
                 raise ValidationError(f"fusion: {labels[k]} {where} contains NaN or Inf")
 
 
+_WARNED: set[str] = set()  # methods already warned that they ignore class_fractions
+
+
+def _check_class_fractions(spec: FusionMethod, parents: Sequence[nn.Module], data) -> None:
+    """K rows (one per parent); for a method that reads them, C columns = the parents' output
+    width (parent 0 run on one example, in eval mode, its flags restored), so that a wrong C
+    fails now rather than at the head after every level is fitted. A method that ignores
+    them says so once (per method and process)."""
+    f, k = data.class_fractions, len(parents)
+    if len(f) != k:
+        raise ValidationError(f"fusion data: class_fractions has {len(f)} rows for {k} parents")
+    if not spec.uses_class_fractions:
+        if spec.name not in _WARNED:
+            _WARNED.add(spec.name)
+            log.warning(
+                "fusion method %r ignores class_fractions (only hf, kf, kf_gradient and "
+                "last_layer_kd weight their head by them)",
+                spec.name,
+            )
+        return
+    first = next(iter(parents[0].parameters()), None)
+    x = data.inputs[:1] if first is None else data.inputs[:1].to(first.device)
+    with eval_mode(parents[:1]), torch.no_grad():
+        out = parents[0](x)
+    classes = out.shape[-1] if isinstance(out, torch.Tensor) and out.ndim >= 1 else None
+    if classes is not None and f.shape[1] != classes:
+        raise ValidationError(
+            f"fusion data: class_fractions has {f.shape[1]} columns for the parents' {classes} "
+            f"classes (their output width); give a {k}×{classes} tensor (parent × class)"
+        )
+
+
 def fuse(
     parents: Sequence[nn.Module],
     data: FusionData,
@@ -186,10 +229,8 @@ def fuse(
             f"fusion method {spec.name!r} needs at least {spec.min_parents}{most} parents, got {k}"
         )
     check_parents(parents, names=names)
-    if data.class_fractions is not None and len(data.class_fractions) != k:
-        raise ValidationError(
-            f"fusion data: class_fractions has {len(data.class_fractions)} rows for {k} parents"
-        )
+    if data.class_fractions is not None:
+        _check_class_fractions(spec, parents, data)
     out = spec.fn(parents, data, params)
     for key, t in out.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):

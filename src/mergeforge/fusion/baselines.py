@@ -43,9 +43,11 @@ def average(
         if not ref.is_floating_point():
             out[key] = ref.clone()
             continue
-        acc = torch.zeros_like(ref, dtype=torch.float32)
+        # float32 at least (half-precision parents), float64 parents in float64
+        dtype = torch.promote_types(ref.dtype, torch.float32)
+        acc = torch.zeros_like(ref, dtype=dtype)
         for wi, sd in zip(w, states, strict=True):
-            acc += (wi / total) * sd[key].float()
+            acc += (wi / total) * sd[key].to(dtype)
         out[key] = acc.to(ref.dtype)
     return out
 

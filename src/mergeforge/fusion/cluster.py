@@ -8,7 +8,9 @@ the squared form, whose minimiser is exactly p = (s_i a_i + s_j a_j)/(s_i + s_j)
 minimum is s_i s_j/(s_i + s_j)·‖a_i − a_j‖² — the same objective k-means minimises.
 
 Everything runs in float64 (fp32 distance ties make assignments flaky) and is deterministic for
-a given ``seed``.
+a given ``seed``, on the device of the activations it is given: every tensor made here is made
+there (index tensors from the CPU solvers are moved), so a fusion on a GPU never mixes devices;
+k-means++'s draws are made on the CPU (its seeded generator), the same draws on every device.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ def _check(points: torch.Tensor, weights: torch.Tensor | None, k: int, what: str
     n = len(points)
     if not 1 <= k <= n:
         raise ValidationError(f"{what}: k = {k} clusters for {n} points; need 1 ≤ k ≤ n")
-    w = torch.ones(n, dtype=torch.float64) if weights is None else weights.double().reshape(-1)
+    if weights is None:
+        w = torch.ones(n, dtype=torch.float64, device=points.device)
+    else:
+        w = weights.to(points.device, torch.float64).reshape(-1)
     if len(w) != n or bool((w < 0).any()) or float(w.sum()) <= 0:
         raise ValidationError(f"{what}: weights must be {n} non-negative values, positive sum")
     return points.double(), w
@@ -44,7 +49,7 @@ def kmeanspp(
     each next one ∝ w·D² (D = distance to the nearest chosen centre). Returns k×d centres."""
     p, w = _check(points, weights, k, "kmeans++")
     g = torch.Generator().manual_seed(seed)
-    chosen = [int(torch.multinomial(w, 1, generator=g))]
+    chosen = [int(torch.multinomial(w.cpu(), 1, generator=g))]  # g is a CPU generator
     d2 = _sq_dist(p, p[chosen[-1]][None])[:, 0]
     for _ in range(1, k):
         prob = w * d2
@@ -54,7 +59,7 @@ def kmeanspp(
             if float(prob.sum()) <= 0:
                 prob = torch.ones_like(w)
                 prob[chosen] = 0
-        chosen.append(int(torch.multinomial(prob, 1, generator=g)))
+        chosen.append(int(torch.multinomial(prob.cpu(), 1, generator=g)))
         d2 = torch.minimum(d2, _sq_dist(p, p[chosen[-1]][None])[:, 0])
     return p[chosen].clone()
 
@@ -94,7 +99,7 @@ def weighted_kmeans(
 
 def _centres(p, w, assign, k, old):
     num = torch.zeros_like(old).index_add_(0, assign, p * w[:, None])
-    den = torch.zeros(k, dtype=torch.float64).index_add_(0, assign, w)
+    den = torch.zeros(k, dtype=torch.float64, device=p.device).index_add_(0, assign, w)
     # a cluster whose points all weigh 0 keeps its centre
     return torch.where(den[:, None] > 0, num / den.clamp_min(1e-300)[:, None], old)
 
@@ -157,17 +162,19 @@ def kf_grouping(
     pts = torch.cat([m.T.double() for m in mats])
     centres, assign = weighted_kmeans(pts, torch.cat(scores), width, seed=seed, iters=iters)
     rows, cols = hungarian(_sq_dist(centres, mats[0].T.double()))
-    slot = torch.empty(width, dtype=torch.int64)
-    slot[rows] = cols
+    dev = assign.device
+    slot = torch.empty(width, dtype=torch.int64, device=dev)
+    slot[rows.to(dev)] = cols.to(dev)  # the solver's indices are CPU tensors
     return list(slot[assign].split([m.shape[1] for m in mats]))
 
 
 def hf_grouping(mats: list[torch.Tensor], scores: list[torch.Tensor]) -> list[torch.Tensor]:
     """HF: parent 0's neuron i keeps slot i; parent 1's neuron paired with it joins it."""
     rows, cols, _ = pair_targets(mats[0].T, mats[1].T, scores[0], scores[1])
-    other = torch.empty(mats[1].shape[1], dtype=torch.int64)
-    other[cols] = rows
-    return [torch.arange(mats[0].shape[1]), other]
+    other = torch.empty(mats[1].shape[1], dtype=torch.int64, device=cols.device)
+    other[cols] = rows  # the solver's indices: CPU; the grouping lives with the activations
+    dev = mats[0].device
+    return [torch.arange(mats[0].shape[1], device=dev), other.to(dev)]
 
 
 def group_targets(
@@ -176,12 +183,13 @@ def group_targets(
     """Slot c's target = Σ s·a / Σ s over the neurons grouped into c (R×N_0, float64), and the
     slots' weights (their summed importance, normalised). A slot nobody feeds copies parent 0's
     neuron there."""
-    width = mats[0].shape[1]
-    num = torch.zeros(len(mats[0]), width, dtype=torch.float64)
-    den = torch.zeros(width, dtype=torch.float64)
+    width, dev = mats[0].shape[1], mats[0].device
+    num = torch.zeros(len(mats[0]), width, dtype=torch.float64, device=dev)
+    den = torch.zeros(width, dtype=torch.float64, device=dev)
     for m, a, s in zip(mats, assign, scores, strict=True):
-        num.index_add_(1, a, m.double() * s.double())
-        den.index_add_(0, a, s.double())
+        a, s = a.to(dev), s.to(dev, torch.float64)
+        num.index_add_(1, a, m.to(dev, torch.float64) * s)
+        den.index_add_(0, a, s)
     out = num / den.clamp_min(1e-300)
     empty = den == 0
     out[:, empty] = mats[0][:, empty].double()
@@ -192,17 +200,17 @@ def group_targets(
 def head_targets(logits: list[torch.Tensor], fractions: torch.Tensor | None) -> torch.Tensor:
     """The head's target (class c ↔ class c): Σ_k w_kc · logits_k[:, c], with w_kc = parent k's
     share of class c (``fractions`` K×C, each column normalised; a column of zeros or None =
-    1/K), so a non-IID parent speaks for the classes it saw."""
-    k, c = len(logits), logits[0].shape[1]
+    1/K), so a non-IID parent speaks for the classes it saw. Float64, on the logits' device."""
+    k, c, dev = len(logits), logits[0].shape[1], logits[0].device
     if fractions is None:
-        w = torch.full((k, c), 1.0 / k, dtype=torch.float64)
+        w = torch.full((k, c), 1.0 / k, dtype=torch.float64, device=dev)
     else:
         if tuple(fractions.shape) != (k, c):
             raise ValidationError(
                 f"class_fractions is {tuple(fractions.shape)}; the head needs {k}×{c} (parent × "
                 "class)"
             )
-        f = fractions.double()
+        f = fractions.to(dev, torch.float64)
         col = f.sum(0, keepdim=True)
         w = torch.where(col > 0, f / col.clamp_min(1e-300), torch.full_like(f, 1.0 / k))
     return sum(w[j] * logits[j].double() for j in range(k))

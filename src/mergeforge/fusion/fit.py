@@ -57,7 +57,7 @@ def affine_lstsq(
         raise ValidationError(f"affine_lstsq: {len(xm)} input rows for {len(t)} target rows")
     has_bias = module.bias is not None
     if has_bias:
-        xm = torch.cat([xm, torch.ones(len(xm), 1, dtype=xm.dtype)], 1)
+        xm = torch.cat([xm, torch.ones(len(xm), 1, dtype=xm.dtype, device=xm.device)], 1)
     if ridge == 0:
         sol = torch.linalg.lstsq(xm, t, driver="gelsd").solution
     else:
@@ -103,7 +103,9 @@ def fit_gradient(
     for p in params:
         p.requires_grad_(True)
     g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(x), generator=g)
+    # row orders on the CPU generator's device (indexing x on any device), never torch's
+    # default device
+    order = torch.randperm(len(x), generator=g, device="cpu")
     n_val = int(round(val_fraction * len(x))) if len(x) >= 5 else 0
     val, train = (order[:n_val], order[n_val:]) if n_val else (order, order)
     w = None if weights is None else weights.to(x.device, torch.float64)
@@ -126,7 +128,8 @@ def fit_gradient(
     opt = torch.optim.Adam(params, lr=lr)
     best, best_state, stale = evaluate(), copy.deepcopy(net.state_dict()), 0
     for _ in range(epochs):
-        for idx in train[torch.randperm(len(train), generator=g)].split(batch_size):
+        shuffled = train[torch.randperm(len(train), generator=g, device="cpu")]
+        for idx in shuffled.split(batch_size):
             opt.zero_grad(set_to_none=True)
             objective(x[idx], target[idx]).backward()
             opt.step()

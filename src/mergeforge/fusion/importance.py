@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from mergeforge.errors import ConfigError
-from mergeforge.fusion.levels import channel_dim
+from mergeforge.fusion.levels import channel_dim, eval_mode
 
 METHODS = ("uniform", "conductance", "deeplift", "ablation")
 # A floor so that a dead neuron keeps a tiny weight: weighted centroids and the pairing cost
@@ -45,17 +45,15 @@ def neuron_importance(
     ``model``) over ``inputs``. ``width`` (the neuron count) is needed for ``uniform`` only.
     ``n_steps``: integration steps of Conductance. ``dim``: the neuron axis of the layer's
     output (default :func:`~mergeforge.fusion.levels.channel_dim`; a permutation spec's point
-    names its own). The model's training flag is restored."""
+    names its own). Every module's train/eval flag is restored."""
     if method not in METHODS:
         raise ConfigError(f"unknown neuron importance {method!r}; choose one of {list(METHODS)}")
     if method == "uniform":
         if width is None:
             raise ConfigError("uniform importance needs the level's width")
-        return torch.full((width,), 1.0 / width, dtype=torch.float64)
-    was = model.training
-    model.eval()
-    try:
-        total: torch.Tensor | None = None
+        return torch.full((width,), 1.0 / width, dtype=torch.float64, device=inputs.device)
+    total: torch.Tensor | None = None
+    with eval_mode([model]):  # restores each module's own train/eval flag
         for i, xb in enumerate(inputs.split(batch_size)):
             tb = _targets(model, xb, labels, i * batch_size)
             attr = _attribute(method, model, layer, xb, tb, n_steps, dim)
@@ -64,8 +62,6 @@ def neuron_importance(
             dims = [d for d in range(attr.ndim) if d != c]
             part = attr.detach().abs().double().sum(dim=dims)
             total = part if total is None else total + part
-    finally:
-        model.train(was)
     assert total is not None
     return normalise(total)
 

@@ -67,6 +67,7 @@ def last_layer_kd(parents, data: FusionData, params: KDParams) -> dict[str, torc
 register(
     FusionMethod(
         name="last_layer_kd", fn=last_layer_kd, params=KDParams, min_parents=1,
+        uses_class_fractions=True,
         reference="last-layer knowledge distillation (2507.00037's baseline)",
         summary="parent 0's body with its head distilled (KL) to the parents' ensemble",
     )

@@ -44,7 +44,9 @@ def hungarian(cost: torch.Tensor, *, maximize: bool = False) -> tuple[torch.Tens
     (maximal with ``maximize=True``)."""
     c = _matrix(cost, "hungarian")
     rows, cols = linear_sum_assignment(c, maximize=maximize)
-    return torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
+    # CPU tensors whatever torch's default device (callers move them to their own)
+    as_index = dict(dtype=torch.int64, device="cpu")
+    return torch.as_tensor(rows, **as_index), torch.as_tensor(cols, **as_index)
 
 
 def _marginal(w: torch.Tensor | None, n: int, name: str) -> np.ndarray:

@@ -143,8 +143,9 @@ def fuse_levels(
         )
     dev = next(parents[0].parameters()).device
     x = data.inputs.to(dev)
-    if data.labels is not None:
-        data = FusionData(x, data.labels.to(dev), data.class_fractions)
+    # labels and class fractions on the parents' device too (the head's targets mix them)
+    on_dev = [None if t is None else t.to(dev) for t in (data.labels, data.class_fractions)]
+    data = FusionData(x, *on_dev)
     with eval_mode(parents):
         spec = levels_of(parents[0], params.levels, sample=x[: params.eval_batch_size])
         fused = copy.deepcopy(parents[0]).eval()
@@ -241,6 +242,7 @@ _REF = "2507.00037 (Model Fusion via Neuron Interpolation)"
 register(
     FusionMethod(
         name="hf", fn=hf, params=HFParams, reference=_REF, min_parents=2, max_parents=2,
+        uses_class_fractions=True,
         summary="Hungarian pairing of two parents' neurons, level by level, weighted targets "
         "fitted by least squares (affine levels) or gradient (general levels)",
     )
@@ -248,6 +250,7 @@ register(
 register(
     FusionMethod(
         name="kf", fn=kf, params=KFParams, reference=_REF, min_parents=1,
+        uses_class_fractions=True,
         summary="importance-weighted k-means of all parents' neurons, level by level, centroids "
         "fitted by least squares (affine levels) or gradient (general levels)",
     )
@@ -255,7 +258,7 @@ register(
 register(
     FusionMethod(
         name="kf_gradient", fn=kf_gradient, params=KFGradientParams, reference=_REF,
-        min_parents=1,
+        min_parents=1, uses_class_fractions=True,
         summary="KF with every level fitted by gradient (importance-weighted MSE, KL at the head)",
     )
 )  # fmt: skip

@@ -3,9 +3,10 @@ parent's neurons onto a target parent (parent 0) by exact optimal transport, the
 
 Per group, in the spec's (forward) order, for each parent k ≥ 1:
 1. cost C_ij = ‖z_k,i − z_0,j‖ between parent k's neuron i and the target's neuron j: ``mode
-   "activation"`` compares their features over the fusion set (each parent on its own
-   forward pass); ``mode "weight"`` compares the weight rows producing them, after parent k's
-   incoming axes were mapped by the transports already computed (§4, "aligning incoming edges").
+   "activation"`` compares their features over the fusion set at the spec's observation points
+   (each parent on its own forward pass; post-activation, see the deviation below); ``mode
+   "weight"`` compares the weight rows producing them, after parent k's incoming axes were
+   mapped by the transports already computed (§4, "aligning incoming edges").
 2. T = ``ot.emd``(μ_k, ν, C) with marginals μ_k, ν uniform or the neurons' importances
    (``importance``: each parent's Conductance / DeepLIFT / ablation scores of the group's
    neurons, importance.py: the paper's non-uniform measure on neurons, so an important neuron
@@ -13,6 +14,16 @@ Per group, in the spec's (forward) order, for each parent k ≥ 1:
 3. Q_k = diag(1/ν) Tᵀ (w × w_k), each target neuron's transported mass normalised to 1 (so a
    permutation stays a permutation): parent k's output axis is mapped by Q_k, its input axes by
    Q_kᵀ; the fused model is the mean of the target and the mapped parents.
+
+Deviation (ALGORITHMS.md §5 says pre-activations): ``mode "activation"`` compares neurons at
+the permutation spec's observation points (``points``), which are module *outputs*: after the
+activation and, in a VGG block, after the max pool (a ResNet block's output after its skip
+addition, a ViT block's residual stream). The points are kept because they are where the
+spec's groups are observable: a residual stream is written by several blocks and has no single
+pre-activation, and the same points serve rebasin_activation and zipit. The ops after the affine
+map (ReLU, max pool) act on each channel alone, so a neuron keeps its identity there and an
+exact permuted copy still costs 0 (the transport is unchanged); only the distances between
+non-identical neurons are measured on clipped / pooled values instead of raw pre-activations.
 
 Deviation: the paper averages the transport of a residual block's branch and shortcut; here a
 residual stream is one group of the permutation spec, so its transport is computed once from all

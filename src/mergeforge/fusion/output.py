@@ -25,6 +25,10 @@ FUSION_CONFIG = "mergeforge_fusion.yml"
 MARKERS = (FUSION_CONFIG, "model.safetensors.index.json")
 """Files every fused output has (what ``--overwrite`` recognises as an earlier fused output)."""
 WRITTEN = ("README.md", "config.json")
+"""Files fusion writes besides :data:`MARKERS` and the shards. Unlike a merge, fusion copies no
+:data:`~mergeforge.checkpoint.CARRIED_FILES` (tokenizer, generation config...): in an earlier
+fused output they are someone else's, and ``overwrite`` refuses rather than deleting them
+(``carried=False`` in the engine's checks)."""
 
 
 def _plain(value: object) -> object:
@@ -117,7 +121,7 @@ def is_previous_fused_output(folder: Path) -> bool:
     write: what ``overwrite`` may replace."""
     from mergeforge.engine import is_previous_output
 
-    return is_previous_output(folder, markers=MARKERS, written=WRITTEN)
+    return is_previous_output(folder, markers=MARKERS, written=WRITTEN, carried=False)
 
 
 def check_output(out: str | Path, inputs: Sequence[str | Path] = (), *, overwrite: bool) -> None:
@@ -135,7 +139,9 @@ def check_output(out: str | Path, inputs: Sequence[str | Path] = (), *, overwrit
     out = Path(out)
     check_output_location(out)
     check_not_among(out, [(str(p), Path(p)) for p in inputs], producer="fusion")
-    check_replaceable(out, overwrite=overwrite, producer="fusion", markers=MARKERS, written=WRITTEN)
+    check_replaceable(
+        out, overwrite=overwrite, producer="fusion", markers=MARKERS, written=WRITTEN, carried=False
+    )
     probe_writable(out)
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from mergeforge.errors import ValidationError
+from mergeforge.fusion.levels import eval_mode
 
 Entry = str | tuple[str, int] | None
 
@@ -276,7 +277,8 @@ def features(
 ) -> dict[str, torch.Tensor]:
     """Each group's features on ``inputs``: rows = samples (× positions / pixels, × points),
     columns = the group's channels, float32 on the CPU. Forward hooks read the ``points``; the
-    model runs in eval mode without gradients and its mode is restored afterwards."""
+    model runs in eval mode without gradients and every module's train/eval flag is restored
+    afterwards."""
     missing = [g for g in spec.groups if not spec.points.get(g)]
     if missing:
         raise ValidationError(
@@ -302,15 +304,14 @@ def features(
         return read
 
     handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in readers]
-    was_training = model.training
     device = next(model.parameters()).device
     try:
-        model.eval()
-        with torch.no_grad():
+        # each submodule's own flag comes back (model.train(was) would give every submodule
+        # the top-level one)
+        with eval_mode([model]), torch.no_grad():
             for start in range(0, len(inputs), batch_size):
                 model(inputs[start : start + batch_size].to(device))
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return {g: torch.cat(c) for g, c in chunks.items()}

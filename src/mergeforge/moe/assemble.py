@@ -41,6 +41,7 @@ from mergeforge.moe.layout import (
     HEAD,
     Job,
     Layout,
+    check_transformers,
     mlp_name,
     output_config,
     plan_tensors,
@@ -111,6 +112,7 @@ def prepare_moe(
 ) -> MoEPlan:
     """Parse, open (headers only) and validate: everything that can fail before heavy work.
     Close the returned plan (``plan.close()``)."""
+    check_transformers()  # the layout written is transformers v5's
     cfg = load_moe_config(config, allow_same_experts=allow_same_experts)
     models, cks, roles = open_inputs(cfg)
     try:
@@ -260,6 +262,7 @@ def build_moe(
     logged to the ``mergeforge`` logger)."""
     t0 = time.perf_counter()
     out = Path(out)
+    dev = resolve_device(device)  # "auto", or a bad name as a ConfigError, before any reading
     check_output_location(out)
     plan = prepare_moe(config, allow_same_experts=allow_same_experts)
     try:
@@ -270,7 +273,7 @@ def build_moe(
             log.warning(w)
         layers, hidden, _ = plan.dims
         gates = compute_gates(plan.config, plan.checkpoints[0], layers=layers, hidden=hidden,
-                              device=resolve_device(device))  # fmt: skip
+                              device=dev)  # fmt: skip
         degenerate = degenerate_layers(gates)
         if degenerate:
             plan.warnings.append(f"layer(s) {degenerate} have near-degenerate gates (condition "

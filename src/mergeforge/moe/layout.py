@@ -37,6 +37,30 @@ MERGEKIT_ARCHITECTURES = ("Mixtral", "DeepSeek MoE", "Qwen MoE", "Qwen3 MoE")
 PROJ = ("gate_proj", "up_proj", "down_proj")
 EMBED, HEAD, NORM = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
 MOE_DOCS = 'the README\'s "Mixture of experts from dense experts"'
+MIN_TRANSFORMERS = 5
+"""The transformers major version the output needs: v5's fused Mixtral experts
+(``mlp.experts.gate_up_proj``, ``down_proj``), which transformers 4.x cannot load, and the
+``dtype=`` keyword of ``from_config`` / ``from_pretrained`` (4.x: ``torch_dtype=``)."""
+
+
+def check_transformers() -> None:
+    """Refuse (before any work) an installed transformers older than :data:`MIN_TRANSFORMERS`
+    with the pin to install; nothing to check when it is not installed (the prompt gates and
+    the routing report then fail on importing it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("transformers")
+    except PackageNotFoundError:
+        return
+    major = found.split(".")[0]
+    if major.isdigit() and int(major) < MIN_TRANSFORMERS:
+        raise ConfigError(
+            f"mergeforge moe writes transformers v{MIN_TRANSFORMERS}'s MoE layout (Mixtral's "
+            f"fused mlp.experts.gate_up_proj) and loads models with its dtype= keyword; "
+            f"transformers {found} is installed, which cannot load that layout. Upgrade: "
+            f"pip install 'transformers>={MIN_TRANSFORMERS}'"
+        )
 
 
 @dataclass(frozen=True)

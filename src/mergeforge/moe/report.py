@@ -104,9 +104,15 @@ def routing_report(
     device: str | torch.device = "cpu",
 ) -> RoutingReport:  # fmt: skip
     """Route every text of every group through the MoE at ``model_dir`` and count (see the
-    module docstring). ``max_length``: tokens kept per text."""
+    module docstring). ``max_length``: tokens kept per text; ``device``: as ``--device``
+    (cpu, cuda, auto...)."""
     import transformers as tf
 
+    from mergeforge.device import resolve_device
+    from mergeforge.moe.layout import check_transformers
+
+    check_transformers()
+    device = resolve_device(device)  # "auto", or a bad name as a ConfigError, before loading
     empty = [g for g, v in groups.items() if not v] or ([] if groups else ["(none)"])
     if empty:
         raise ConfigError(f"routing report: group(s) {', '.join(empty)} hold no text")

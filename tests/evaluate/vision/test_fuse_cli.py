@@ -213,3 +213,43 @@ def test_the_output_may_not_be_an_input(tmp_path, parents):
     with pytest.raises(ConfigError, match="is the input"):
         fuse_from_config(cfg, data, overwrite=True)
     assert sorted(p.name for p in parents[0].iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_the_device_is_resolved_before_anything_is_loaded(tmp_path, parents, monkeypatch):
+    import mergeforge.evaluate.vision.fuse as fuse_mod
+
+    _data_file(tmp_path / "fusion.safetensors")
+    cfg = _cfg(parents[:2], {"file": str(tmp_path / "fusion.safetensors")})
+    read = []
+    real = fuse_mod._read
+    monkeypatch.setattr(fuse_mod, "_read", lambda p: read.append(p) or real(p))
+    with pytest.raises(ConfigError, match="unsupported device 'tpu'; use cpu, cuda"):
+        fuse_from_config(cfg, tmp_path / "out", device="tpu")
+    assert read == [] and not (tmp_path / "out").exists()
+    out = fuse_from_config(cfg, tmp_path / "out", device="auto")  # cuda if there is one, else cpu
+    assert len(read) == 2 and (out / FUSION_CONFIG).is_file()
+
+
+def test_the_cli_takes_device_auto(tmp_path, parents, capsys):
+    _data_file(tmp_path / "fusion.safetensors")
+    cfg = tmp_path / "fuse.yml"
+    cfg.write_text(
+        yaml.safe_dump(_cfg(parents[:2], {"file": str(tmp_path / "fusion.safetensors")}))
+    )
+    assert main(["fuse", str(cfg), str(tmp_path / "out"), "--device", "auto"]) == 0
+    assert main(["fuse", str(cfg), str(tmp_path / "o2"), "--device", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "unsupported device 'gpu'" in err and "Traceback" not in err
+
+
+def test_levels_given_only_as_a_parameter_are_checked_and_recorded(tmp_path, parents):
+    data = {"file": str(_data_file(tmp_path / "fusion.safetensors"))}
+    split = ["fc1.0", "fc1.1", "fc1.2", "fc2", "head"]
+    cfg = load_fuse_config(_cfg(parents[:2], data, method="kf", parameters={"levels": split}))
+    assert cfg.levels == tuple(split)  # what the card and mergeforge_fusion.yml record
+    assert cfg.resolved()["levels"] == split and cfg.resolved()["parameters"]["levels"] == split
+    bad = _cfg(parents[:2], data, method="kf", parameters={"levels": ["fc1", "head"]})
+    _refused(tmp_path, bad, ConfigError, r"parameters.levels \['fc1', 'head'\] do not fit .*"
+             "do not cover its forward pass")  # fmt: skip
+    _refused(tmp_path, _cfg(parents[:2], data, method="kf", parameters={"levels": "fc1"}),
+             ConfigError, "parameters.levels must be a non-empty list")  # fmt: skip

@@ -262,3 +262,49 @@ def test_every_registered_fusion_method_runs_as_a_bench_row(suite, tmp_path, met
     assert doc["parameters"].keys() == defaults.__dataclass_fields__.keys()
     acc = suite.pool.evaluate(tmp_path / method)["digits"]
     assert 0.2 < acc <= 1.0  # a working classifier (chance: 0.1), whatever the method
+
+
+def test_a_stopped_isolated_call_ends_its_process():
+    """SIGTERM (Interrupted) while the child works: the child is terminated and joined, not
+    left running after the bench unwinds."""
+    import multiprocessing
+    import os
+    import signal
+    import threading
+    import time
+
+    from mergeforge._signals import Interrupted, handle_signals
+
+    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM))
+    t0 = time.perf_counter()
+    with pytest.raises(Interrupted), handle_signals():
+        timer.start()
+        bench.call_isolated(time.sleep, 120)
+    timer.cancel()
+    assert time.perf_counter() - t0 < 60
+    assert multiprocessing.active_children() == []
+
+
+def test_a_stopped_fusion_row_leaves_no_partial_output(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from mergeforge._signals import Interrupted
+
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "older").mkdir()  # another row's output: kept
+
+    def stopped(fn, *args, **kwargs):  # the child got as far as a staging folder and the output
+        out = args[0]
+        (out.parent / f".{out.name}.mergeforge-partial-123").mkdir()
+        out.mkdir()
+        (out / "model.safetensors").write_bytes(b"half")
+        raise Interrupted(15)
+
+    monkeypatch.setattr(bench, "call_isolated", stopped)
+    run = SimpleNamespace(name="kf row", method="kf", params={}, family="fusion", swept=None,
+                          exclude=(), kind="fusion")  # fmt: skip
+    suite = SimpleNamespace(reference_methods=(), fusion_job=lambda run, out: (print, (out,), {}))
+    with pytest.raises(Interrupted):
+        bench._one_run(run, suite, {}, merged, keep=True)
+    assert sorted(p.name for p in merged.iterdir()) == ["older"]

@@ -139,6 +139,7 @@ def fuse_from_config(
     parents (NaN checked) and the fusion set, fuse, and write ``out`` atomically; returns it."""
     from safetensors.torch import load_file
 
+    from mergeforge.device import resolve_device
     from mergeforge.evaluate.vision.data import load_dataset
     from mergeforge.evaluate.vision.suite import recipe_for
     from mergeforge.fusion import FusionData
@@ -146,6 +147,7 @@ def fuse_from_config(
     from mergeforge.fusion.output import check_output
 
     out = Path(out)
+    dev = resolve_device(device)  # a bad --device (or auto) before the parents and data load
     cfg = load_fuse_config(config)
     check_output(out, cfg.inputs(), overwrite=overwrite)  # before any heavy work
     states = [_read(p) for p in cfg.parents]
@@ -185,7 +187,7 @@ def fuse_from_config(
         seed=cfg.seed,
         overwrite=overwrite,
         inputs=cfg.inputs(),
-        device=device,
+        device=str(dev),
         test=test,
     )
     if console is not None:

@@ -10,6 +10,7 @@ A YAML file or a dict::
       - runs/c.pt                     # or a torch state dict (.pt/.bin/.pth, weights_only)
     architecture: vgg                 # mlp | vgg | resnet | vit; else the parents' config.json
     levels: [block1, block2, block3, fc, head]   # optional: overrides the architecture's
+                                      # (or parameters.levels, checked and recorded alike)
     data: {dataset: fashion_mnist, n: 400, seed: 0}   # or {file: fusion.safetensors}
     class_fractions: [[...10 numbers...], [...]]      # optional, K×C (see FusionData)
     seed: 0                           # torch's seed for the method (k-means init, ...)
@@ -116,13 +117,17 @@ def load_fuse_config(source: str | Path | Mapping) -> FuseConfig:
         raise ConfigError(f"{where}: a parent is listed twice; list each parent once")
     arch = _architecture(doc.get("architecture"), parents, where)
     _check_widths(arch, parents)
-    levels = _levels(arch, doc.get("levels"), where)
     own = parameters.get("levels")
-    if own is not None and doc.get("levels") is not None and list(own) != list(levels):
-        raise ConfigError(
-            f"{where}: levels {list(levels)} and parameters.levels {list(own)} differ; give the "
-            "levels once (the top-level key)"
-        )
+    if doc.get("levels") is not None:
+        levels = _levels(arch, doc.get("levels"), where)
+        if own is not None and list(own) != list(levels):
+            raise ConfigError(
+                f"{where}: levels {list(levels)} and parameters.levels {list(own)} differ; give "
+                "the levels once (the top-level key)"
+            )
+    else:  # the method's own levels parameter, checked and recorded as the top-level key would be
+        own = list(own) if isinstance(own, tuple) else own
+        levels = _levels(arch, own, where, key="parameters.levels")
     data = _data(doc["data"], root, where)
     fractions = _fractions(doc.get("class_fractions"), parents, where)
     seed = doc.get("seed", 0)
@@ -231,9 +236,10 @@ def _check_widths(arch: str, parents: Sequence[Path]) -> None:
                 )
 
 
-def _levels(arch: str, given: object, where: str) -> tuple[str, ...]:
-    """The architecture's levels, or ``levels:`` checked to name modules whose composition, in
-    order, is the forward pass (:func:`mergeforge.fusion.levels.levels_of` on a zero batch)."""
+def _levels(arch: str, given: object, where: str, *, key: str = "levels") -> tuple[str, ...]:
+    """The architecture's levels, or ``levels:`` (``key``: where the list was given, e.g.
+    ``parameters.levels``) checked to name modules whose composition, in order, is the forward
+    pass (:func:`mergeforge.fusion.levels.levels_of` on a zero batch)."""
     import torch
 
     from mergeforge.errors import ValidationError
@@ -244,12 +250,12 @@ def _levels(arch: str, given: object, where: str) -> tuple[str, ...]:
     if given is None:
         return tuple(model.levels)
     if not isinstance(given, list) or not given or not all(isinstance(x, str) for x in given):
-        raise ConfigError(f"{where}: levels must be a non-empty list of module names")
+        raise ConfigError(f"{where}: {key} must be a non-empty list of module names")
     try:
         levels_of(model, given, sample=torch.zeros(2, *IMAGE))
     except ValidationError as exc:
         raise ConfigError(
-            f"{where}: levels {given} do not fit the {arch!r} architecture: {exc} (its default "
+            f"{where}: {key} {given} do not fit the {arch!r} architecture: {exc} (its default "
             f"levels: {list(model.levels)})"
         ) from None
     return tuple(given)
