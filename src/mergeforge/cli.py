@@ -146,6 +146,50 @@ def cmd_evolve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_federated(args: argparse.Namespace) -> int:
+    """``federated``: the same function a Python user calls (``mergeforge.federated``)."""
+    from pathlib import Path
+
+    from mergeforge.federated import load_federated_config, run_federated
+    from mergeforge.federated.config import with_overrides
+
+    config = load_federated_config(args.config)
+    flags = {k: getattr(args, k) for k in ("rounds", "clients", "seed") if getattr(args, k)
+             is not None}  # fmt: skip
+    out = args.out or config.out or f"federated-{Path(args.config).stem}"
+    if args.flower_app:
+        return _federated_app(args, out, flags)
+    res = run_federated(with_overrides(config, **flags), out=out, console=_console(),
+                        progress=False if args.no_progress else None, verbose=args.verbose,
+                        in_process=args.in_process, num_cpus=args.num_cpus)  # fmt: skip
+    dropped = f", {res.dropped} client replies left out (see results.json)" if res.dropped else ""
+    _print_lines([
+        f"{res.aggregator}: final test accuracy {100 * res.final_accuracy:.2f}% (best "
+        f"{100 * res.best_accuracy:.2f}% at round {res.best_round}; initial "
+        f"{100 * res.initial_accuracy:.2f}%) in {res.seconds:.1f} s{dropped}",
+        f"results: {res.out / 'results.json'}; plot: {res.out / 'accuracy.png'}; model: "
+        f"{res.out / 'model.safetensors'}",
+    ])  # fmt: skip
+    return 0
+
+
+def _federated_app(args: argparse.Namespace, out: str, flags: dict) -> int:
+    """``federated --flower-app DIR``: a Flower App folder for a real deployment, no run."""
+    from mergeforge.errors import ConfigError
+    from mergeforge.federated.app import write_flower_app
+
+    if flags:
+        raise ConfigError(f"--flower-app runs the YAML as it is: set {', '.join(flags)} in the "
+                          "YAML (or with `flwr run -c`), not on this command")  # fmt: skip
+    path = write_flower_app(args.flower_app, args.config, out=out)
+    _print_lines([
+        f"wrote {path}: a Flower App running {args.config} (results to {out})",
+        f"start a SuperLink and one SuperNode per client, then: flwr run {args.flower_app} "
+        "SUPERLINK (the README's 'Federated learning', 'A real deployment')",
+    ])  # fmt: skip
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from mergeforge.engine import prepare
 
@@ -486,6 +530,30 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-model", action="store_true", help="write the recipe, not the model")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
     ev.set_defaults(fn=cmd_evolve)
+
+    fe = sub.add_parser(
+        "federated", help="federated learning on Flower with a merge method as the aggregator",
+        description="A Flower simulation on one machine (Ray): clients train on partitions of "
+        "a bundled vision dataset, the server merges their models each round with the "
+        "config's aggregator (fedavg, fedprox, median, trimmed_mean or any merge method). "
+        "Writes OUT/results.json, accuracy.png and model.safetensors. See the README's "
+        "'Federated learning'.",
+    )  # fmt: skip
+    fe.add_argument("config", help="federated YAML (dataset, clients, partition, rounds, "
+                    "aggregator, ...)")  # fmt: skip
+    fe.add_argument("--out", default=None, help="results folder (default: the config's out, "
+                    "else ./federated-CONFIGNAME)")  # fmt: skip
+    fe.add_argument("--rounds", type=int, default=None, help="override the config's rounds")
+    fe.add_argument("--clients", type=int, default=None, help="override the config's clients")
+    fe.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    fe.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: "
+                    "the config's num_cpus, else all)")  # fmt: skip
+    fe.add_argument("--in-process", action="store_true", help="no Ray: the clients run in "
+                    "turn in this process (debugging)")  # fmt: skip
+    fe.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
+    fe.add_argument("--flower-app", default=None, metavar="DIR",
+                    help="write a Flower App of CONFIG for a deployment, and exit")  # fmt: skip
+    fe.set_defaults(fn=cmd_federated)
 
     v = sub.add_parser("validate", help="check a config and its inputs without merging")
     v.add_argument("config")

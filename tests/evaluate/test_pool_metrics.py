@@ -100,11 +100,12 @@ def test_shipped_methods_file_expands():
     assert sum(r.family == "ties" for r in runs) == 9  # 3 lambda x 3 density
     # Every registered method that merges several experts appears: in methods.yaml, or, for the
     # curvature-aware ones (their experts are trained with --optimizer adamw+recorder / umtam),
-    # in methods-curvature.yaml. slerp and passthrough take two / one model, prune one expert.
+    # in methods-curvature.yaml. slerp, nuslerp, nearswap, arcee_fusion and passthrough take two
+    # or one model, prune one expert.
     listed = {r.method for r in runs}
     curvature = {r.method for r in load_methods(path.with_name("methods-curvature.yaml"))}
-    assert {m.name for m in all_methods()} - listed == {"slerp", "passthrough", "prune", "umtam",
-                                                        "ota"}  # fmt: skip
+    two_models = {"slerp", "nuslerp", "nearswap", "arcee_fusion", "passthrough", "prune"}
+    assert {m.name for m in all_methods()} - listed == two_models | {"umtam", "ota"}
     assert {"umtam", "ota"} <= curvature
 
 
