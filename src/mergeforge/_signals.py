@@ -114,3 +114,20 @@ def deferred() -> Iterator[None]:
             signum, _pending = _pending, None
             _raised = True
             raise Interrupted(signum)
+
+
+@contextmanager
+def own_handlers() -> Iterator[None]:
+    """Keep this process's SIGTERM / SIGINT handlers over the block: a library that installs
+    its own (``ray.init`` kills the driver at once) has them put back when the block ends, so a
+    stopped run unwinds like a stopped merge. Outside the main thread a no-op."""
+    if not _in_main_thread():
+        yield
+        return
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            if handler is not None:
+                signal.signal(s, handler)

@@ -176,7 +176,7 @@ def _model_path(value: Any, where: str) -> str:
     """mergekit's ``ModelPath``: a string ``PATH`` / ``PATH@REVISION``, or a mapping ``{path,
     revision}``; returned as the string form."""
     if isinstance(value, Mapping):
-        _check_keys(value, {"path", "revision"}, where)
+        check_keys(value, {"path", "revision"}, where)
         if "path" not in value:
             raise ConfigError(f"{where}: missing 'path:' (a local path or a Hugging Face id)")
         rev = value.get("revision")
@@ -197,7 +197,7 @@ def _model_ref(value: Any, where: str) -> str:
     PATH}`` whose PATHs are strings or ``{path, revision}`` mappings."""
     if not isinstance(value, Mapping):
         return _model_path(value, where)
-    _check_keys(value, {"model", "lora", "override_architecture"}, where)
+    check_keys(value, {"model", "lora", "override_architecture"}, where)
     if value.get("override_architecture") is not None:
         raise ConfigError(
             f"{where}.override_architecture: not supported yet; mergeforge reads each model's "
@@ -211,14 +211,39 @@ def _model_ref(value: Any, where: str) -> str:
     return ref
 
 
-def _check_keys(d: Mapping, allowed: set[str], where: str) -> None:
+def check_keys(d: Mapping, allowed: set[str], where: str, *, see: str | None = None) -> None:
+    """Raise :class:`ConfigError` on the first key of ``d`` not in ``allowed``, with the closest
+    allowed name and the full list (and ``See {see}.`` when given). Shared by every config."""
     for key in d:
         if key not in allowed:
             hint = difflib.get_close_matches(str(key), sorted(allowed), n=1)
             extra = f" Did you mean {hint[0]!r}?" if hint else ""
             raise ConfigError(
                 f"{where}: unknown key {key!r}.{extra} Allowed: {', '.join(sorted(allowed))}."
+                + (f" See {see}." if see else "")
             )
+
+
+def read_yaml(
+    source: str | Path | Mapping[str, Any], expected: str
+) -> tuple[dict, str, Path | None, str]:
+    """``(mapping, YAML text, folder, name for errors)`` of a path, a YAML string or a mapping;
+    a document that is not a mapping raises "expected a YAML mapping with {expected}"."""
+    if isinstance(source, Mapping):
+        return dict(source), yaml.safe_dump(dict(source), sort_keys=False), None, "config"
+    p = Path(source) if not (isinstance(source, str) and "\n" in source) else None
+    if p is not None and p.suffix in {".yml", ".yaml"} and not p.exists():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    root, where, text = None, "config", str(source)
+    if p is not None and p.exists():
+        text, root, where = p.read_text(encoding="utf-8"), p.resolve().parent, str(p)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: invalid YAML: {e}") from None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a YAML mapping with {expected}")
+    return dict(raw), text, root, where
 
 
 def _params(value: Any, where: str) -> dict[str, Setting]:
@@ -237,7 +262,7 @@ def _input(d: Any, where: str, *, slice_source: bool = False) -> InputModel:
     if not isinstance(d, Mapping):
         raise ConfigError(f"{where}: expected a mapping with 'model:', got {d!r}")
     allowed = {"model", "parameters"} | ({"layer_range"} if slice_source else set())
-    _check_keys(d, allowed, where)
+    check_keys(d, allowed, where)
     if "model" not in d:
         raise ConfigError(f"{where}: missing 'model:' (the path of a checkpoint folder or file)")
     lr = None
@@ -312,7 +337,7 @@ def load_config(source: str | Path | Mapping[str, Any] | MergeConfig) -> MergeCo
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{where}: expected a YAML mapping with 'merge_method:'")
     _check_mergekit_only_keys(raw)
-    _check_keys(raw, TOP_LEVEL_KEYS, "config")
+    check_keys(raw, TOP_LEVEL_KEYS, "config")
     if "merge_method" not in raw:
         raise ConfigError("config: missing 'merge_method:' (run `mergeforge methods` for a list)")
     _check_inputs_given(raw)
@@ -325,7 +350,7 @@ def load_config(source: str | Path | Mapping[str, Any] | MergeConfig) -> MergeCo
         where = f"slices[{i}]"
         if not isinstance(s, Mapping):
             raise ConfigError(f"{where}: expected a mapping with 'sources:'")
-        _check_keys(s, {"sources", "parameters", "base_model", "residual_weight"}, where)
+        check_keys(s, {"sources", "parameters", "base_model", "residual_weight"}, where)
         if s.get("residual_weight") is not None:
             # mergekit 0.1.5 parses it but no code reads it: accepted and ignored, said once
             warnings.append(

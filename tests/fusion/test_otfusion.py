@@ -7,81 +7,36 @@ from __future__ import annotations
 import ot
 import pytest
 import torch
+from tests.fusion._models import (
+    BUILDERS,
+    build,
+    fusion_data,
+    mix_flags,
+    permuted_copy,
+    same_function,
+)
 from torch import nn
 
 import mergeforge.fusion.otfusion  # noqa: F401  (registers the method)
 from mergeforge.errors import ConfigError, ValidationError
-from mergeforge.evaluate.vision.models import MLP, ResNetSmall, VGGSmall, ViTSmall
-from mergeforge.fusion.base import FusionData, fuse, get_method
+from mergeforge.fusion.base import fuse, get_method
 from mergeforge.fusion.otfusion import (
     OTFusionParams,
     importance_marginals,
     ot_fusion_state,
     transport_map,
 )
-from mergeforge.fusion.permspec import permute, spec_for
-
-BUILDERS = {
-    "mlp": lambda: MLP(hidden=(12, 10)),
-    "vgg": lambda: VGGSmall(widths=(4, 6, 8)),
-    "resnet": lambda: ResNetSmall(widths=(4, 6, 8)),
-    "vit": lambda: ViTSmall(dim=16, depth=2, heads=2, mlp_dim=12),
-    "chain": lambda: nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(4),
-        nn.Flatten(),
-        nn.Linear(4 * 7 * 7, 10),
-        nn.ReLU(),
-        nn.Linear(10, 3),
-    ),
-}
-
-
-def _build(arch: str, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return BUILDERS[arch]().eval()
-
-
-def _permuted_copy(model: nn.Module, arch: str, seed: int) -> nn.Module:
-    spec = spec_for(model)
-    g = torch.Generator().manual_seed(seed)
-    perms = {grp: torch.randperm(w, generator=g) for grp, w in spec.widths(model).items()}
-    other = _build(arch, 99)
-    other.load_state_dict(permute(model.state_dict(), spec, perms))
-    return other
-
-
-def _data(n: int = 24, seed: int = 5) -> FusionData:
-    return FusionData(
-        inputs=torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
-    )
-
-
-def _mix_flags(model: nn.Module) -> list[bool]:
-    """One affine leaf in training mode under an eval-mode model; returns every module's flag.
-    A method that restores only the top-level flag (``model.train(was)``) resets the leaf."""
-    leaf = next(m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
-    leaf.train()
-    return [m.training for m in model.modules()]
-
-
-def _same_function(state: dict, model: nn.Module, arch: str) -> None:
-    fused = _build(arch, 123)
-    fused.load_state_dict(state)
-    x = _data(8, seed=11).inputs
-    with torch.no_grad():
-        assert torch.allclose(fused(x), model(x), atol=1e-5)
+from mergeforge.fusion.permspec import spec_for
 
 
 @pytest.mark.parametrize("mode", ["activation", "weight"])
 @pytest.mark.parametrize("arch", sorted(BUILDERS))
 def test_permuted_copy_is_fused_back(mode, arch):
-    a = _build(arch, 0)
-    b = _permuted_copy(a, arch, 1)
+    a = build(arch, 0)
+    b = permuted_copy(a, arch, 1)
     before = [{k: v.clone() for k, v in p.state_dict().items()} for p in (a, b)]
-    flags = [_mix_flags(p) for p in (a, b)]
-    _same_function(fuse([a, b], _data(), "ot_fusion", {"mode": mode}), a, arch)
+    flags = [mix_flags(p) for p in (a, b)]
+    same_function(fuse([a, b], fusion_data(), "ot_fusion", {"mode": mode}), a, arch)
     for p, ref, fl in zip((a, b), before, flags, strict=True):
         assert all(torch.equal(p.state_dict()[k], v) for k, v in ref.items())
         assert [m.training for m in p.modules()] == fl  # every module's own train/eval flag
@@ -89,17 +44,17 @@ def test_permuted_copy_is_fused_back(mode, arch):
 
 @pytest.mark.parametrize("mode", ["activation", "weight"])
 def test_three_parents(mode):
-    a = _build("resnet", 0)
-    copies = [_permuted_copy(a, "resnet", s) for s in (1, 2)]
-    _same_function(fuse([a, *copies], _data(), "ot_fusion", {"mode": mode}), a, "resnet")
-    out = fuse([_build("vgg", s) for s in range(3)], _data(), "ot_fusion", {"mode": mode})
+    a = build("resnet", 0)
+    copies = [permuted_copy(a, "resnet", s) for s in (1, 2)]
+    same_function(fuse([a, *copies], fusion_data(), "ot_fusion", {"mode": mode}), a, "resnet")
+    out = fuse([build("vgg", s) for s in range(3)], fusion_data(), "ot_fusion", {"mode": mode})
     assert all(torch.isfinite(v).all() for v in out.values())
 
 
 def test_weight_mode_equals_the_hand_built_transport():
     torch.manual_seed(0)
     a, b = (nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)) for _ in range(2))
-    out = fuse([a, b], _data(4), "ot_fusion", {"mode": "weight"})
+    out = fuse([a, b], fusion_data(4), "ot_fusion", {"mode": "weight"})
     sa, sb = ({k: v.double() for k, v in m.state_dict().items()} for m in (a, b))
     rows = [torch.cat([s["0.weight"], s["0.bias"][:, None]], 1) for s in (sb, sa)]
     plan = ot.emd(torch.full((5,), 0.2).double(), torch.full((5,), 0.2).double(),
@@ -114,15 +69,15 @@ def test_weight_mode_equals_the_hand_built_transport():
 
 @pytest.mark.parametrize("mode", ["activation", "weight"])
 def test_uniform_marginals_are_the_unweighted_form(mode):
-    parents = [_build("resnet", s) for s in (0, 1)]
+    parents = [build("resnet", s) for s in (0, 1)]
     params = OTFusionParams(mode=mode)
     widths = spec_for(parents[0]).widths(parents[0])
     ones = {g: [torch.full((w,), 3.0), torch.ones(w)] for g, w in widths.items()}
-    plain = ot_fusion_state(parents, _data(), params)
-    weighted = ot_fusion_state(parents, _data(), params, marginals=ones)
+    plain = ot_fusion_state(parents, fusion_data(), params)
+    weighted = ot_fusion_state(parents, fusion_data(), params, marginals=ones)
     assert all(torch.allclose(plain[k], weighted[k], atol=1e-6) for k in plain)
     skew = {"res1": [torch.arange(1.0, 5.0), torch.ones(4)]}
-    other = ot_fusion_state(parents, _data(), params, marginals=skew)
+    other = ot_fusion_state(parents, fusion_data(), params, marginals=skew)
     assert not torch.allclose(other["stem.0.weight"], plain["stem.0.weight"])
 
 
@@ -135,13 +90,13 @@ def test_transport_map_rows_are_convex_combinations():
 
 
 def test_bad_marginals_and_params():
-    parents = [_build("mlp", s) for s in (0, 1)]
+    parents = [build("mlp", s) for s in (0, 1)]
     params = OTFusionParams()
     with pytest.raises(ValidationError, match="group 'nope'"):
-        ot_fusion_state(parents, _data(), params, marginals={"nope": [torch.ones(3)] * 2})
+        ot_fusion_state(parents, fusion_data(), params, marginals={"nope": [torch.ones(3)] * 2})
     with pytest.raises(ValidationError, match="parent 1's marginal for group 'fc1'"):
         ot_fusion_state(
-            parents, _data(), params, marginals={"fc1": [torch.ones(12), -torch.ones(12)]}
+            parents, fusion_data(), params, marginals={"fc1": [torch.ones(12), -torch.ones(12)]}
         )
     with pytest.raises(ConfigError, match="mode"):
         get_method("ot_fusion").make_params({"mode": "sinkhorn"})
@@ -152,7 +107,7 @@ def test_weighted_marginals_give_a_soft_normalised_transport():
     a, b = (nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)) for _ in range(2))
     nu, mu = torch.tensor([1.0, 1, 1, 1, 4]), torch.tensor([2.0, 1, 1, 3, 1])
     out = ot_fusion_state(
-        [a, b], _data(4), OTFusionParams(mode="weight"), marginals={"0": [nu, mu]}
+        [a, b], fusion_data(4), OTFusionParams(mode="weight"), marginals={"0": [nu, mu]}
     )
     sa, sb = ({k: v.double() for k, v in m.state_dict().items()} for m in (a, b))
     rows = [torch.cat([s["0.weight"], s["0.bias"][:, None]], 1) for s in (sb, sa)]
@@ -168,10 +123,10 @@ def test_weighted_marginals_give_a_soft_normalised_transport():
 
 
 def test_uniform_importance_is_the_current_result_exactly():
-    parents = [_build("resnet", s) for s in (0, 1)]
-    plain = ot_fusion_state(parents, _data(), OTFusionParams())
-    via = fuse(parents, _data(), "ot_fusion", {"importance": "uniform"})
-    assert importance_marginals(parents, _data(), OTFusionParams()) == {}
+    parents = [build("resnet", s) for s in (0, 1)]
+    plain = ot_fusion_state(parents, fusion_data(), OTFusionParams())
+    via = fuse(parents, fusion_data(), "ot_fusion", {"importance": "uniform"})
+    assert importance_marginals(parents, fusion_data(), OTFusionParams()) == {}
     assert all(torch.equal(plain[k], via[k]) for k in plain)
 
 
@@ -182,23 +137,23 @@ def test_uniform_importance_is_the_current_result_exactly():
 def test_importance_marginals_still_fuse_a_permuted_copy_back(arch, importance):
     # importances are permutation-equivariant: parent B's marginal is parent A's, permuted, so
     # the zero-cost permutation is still a feasible (and optimal) plan
-    a = _build(arch, 0)
-    b = _permuted_copy(a, arch, 1)
+    a = build(arch, 0)
+    b = permuted_copy(a, arch, 1)
     params = {"importance": importance, "conductance_steps": 2}
-    data = _data()  # fewer rows leave VGG's fc units dead on all of them: ties, not a bug
-    flags = [_mix_flags(p) for p in (a, b)]
+    data = fusion_data()  # fewer rows leave VGG's fc units dead on all of them: ties, not a bug
+    flags = [mix_flags(p) for p in (a, b)]
     marg = importance_marginals([a, b], data, OTFusionParams(**params))
     assert [[m.training for m in p.modules()] for p in (a, b)] == flags
     assert set(marg) == set(spec_for(a).groups)
     assert any(not torch.allclose(m[0], m[0].mean().expand_as(m[0])) for m in marg.values())
-    _same_function(fuse([a, b], data, "ot_fusion", params), a, arch)
+    same_function(fuse([a, b], data, "ot_fusion", params), a, arch)
 
 
 def test_stream_importance_is_the_mean_over_its_points():
     from mergeforge.fusion.importance import neuron_importance
 
-    parents = [_build("resnet", s) for s in (0, 1)]
-    data = _data(6)
+    parents = [build("resnet", s) for s in (0, 1)]
+    data = fusion_data(6)
     marg = importance_marginals(parents, data, OTFusionParams(importance="ablation"))
     x = data.inputs
     for k, m in enumerate(parents):
@@ -217,7 +172,7 @@ def test_importance_marginals_change_the_plan_as_ot_emd_says():
     a, b = (
         nn.Sequential(nn.Flatten(), nn.Linear(784, 5), nn.ReLU(), nn.Linear(5, 3)) for _ in "ab"
     )
-    data = _data(16)
+    data = fusion_data(16)
     out = fuse([a, b], data, "ot_fusion", {"mode": "weight", "importance": "ablation"})
     nu, mu = (
         neuron_importance(m, m[2], data.inputs, method="ablation", dim=-1) for m in (a, b)

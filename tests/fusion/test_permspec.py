@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.fusion._models import build, builders, random_perms
 from torch import nn
 
 from mergeforge.errors import ValidationError
-from mergeforge.evaluate.vision.models import MLP, ResNetSmall, VGGSmall, ViTSmall
 from mergeforge.fusion.infer import infer_spec
 from mergeforge.fusion.permspec import (
     PermutationSpec,
@@ -19,12 +19,8 @@ from mergeforge.fusion.permspec import (
     spec_for,
 )
 
-BUILDERS = {
-    "mlp": lambda: MLP(hidden=(12, 10)),
-    "vgg": lambda: VGGSmall(widths=(4, 6, 8)),
-    "resnet": lambda: ResNetSmall(widths=(4, 6, 8)),
-    "vit": lambda: ViTSmall(dim=16, depth=2, heads=2, mlp_dim=12),
-    "chain": lambda: nn.Sequential(
+BUILDERS = builders(
+    chain=lambda: nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1),
         nn.ReLU(),
         nn.MaxPool2d(2),
@@ -35,34 +31,28 @@ BUILDERS = {
         nn.Linear(24, 10),
         nn.ReLU(),
         nn.Linear(10, 3),
-    ),
-}
+    )
+)
 
 
 def _build(arch: str, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    model = BUILDERS[arch]()
+    model = build(arch, seed, BUILDERS)
     with torch.no_grad():  # a non-zero CLS token, so its permutation is exercised too
         for name, p in model.named_parameters():
             if name.endswith("cls"):
                 p.normal_()
-    return model.eval()
+    return model
 
 
 def _inputs(n: int = 6) -> torch.Tensor:
     return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(7))
 
 
-def _random_perms(spec: PermutationSpec, model: nn.Module, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {grp: torch.randperm(w, generator=g) for grp, w in spec.widths(model).items()}
-
-
 @pytest.mark.parametrize("arch", sorted(BUILDERS))
 def test_every_group_is_a_symmetry(arch):
     model = _build(arch, 0)
     spec = spec_for(model)
-    perms = _random_perms(spec, model, 1)
+    perms = random_perms(spec, model, 1)
     assert all(not torch.equal(p, torch.arange(len(p))) for p in perms.values())
     other = _build(arch, 0)
     other.load_state_dict(permute(model.state_dict(), spec, perms))
@@ -78,7 +68,7 @@ def test_every_group_is_a_symmetry(arch):
 def test_permutation_transforms_give_the_aligned_mean(arch):
     a, b = _build(arch, 0), _build(arch, 1)
     spec = spec_for(a)
-    perms = _random_perms(spec, a, 2)
+    perms = random_perms(spec, a, 2)
     sa, sb = a.state_dict(), b.state_dict()
     before = {k: v.clone() for k, v in sb.items()}
     merge = {g: [torch.eye(len(p)) / 2, perm_matrix(p) / 2] for g, p in perms.items()}

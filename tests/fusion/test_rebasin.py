@@ -3,84 +3,40 @@ arch), one weight-matching step is scipy's LAP optimum, K = 3 works, parents are
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
+from tests.fusion import _models
+from tests.fusion._models import builders, fusion_data, mix_flags
 from torch import nn
 
 import mergeforge.fusion.rebasin  # noqa: F401  (registers the methods)
 from mergeforge.errors import ConfigError
-from mergeforge.evaluate.vision.models import MLP, ResNetSmall, VGGSmall, ViTSmall
-from mergeforge.fusion.base import FusionData, fuse, get_method
-from mergeforge.fusion.permspec import permute, spec_for
+from mergeforge.fusion.base import fuse, get_method
+from mergeforge.fusion.permspec import spec_for
 from mergeforge.fusion.rebasin import weight_matching
 
-BUILDERS = {
-    "mlp": lambda: MLP(hidden=(12, 10)),
-    "vgg": lambda: VGGSmall(widths=(4, 8, 16)),
-    "resnet": lambda: ResNetSmall(widths=(4, 6, 8)),
-    "vit": lambda: ViTSmall(dim=16, depth=2, heads=2, mlp_dim=12),
-    "chain": lambda: nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(4),
-        nn.Flatten(),
-        nn.Linear(4 * 7 * 7, 10),
-        nn.ReLU(),
-        nn.Linear(10, 3),
-    ),
-}
 METHODS = ["rebasin_weight", "rebasin_activation"]
 # Weight matching is coordinate descent and can stop in a local optimum on random weights: a
 # VGG with 4/6/8 channels misses the permutation for about half the seeds, 4/8/16 for none of
 # twelve; the widths here are ones where it is reliable.
-
-
-def _build(arch: str, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return BUILDERS[arch]().eval()
-
-
-def _permuted_copy(model: nn.Module, arch: str, seed: int) -> nn.Module:
-    spec = spec_for(model)
-    g = torch.Generator().manual_seed(seed)
-    perms = {grp: torch.randperm(w, generator=g) for grp, w in spec.widths(model).items()}
-    other = _build(arch, 99)
-    other.load_state_dict(permute(model.state_dict(), spec, perms))
-    return other
-
-
-def _data(n: int = 24, seed: int = 5) -> FusionData:
-    return FusionData(
-        inputs=torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
-    )
-
-
-def _mix_flags(model: nn.Module) -> list[bool]:
-    """One affine leaf in training mode under an eval-mode model; returns every module's flag.
-    A method that restores only the top-level flag (``model.train(was)``) resets the leaf."""
-    leaf = next(m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
-    leaf.train()
-    return [m.training for m in model.modules()]
-
-
-def _same_function(state: dict, model: nn.Module, arch: str, atol: float = 1e-5) -> None:
-    fused = _build(arch, 123)
-    fused.load_state_dict(state)
-    x = _data(8, seed=11).inputs
-    with torch.no_grad():
-        assert torch.allclose(fused(x), model(x), atol=atol)
+BUILDERS = builders(vgg=(4, 8, 16))
+build = partial(_models.build, builders=BUILDERS)
+permuted_copy = partial(_models.permuted_copy, builders=BUILDERS)
+same_function = partial(_models.same_function, builders=BUILDERS)
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("arch", sorted(BUILDERS))
 def test_permuted_copy_is_fused_back(method, arch):
-    a = _build(arch, 0)
-    b = _permuted_copy(a, arch, 1)
+    a = build(arch, 0)
+    b = permuted_copy(a, arch, 1)
     before = [{k: v.clone() for k, v in p.state_dict().items()} for p in (a, b)]
-    flags = [_mix_flags(p) for p in (a, b)]
-    out = fuse([a, b], _data(), method)
-    _same_function(out, a, arch)
+    flags = [mix_flags(p) for p in (a, b)]
+    out = fuse([a, b], fusion_data(), method)
+    same_function(out, a, arch)
     for p, ref, fl in zip((a, b), before, flags, strict=True):
         assert all(torch.equal(p.state_dict()[k], v) for k, v in ref.items())
         assert [m.training for m in p.modules()] == fl  # every module's own train/eval flag
@@ -88,12 +44,12 @@ def test_permuted_copy_is_fused_back(method, arch):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_three_parents(method):
-    a = _build("resnet", 0)
-    copies = [_permuted_copy(a, "resnet", s) for s in (1, 2)]
-    _same_function(fuse([a, *copies], _data(), method), a, "resnet")
+    a = build("resnet", 0)
+    copies = [permuted_copy(a, "resnet", s) for s in (1, 2)]
+    same_function(fuse([a, *copies], fusion_data(), method), a, "resnet")
     # distinct parents: runs, keeps parent 0's shapes and dtypes
-    out = fuse([_build("mlp", s) for s in range(3)], _data(), method)
-    ref = _build("mlp", 0).state_dict()
+    out = fuse([build("mlp", s) for s in range(3)], fusion_data(), method)
+    ref = build("mlp", 0).state_dict()
     assert {k: (v.shape, v.dtype) for k, v in out.items()} == {
         k: (v.shape, v.dtype) for k, v in ref.items()
     }
@@ -114,8 +70,8 @@ def test_one_group_step_is_the_scipy_optimum():
 
 
 def test_weight_matching_is_seeded_and_deterministic():
-    a, b = _build("resnet", 0).state_dict(), _build("resnet", 1).state_dict()
-    spec = spec_for(_build("resnet", 0))
+    a, b = build("resnet", 0).state_dict(), build("resnet", 1).state_dict()
+    spec = spec_for(build("resnet", 0))
     p1 = weight_matching(a, b, spec, seed=3)
     p2 = weight_matching(a, b, spec, seed=3)
     assert all(torch.equal(p1[g], p2[g]) for g in p1)

@@ -5,72 +5,30 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.fusion._models import (
+    BUILDERS,
+    build,
+    fusion_data,
+    mix_flags,
+    permuted_copy,
+    same_function,
+)
 from torch import nn
 
 import mergeforge.fusion.zipit  # noqa: F401  (registers the method)
 from mergeforge.errors import ConfigError
-from mergeforge.evaluate.vision.models import MLP, ResNetSmall, VGGSmall, ViTSmall
 from mergeforge.fusion.base import FusionData, fuse, get_method
 from mergeforge.fusion.match import cross_correlation, zip_greedy
-from mergeforge.fusion.permspec import permute, spec_for
-
-BUILDERS = {
-    "mlp": lambda: MLP(hidden=(12, 10)),
-    "vgg": lambda: VGGSmall(widths=(4, 6, 8)),
-    "resnet": lambda: ResNetSmall(widths=(4, 6, 8)),
-    "vit": lambda: ViTSmall(dim=16, depth=2, heads=2, mlp_dim=12),
-    "chain": lambda: nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(4),
-        nn.Flatten(),
-        nn.Linear(4 * 7 * 7, 10),
-        nn.ReLU(),
-        nn.Linear(10, 3),
-    ),
-}
-
-
-def _build(arch: str, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return BUILDERS[arch]().eval()
-
-
-def _permuted_copy(model: nn.Module, arch: str, seed: int) -> nn.Module:
-    spec = spec_for(model)
-    g = torch.Generator().manual_seed(seed)
-    perms = {grp: torch.randperm(w, generator=g) for grp, w in spec.widths(model).items()}
-    other = _build(arch, 99)
-    other.load_state_dict(permute(model.state_dict(), spec, perms))
-    return other
-
-
-def _data(n: int = 24, seed: int = 5) -> FusionData:
-    return FusionData(
-        inputs=torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
-    )
-
-
-def _mix_flags(model: nn.Module) -> list[bool]:
-    """One affine leaf in training mode under an eval-mode model; returns every module's flag.
-    A method that restores only the top-level flag (``model.train(was)``) resets the leaf."""
-    leaf = next(m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
-    leaf.train()
-    return [m.training for m in model.modules()]
 
 
 @pytest.mark.parametrize("arch", sorted(BUILDERS))
 def test_permuted_copy_zips_back(arch):
-    a = _build(arch, 0)
-    b = _permuted_copy(a, arch, 1)
+    a = build(arch, 0)
+    b = permuted_copy(a, arch, 1)
     before = [{k: v.clone() for k, v in p.state_dict().items()} for p in (a, b)]
-    flags = [_mix_flags(p) for p in (a, b)]
-    fused = _build(arch, 123)
-    fused.load_state_dict(fuse([a, b], _data(), "zipit"))
-    x = _data(8, seed=11).inputs
-    with torch.no_grad():
-        # every cross pair correlates exactly 1, above any within-model pair: an exact zip
-        assert torch.allclose(fused(x), a(x), atol=1e-5)
+    flags = [mix_flags(p) for p in (a, b)]
+    # every cross pair correlates exactly 1, above any within-model pair: an exact zip
+    same_function(fuse([a, b], fusion_data(), "zipit"), a, arch)
     for p, ref, fl in zip((a, b), before, flags, strict=True):
         assert all(torch.equal(p.state_dict()[k], v) for k, v in ref.items())
         assert [m.training for m in p.modules()] == fl  # every module's own train/eval flag
@@ -95,8 +53,8 @@ def test_fused_layers_are_the_merge_unmerge_products():
 
 
 def test_three_parents_keep_shapes():
-    parents = [_build("resnet", s) for s in range(3)]
-    out = fuse(parents, _data(), "zipit")
+    parents = [build("resnet", s) for s in range(3)]
+    out = fuse(parents, fusion_data(), "zipit")
     ref = parents[0].state_dict()
     assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in ref.items()}
     assert all(torch.isfinite(v).all() for v in out.values())

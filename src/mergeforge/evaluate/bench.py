@@ -382,25 +382,36 @@ def merge_isolated(config: dict, out: Path) -> tuple[float, int]:
     A fresh process because ``ru_maxrss`` is a per-process high-water mark: measured in the
     benchmark process it would report the evaluator's memory, and never go down.
     """
+    status, value, peak = _spawned(
+        _merge_child, (config, str(out)), died="the merge process died (out of memory?)"
+    )
+    if status != "ok":
+        raise MergeforgeError(f"merge {config['merge_method']} failed: {value}")
+    return value, peak
+
+
+def _spawned(target, args: tuple, *, died: str) -> tuple[str, Any, int]:
+    """``target(*args, conn)`` in a fresh (spawned) process: the ``(status, value, peak RSS)``
+    it sends on ``conn``, or ``("error", died, 0)`` when it dies without sending. Stopped while
+    it waits (any exception), it terminates and joins the child before re-raising: nothing runs
+    on after the bench."""
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_merge_child, args=(config, str(out), child))
+    proc = ctx.Process(target=target, args=(*args, child))
     proc.start()
     child.close()
     try:
         try:
             status, value, peak = parent.recv()
         except EOFError:
-            status, value, peak = "error", "the merge process died (out of memory?)", 0
-    except BaseException:  # stopped: the merge does not run on (see call_isolated)
+            status, value, peak = "error", died, 0
+    except BaseException:
         _end(proc)
         raise
     finally:
         parent.close()
     proc.join()
-    if status != "ok":
-        raise MergeforgeError(f"merge {config['merge_method']} failed: {value}")
-    return value, peak
+    return status, value, peak
 
 
 def _end(proc, grace: float = 10.0) -> None:
@@ -443,22 +454,9 @@ def call_isolated(fn, *args, **kwargs) -> tuple[Any, int]:
     or any other exception), it terminates and joins the child before re-raising: nothing runs
     on after the bench; the caller removes what the child left (:func:`_discard_partial`).
     """
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_call_child, args=(fn, args, kwargs, child))
-    proc.start()
-    child.close()
-    try:
-        try:
-            status, value, peak = parent.recv()
-        except EOFError:
-            status, value, peak = "error", "the process died (out of memory?)", 0
-    except BaseException:
-        _end(proc)
-        raise
-    finally:
-        parent.close()
-    proc.join()
+    status, value, peak = _spawned(
+        _call_child, (fn, args, kwargs), died="the process died (out of memory?)"
+    )
     if status != "ok":
         raise MergeforgeError(f"{getattr(fn, '__name__', fn)} failed: {value}")
     return value, peak

@@ -24,9 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mergeforge.config import DTYPES, _model_ref, check_setting, yaml_name  # _model_ref: mergekit's
+from mergeforge.config import (  # _model_ref: mergekit's
+    DTYPES,
+    _model_ref,
+    check_keys,
+    check_setting,
+    read_yaml,
+    yaml_name,
+)
 from mergeforge.errors import ConfigError
 
 TOP_KEYS = {"genome", "fitness", "search", "out"}
@@ -115,15 +120,6 @@ class EvolveConfig:
     root: Path | None = None
     """The YAML's folder: relative paths (models, pool files) are read against it."""
     text: str = ""
-
-
-def _check_keys(d: Mapping, allowed: set[str], where: str) -> None:
-    for key in d:
-        if key not in allowed:
-            hint = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-            extra = f" Did you mean {hint[0]!r}?" if hint else ""
-            raise ConfigError(f"{where}: unknown key {key!r}.{extra} "
-                              f"Allowed: {', '.join(sorted(allowed))}. See {DOCS}.")  # fmt: skip
 
 
 def _mapping(value: Any, where: str) -> dict:
@@ -229,7 +225,7 @@ def parse_genome(raw: Any, *, suite_models: bool) -> GenomeSpec:
     """``genome:`` as :class:`GenomeSpec`; ``suite_models``: models and base may be left out
     (the text suite's experts and base are then used)."""
     g = _mapping(raw, "genome")
-    _check_keys(g, GENOME_KEYS, "genome")
+    check_keys(g, GENOME_KEYS, "genome", see=DOCS)
     if "merge_method" not in g:
         raise ConfigError("genome: missing 'merge_method:' (e.g. ties, or [ties, dare_ties] to "
                           "search the method too)")  # fmt: skip
@@ -329,7 +325,7 @@ def parse_genome(raw: Any, *, suite_models: bool) -> GenomeSpec:
 
 def parse_search(raw: Any) -> SearchSpec:
     s = _mapping(raw, "search")
-    _check_keys(s, SEARCH_KEYS, "search")
+    check_keys(s, SEARCH_KEYS, "search", see=DOCS)
     pop = s.get("population")
     sigma = _number(s.get("sigma0", 1 / 6), "search.sigma0")
     if sigma <= 0:
@@ -369,38 +365,19 @@ def parse_fitness(raw: Any) -> FitnessSpec | None:
     return FitnessSpec(kinds[0], check_fitness_options(kinds[0], f))
 
 
-def read_yaml(source: str | Path | Mapping[str, Any]) -> tuple[dict, str, Path | None, str]:
-    """``(mapping, YAML text, folder, name for errors)`` of a path, a YAML string or a mapping."""
-    if isinstance(source, Mapping):
-        return dict(source), yaml.safe_dump(dict(source), sort_keys=False), None, "config"
-    p = Path(source) if not (isinstance(source, str) and "\n" in source) else None
-    if p is not None and p.suffix in {".yml", ".yaml"} and not p.exists():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
-    root, where, text = None, "config", str(source)
-    if p is not None and p.exists():
-        text, root, where = p.read_text(encoding="utf-8"), p.resolve().parent, str(p)
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: invalid YAML: {e}") from None
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where}: expected a YAML mapping with 'genome:' and 'fitness:'")
-    return dict(raw), text, root, where
-
-
 def load_evolve_config(source: str | Path | Mapping[str, Any] | EvolveConfig) -> EvolveConfig:
     """The one constructor of an :class:`EvolveConfig`: a YAML path, a YAML string or a mapping
     (an ``EvolveConfig`` is returned as it is). Raises :class:`ConfigError` naming the key and
     the fix."""
     if isinstance(source, EvolveConfig):
         return source
-    raw, text, root, where = read_yaml(source)
+    raw, text, root, where = read_yaml(source, "'genome:' and 'fitness:'")
     if "tasks" in raw and "fitness" not in raw:
         raise ConfigError(
             f"{where}: 'tasks:' (mergekit-evolve's lm-eval tasks) is not read by "
             f"mergeforge; score candidates with 'fitness:' (see {DOCS})"
         )
-    _check_keys(raw, TOP_KEYS, where)
+    check_keys(raw, TOP_KEYS, where, see=DOCS)
     if "genome" not in raw:
         raise ConfigError(f"{where}: missing 'genome:' (models, merge_method, ...; see {DOCS})")
     fitness = parse_fitness(raw.get("fitness"))

@@ -231,9 +231,10 @@ class LanguageModelPool(_Skeleton):
 
 
 def _keys(f: Mapping, allowed: set[str], where: str) -> None:
-    from mergeforge.evolve.config import _check_keys
+    from mergeforge.config import check_keys
+    from mergeforge.evolve.config import DOCS
 
-    _check_keys(f, allowed, where)
+    check_keys(f, allowed, where, see=DOCS)
 
 
 def check_task_weights(weights: Sequence[Any], names: Sequence[str], where: str) -> None:

@@ -13,19 +13,17 @@ scores the state dict. mergekit-evolve's actor pool is the same idea (mergekit 0
 from __future__ import annotations
 
 import logging
-import signal
 import socket
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mergeforge._signals import own_handlers
 from mergeforge.errors import ConfigError, MergeforgeError
 from mergeforge.evolve.config import DOCS
 from mergeforge.evolve.fitness import as_score
@@ -160,30 +158,13 @@ def connect(address: str | None, *, num_cpus: int | None) -> bool:
         check_reachable(address)  # even when Ray is up here: a wrong address is an error
     if ray.is_initialized():
         return False
-    with _own_signal_handlers():
+    with own_handlers():
         if address is None:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                      log_to_driver=False, logging_level=logging.WARNING)  # fmt: skip
             return True
         _join(ray, address)
     return True
-
-
-@contextmanager
-def _own_signal_handlers():
-    """Keep this process's SIGTERM / SIGINT handlers over ``ray.init``, which installs its own
-    (it kills the driver at once): a stopped search then unwinds like a stopped merge (the
-    workers released, Ray shut down, "run the same command again to resume")."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, handler in saved.items():
-            if handler is not None:
-                signal.signal(s, handler)
 
 
 def _join(ray, address: str) -> None:

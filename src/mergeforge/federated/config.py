@@ -40,8 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from mergeforge.config import check_keys, read_yaml
 from mergeforge.errors import ConfigError
 
 log = logging.getLogger("mergeforge")
@@ -143,16 +142,6 @@ class FederatedConfig:
         return d
 
 
-def _check_keys(d: Mapping, allowed: set[str], where: str) -> None:
-    for key in d:
-        if key not in allowed:
-            hint = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-            raise ConfigError(
-                f"{where}: unknown key {key!r}." + (f" Did you mean {hint[0]!r}?" if hint else "")
-                + f" Allowed: {', '.join(sorted(allowed))}. See {DOCS}."
-            )  # fmt: skip
-
-
 def _number(value: Any, where: str, *, low: float | None = None, high: float | None = None,
             low_open: bool = False) -> float:  # fmt: skip
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
@@ -186,7 +175,7 @@ def parse_partition(raw: Any) -> PartitionSpec:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"partition: expected iid, dirichlet, shards or a mapping "
                           f"{{kind: dirichlet, alpha: 0.1}}, got {raw!r}")  # fmt: skip
-    _check_keys(raw, PART_KEYS, "partition")
+    check_keys(raw, PART_KEYS, "partition", see=DOCS)
     spec = PartitionSpec(kind=_choice(raw.get("kind", "iid"), PARTITIONS, "partition.kind"))
     return dataclasses.replace(
         spec,
@@ -206,7 +195,7 @@ def parse_aggregator(raw: Any) -> AggregatorSpec:
         raw = {"name": raw} if raw in NAMED else {"method": raw}
     if not isinstance(raw, Mapping):
         raise ConfigError(f"aggregator: expected a name or a mapping, got {raw!r}")
-    _check_keys(raw, AGG_KEYS, "aggregator")
+    check_keys(raw, AGG_KEYS, "aggregator", see=DOCS)
     if ("name" in raw) == ("method" in raw):
         raise ConfigError(
             "aggregator: give exactly one of 'name:' (fedavg, fedprox, median, trimmed_mean) "
@@ -270,25 +259,6 @@ def check_merge_method(spec: AggregatorSpec) -> list[str]:
     return list(load_config(doc).warnings)
 
 
-def read_yaml(source: str | Path | Mapping[str, Any]) -> tuple[dict, str, str]:
-    """``(mapping, YAML text, name for errors)`` of a path, a YAML string or a mapping."""
-    if isinstance(source, Mapping):
-        return dict(source), yaml.safe_dump(dict(source), sort_keys=False), "config"
-    p = Path(source) if not (isinstance(source, str) and "\n" in source) else None
-    if p is not None and p.suffix in {".yml", ".yaml"} and not p.exists():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
-    where, text = "config", str(source)
-    if p is not None and p.exists():
-        text, where = p.read_text(encoding="utf-8"), str(p)
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: invalid YAML: {e}") from None
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where}: expected a YAML mapping with 'aggregator:' (see {DOCS})")
-    return dict(raw), text, where
-
-
 def load_federated_config(
     source: str | Path | Mapping[str, Any] | FederatedConfig,
 ) -> FederatedConfig:
@@ -298,8 +268,8 @@ def load_federated_config(
 
     if isinstance(source, FederatedConfig):
         return source
-    raw, text, where = read_yaml(source)
-    _check_keys(raw, TOP_KEYS, where)
+    raw, text, _, where = read_yaml(source, f"'aggregator:' (see {DOCS})")
+    check_keys(raw, TOP_KEYS, where, see=DOCS)
     d = FederatedConfig()
     opt_int = {k: None if raw.get(k) is None else _int(raw[k], k, 1) for k in ("n_train", "n_test")}
     cfg = FederatedConfig(

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from typing import Any
 
 import torch
 
+from mergeforge._signals import own_handlers
 from mergeforge.errors import ConfigError, MergeforgeError
 from mergeforge.federated.aggregate import Aggregator, ClientUpdate
 from mergeforge.federated.config import FederatedConfig, load_federated_config
@@ -73,21 +72,6 @@ def check_aggregator(cfg: FederatedConfig) -> None:
         ) from None
 
 
-@contextmanager
-def _own_signal_handlers():
-    """Keep this process's SIGINT / SIGTERM handlers over ``ray.init`` (as evolve/workers.py)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, handler in saved.items():
-            if handler is not None:
-                signal.signal(s, handler)
-
-
 def start_ray(cfg: FederatedConfig, num_cpus: int | None) -> None:
     try:
         import ray
@@ -100,7 +84,7 @@ def start_ray(cfg: FederatedConfig, num_cpus: int | None) -> None:
     if ray.is_initialized():
         return
     path = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
-    with _own_signal_handlers():
+    with own_handlers():
         ray.init(address="local", num_cpus=num_cpus or cfg.num_cpus or os.cpu_count() or 1,
                  include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                  runtime_env={"env_vars": {"PYTHONPATH": path}})  # fmt: skip

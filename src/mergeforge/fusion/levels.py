@@ -238,6 +238,16 @@ def _resolve_streams(spec: LevelSpec) -> LevelSpec:
     return LevelSpec(tuple(out))
 
 
+def _chained(mods: list[nn.Module], x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``x`` through ``mods`` in turn, ``batch_size`` rows at a time (only the result kept)."""
+    out = []
+    for xb in x.split(batch_size):
+        for m in mods:
+            xb = m(xb)
+        out.append(xb)
+    return torch.cat(out)
+
+
 @torch.no_grad()
 def run_prefix(
     model: nn.Module, spec: LevelSpec, x: torch.Tensor, upto: int, *, batch_size: int = 256
@@ -245,12 +255,7 @@ def run_prefix(
     """The input of level ``upto`` (``len(spec)`` = the model output) for every row of ``x``,
     computed ``batch_size`` rows at a time (only the result is kept)."""
     mods = [spec.module(model, i) for i in range(upto)]
-    out = []
-    for xb in x.split(batch_size):
-        for m in mods:
-            xb = m(xb)
-        out.append(xb)
-    return torch.cat(out)
+    return _chained(mods, x, batch_size)
 
 
 @torch.no_grad()
@@ -271,12 +276,7 @@ def run_level(
         mods += [*pre, aff]
     else:
         mods.append(spec.module(model, index))
-    out = []
-    for xb in x.split(batch_size):
-        for m in mods:
-            xb = m(xb)
-        out.append(xb)
-    return torch.cat(out)
+    return _chained(mods, x, batch_size)
 
 
 def neuron_matrix(a: torch.Tensor) -> torch.Tensor:

@@ -21,15 +21,17 @@ that is not a power of two (llama.cpp cannot load it), two experts with identica
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mergeforge.config import _model_ref, parse_size  # mergekit's model reference, one reader
+from mergeforge.config import (  # mergekit's model reference, one reader
+    _model_ref,
+    check_keys,
+    parse_size,
+    read_yaml,
+)
 from mergeforge.errors import ConfigError
 
 MERGEKIT_GATE_MODES = ("hidden", "hidden_avg", "cheap_embed", "random", "uniform_random")
@@ -90,16 +92,6 @@ class MoEConfig:
         return f"{where} ({e.source_model})"
 
 
-def _check_keys(d: Mapping, allowed: set[str], where: str) -> None:
-    for key in d:
-        if key not in allowed:
-            hint = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-            extra = f" Did you mean {hint[0]!r}?" if hint else ""
-            raise ConfigError(
-                f"{where}: unknown key {key!r}.{extra} Allowed: {', '.join(sorted(allowed))}."
-            )
-
-
 def _prompts(value: Any, where: str) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -119,7 +111,7 @@ def _scale(value: Any, where: str) -> float | None:
 def _expert(d: Any, where: str) -> Expert:
     if not isinstance(d, Mapping):
         raise ConfigError(f"{where}: expected a mapping with 'source_model:', got {d!r}")
-    _check_keys(d, EXPERT_KEYS, where)
+    check_keys(d, EXPERT_KEYS, where)
     if "source_model" not in d:
         raise ConfigError(f"{where}: missing 'source_model:' (a model folder or Hugging Face id)")
     return Expert(
@@ -129,25 +121,6 @@ def _expert(d: Any, where: str) -> Expert:
         noise_scale=_scale(d.get("noise_scale"), f"{where}.noise_scale"),
         residual_scale=_scale(d.get("residual_scale"), f"{where}.residual_scale"),
     )
-
-
-def _read(source: str | Path | Mapping[str, Any]) -> tuple[dict, str, Path | None, str]:
-    """``(mapping, YAML text, folder, name for errors)`` of a path, a YAML string or a mapping."""
-    if isinstance(source, Mapping):
-        return dict(source), yaml.safe_dump(dict(source), sort_keys=False), None, "config"
-    p = Path(source) if not (isinstance(source, str) and "\n" in source) else None
-    if p is not None and p.suffix in {".yml", ".yaml"} and not p.exists():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
-    root, where, text = None, "config", str(source)
-    if p is not None and p.exists():
-        text, root, where = p.read_text(encoding="utf-8"), p.resolve().parent, str(p)
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: invalid YAML: {e}") from None
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where}: expected a YAML mapping with 'base_model:' and 'experts:'")
-    return dict(raw), text, root, where
 
 
 def _int(raw: Mapping, key: str, default: int, where: str) -> int:
@@ -180,8 +153,8 @@ def load_moe_config(
     ``--i-understand-this-is-not-useful-without-training``)."""
     if isinstance(source, MoEConfig):
         return source
-    raw, text, root, where = _read(source)
-    _check_keys(raw, TOP_KEYS, where)
+    raw, text, root, where = read_yaml(source, "'base_model:' and 'experts:'")
+    check_keys(raw, TOP_KEYS, where)
     if "base_model" not in raw:
         raise ConfigError(f"{where}: missing 'base_model:' (it gives attention, embeddings, "
                           "norms and the hidden states of the gates)")  # fmt: skip
