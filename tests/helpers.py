@@ -18,6 +18,7 @@ import glob
 import hashlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -273,7 +274,16 @@ def start_blocked(argv: list[str], *, preexec=None, timeout: float = 120):
     writes where the test wants). The kernel reports the sleep in ``/proc/PID/wchan``; the child
     cannot move on until the test reads the pipe (:func:`finish`). Linux only."""
     r, w, filled = full_pipe()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=w, preexec_fn=preexec)
+
+    def child_setup() -> None:
+        # a run started under nohup or as a background job (SIGHUP / SIGINT ignored) must not
+        # make the child ignore the signals the test sends; the test's own preexec comes after
+        for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+            signal.signal(s, signal.SIG_DFL)
+        if preexec is not None:
+            preexec()
+
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=w, preexec_fn=child_setup)
     os.close(w)
     deadline = time.monotonic() + timeout
     wchan = ""

@@ -153,6 +153,18 @@ def test_an_ignored_sighup_stays_ignored(tmp_path):
 # the mechanism, in this process
 
 
+@pytest.fixture(autouse=True)
+def default_dispositions():
+    """Each test starts from the usual dispositions even when pytest itself runs under nohup or
+    as a background job (SIGHUP / SIGINT ignored), and leaves them as it found them."""
+    wanted = {signal.SIGHUP: signal.SIG_DFL, signal.SIGTERM: signal.SIG_DFL,
+              signal.SIGINT: signal.default_int_handler}  # fmt: skip
+    saved = {s: signal.signal(s, h) for s, h in wanted.items()}
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
 def _deliver(sig: int) -> None:
     os.kill(os.getpid(), sig)
     time.sleep(0.2)  # the handler runs here (at the latest when the sleep is interrupted)
