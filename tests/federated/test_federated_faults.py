@@ -125,6 +125,21 @@ def test_no_usable_client_or_a_non_finite_merge_keeps_the_global_model(monkeypat
     assert arrays is None and not s.rounds[-1].updated
 
 
+def test_a_merge_that_raises_keeps_the_global_model(monkeypatch, caplog):
+    s = _strategy()
+    msgs = _messages(s, {"w": torch.zeros(3)}, 3)
+    ok = [_reply(m, {"w": torch.ones(3)}, 5, i) for i, m in enumerate(msgs)]
+
+    def broken(self, g, u, r):
+        raise ValueError("cannot convert float NaN to integer")
+
+    monkeypatch.setattr(Aggregator, "__call__", broken)
+    with caplog.at_level("WARNING"):
+        arrays, _ = s.aggregate_train(1, ok)
+    assert arrays is None and not s.rounds[-1].updated
+    assert "merge failed (ValueError: cannot convert float NaN to integer)" in caplog.text
+
+
 def test_a_reply_that_is_not_a_model_is_dropped():
     g = {"w": torch.zeros(3)}
     s = _strategy(n=2)

@@ -402,3 +402,15 @@ def test_defaults_follow_the_papers():
     assert fields["swudi_a"]["rank_rule"] == "participation_sqrt"
     assert (fields["ace"]["eps"], fields["ace"]["hetero_threshold"]) == (1e-2, 0.3)
     assert all(f["scaling"] == 1.0 for f in fields.values())
+
+
+def test_rank_rules_take_round_off_negatives_and_zero_grams():
+    """``eigh`` returns −1e-9 for a zero eigenvalue: its square root must not turn K into NaN
+    (seen in a federated round with a client scaled ×100); a zero F keeps nothing."""
+
+    values = torch.tensor([4.0, 1.0, -1e-9])
+    assert participation_sqrt(values, 3) == 2  # (2 + 1)² / 5 = 1.8 -> 2
+    assert entropy_rank(values, 3) == 2
+    assert gavish_donoho(values, 3) == 0
+    assert participation_sqrt(torch.zeros(3), 3) == 0
+    assert entropy_rank(torch.zeros(3), 3) == 0

@@ -27,6 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from mergeforge.errors import MergeforgeError
 from mergeforge.federated.aggregate import Aggregator, ClientUpdate
 from mergeforge.federated.replies import WEIGHT_KEY, BadReply, client_name, read_reply
 
@@ -138,7 +139,14 @@ class MergeStrategy(FedAvg):
             log.warning("round %d: %d usable client(s), %s needs %d; the global model is kept",
                         server_round, len(updates), self.aggregator.spec.label, need)  # fmt: skip
             return None
-        merged = self.aggregator(global_sd, updates, server_round)
+        try:
+            merged = self.aggregator(global_sd, updates, server_round)
+        except (MergeforgeError, ValueError, RuntimeError) as e:
+            # a degenerate round (e.g. one client's ×100 update breaking a covariance solve) must
+            # not end a long run: the round is skipped, loudly, like a non-finite merge
+            log.warning("round %d: the %s merge failed (%s: %s); the global model is kept",
+                        server_round, self.aggregator.spec.label, type(e).__name__, e)  # fmt: skip
+            return None
         bad = [k for k, t in merged.items() if t.is_floating_point() and
                not bool(torch.isfinite(t).all())]  # fmt: skip
         if bad:

@@ -107,15 +107,27 @@ def top_k(gain: Tensor, k: int) -> Tensor:
 # --- SWUDI-A's per-layer rank rules: (eigenvalues of C descending, rows of F) -> K ---------
 
 
+def _eigenvalues(values: Tensor) -> Tensor | None:
+    """λ of a Gram in float64 with round-off negatives (−1e-9 from ``eigh``) set to 0, whose
+    square roots would be NaN; None when every λ is 0 (F = 0: nothing to keep)."""
+    lam = values.double().clamp_min(0)
+    return lam if float(lam.sum()) > 0 else None
+
+
 def participation_sqrt(values: Tensor, rows: int) -> int:
     """K = ⌈(Σ√λ)² / Σλ⌉: the participation ratio of the singular values √λ of F."""
-    s = values.sqrt()
-    return _ceil(float(s.sum() ** 2 / values.sum()))
+    lam = _eigenvalues(values)
+    if lam is None:
+        return 0
+    return _ceil(float(lam.sqrt().sum() ** 2 / lam.sum()))
 
 
 def entropy_rank(values: Tensor, rows: int) -> int:
     """K = ⌈exp(−Σ p log p)⌉, p = λ/Σλ (effective rank, Roy & Vetterli 2007)."""
-    p = values / values.sum()
+    lam = _eigenvalues(values)
+    if lam is None:
+        return 0
+    p = lam / lam.sum()
     h = -torch.special.xlogy(p, p).sum()
     return _ceil(float(h.exp()))
 
@@ -125,7 +137,7 @@ def gavish_donoho(values: Tensor, rows: int) -> int:
     β = min/max aspect ratio, ω(β) ≈ 0.56β³ − 0.95β² + 1.82β + 1.43 (Gavish & Donoho 2014,
     unknown noise level)."""
     n = min(rows, values.numel())
-    sigma = values[:n].sqrt()
+    sigma = values[:n].double().clamp_min(0).sqrt()
     beta = n / max(rows, values.numel())
     omega = 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
     return int((sigma > omega * torch.quantile(sigma, 0.5)).sum())
