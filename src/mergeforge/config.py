@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -209,6 +210,26 @@ def _model_ref(value: Any, where: str) -> str:
     if value.get("lora") is not None:
         ref += "+" + _model_path(value["lora"], f"{where}.lora")
     return ref
+
+
+def check_number(value: Any, where: str, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False) -> float:  # fmt: skip
+    """A finite int or float (not a bool) within the optional bounds, as a float; shared by the
+    scenario configs (evolve, federated). The error names ``where`` and the value."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ConfigError(f"{where}: must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise ConfigError(f"{where}: must be <= {high}, got {value}")
+    return float(value)
+
+
+def check_int(value: Any, where: str, low: int) -> int:
+    """An int (not a bool) >= ``low``; shared by the scenario configs."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{where}: expected an integer >= {low}, got {value!r}")
+    return value
 
 
 def check_keys(d: Mapping, allowed: set[str], where: str, *, see: str | None = None) -> None:

@@ -18,7 +18,6 @@ shapes, layer counts) is checked by :func:`mergeforge.evolve.search.evolve` befo
 from __future__ import annotations
 
 import difflib
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,9 @@ from typing import Any
 from mergeforge.config import (  # _model_ref: mergekit's
     DTYPES,
     _model_ref,
+    check_int,
     check_keys,
+    check_number,
     check_setting,
     read_yaml,
     yaml_name,
@@ -130,22 +131,10 @@ def _mapping(value: Any, where: str) -> dict:
     return dict(value)
 
 
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
-    return float(value)
-
-
-def _int(value: Any, where: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{where}: expected an integer >= {low}, got {value!r}")
-    return value
-
-
 def _range(value: Any, where: str) -> tuple[float, float]:
     if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
         raise ConfigError(f"{where}: expected [low, high], got {value!r}")
-    lo, hi = _number(value[0], f"{where}[0]"), _number(value[1], f"{where}[1]")
+    lo, hi = check_number(value[0], f"{where}[0]"), check_number(value[1], f"{where}[1]")
     if not lo < hi:
         raise ConfigError(f"{where}: low {lo} must be below high {hi}")
     return lo, hi
@@ -240,8 +229,8 @@ def parse_genome(raw: Any, *, suite_models: bool) -> GenomeSpec:
     if groups is not None and gran is not None:
         raise ConfigError("genome: give layer_groups (how many groups) or layer_granularity "
                           "(layers per group, mergekit-evolve's), not both")  # fmt: skip
-    groups = None if groups is None else _int(groups, "genome.layer_groups", 1)
-    gran = None if gran in (None, 0) else _int(gran, "genome.layer_granularity", 1)
+    groups = None if groups is None else check_int(groups, "genome.layer_groups", 1)
+    gran = None if gran in (None, 0) else check_int(gran, "genome.layer_granularity", 1)
 
     shared_fields = _fields(methods, "shared")
     model_fields = _fields(methods, "per_model")
@@ -300,7 +289,7 @@ def parse_genome(raw: Any, *, suite_models: bool) -> GenomeSpec:
         if lo is None:
             raise ConfigError(f"genome.init.{k}: not a gene (genes: "
                               f"{', '.join([*per_model, *shared]) or '(none)'})")  # fmt: skip
-        if not lo <= _number(v, f"genome.init.{k}") <= hi:
+        if not lo <= check_number(v, f"genome.init.{k}") <= hi:
             raise ConfigError(f"genome.init.{k}: {v} is outside its range [{lo}, {hi}]")
     filters = g.get("filters") or []
     if not isinstance(filters, list) or not all(isinstance(f, str) and f for f in filters):
@@ -319,7 +308,7 @@ def parse_genome(raw: Any, *, suite_models: bool) -> GenomeSpec:
         layer_granularity=gran, per_model=tuple(per_model), shared=shared, ranges=ranges,
         init=init, parameters=fixed, model_parameters=fixed_model, filters=tuple(filters),
         smooth=bool(g.get("smooth", False)), allow_negative_weights=negative,
-        tokenizer_source=tok, dtype=dtype, seed=_int(g.get("seed", 0), "genome.seed", 0),
+        tokenizer_source=tok, dtype=dtype, seed=check_int(g.get("seed", 0), "genome.seed", 0),
     )  # fmt: skip
 
 
@@ -327,22 +316,22 @@ def parse_search(raw: Any) -> SearchSpec:
     s = _mapping(raw, "search")
     check_keys(s, SEARCH_KEYS, "search", see=DOCS)
     pop = s.get("population")
-    sigma = _number(s.get("sigma0", 1 / 6), "search.sigma0")
+    sigma = check_number(s.get("sigma0", 1 / 6), "search.sigma0")
     if sigma <= 0:
         raise ConfigError(f"search.sigma0: {sigma} must be > 0 (gene units; default 1/6)")
     workers = s.get("workers")
     address = s.get("address")
     if address is not None and (not isinstance(address, str) or not address.strip()):
         raise ConfigError("search.address: expected HOST:PORT of a Ray head (or 'auto')")
-    timeout = _number(s.get("start_timeout", 300.0), "search.start_timeout")
+    timeout = check_number(s.get("start_timeout", 300.0), "search.start_timeout")
     if timeout <= 0:
         raise ConfigError("search.start_timeout: must be > 0 seconds")
     return SearchSpec(
-        evaluations=_int(s.get("evaluations", 100), "search.evaluations", 1),
-        population=None if pop is None else _int(pop, "search.population", 2),
-        sigma0=sigma, seed=_int(s.get("seed", 0), "search.seed", 0),
-        workers=None if workers is None else _int(workers, "search.workers", 0),
-        cpus_per_worker=_int(s.get("cpus_per_worker", 1), "search.cpus_per_worker", 1),
+        evaluations=check_int(s.get("evaluations", 100), "search.evaluations", 1),
+        population=None if pop is None else check_int(pop, "search.population", 2),
+        sigma0=sigma, seed=check_int(s.get("seed", 0), "search.seed", 0),
+        workers=None if workers is None else check_int(workers, "search.workers", 0),
+        cpus_per_worker=check_int(s.get("cpus_per_worker", 1), "search.cpus_per_worker", 1),
         address=address, in_memory=bool(s.get("in_memory", True)), start_timeout=timeout,
     )  # fmt: skip
 

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from mergeforge.config import check_int
 from mergeforge.errors import ConfigError
 
 METRICS = ("accuracy", "loss")
@@ -253,10 +254,7 @@ def check_task_weights(weights: Sequence[Any], names: Sequence[str], where: str)
 
 
 def _positive_int(f: Mapping, key: str, default: int, where: str) -> int:
-    v = f.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ConfigError(f"{where}.{key}: expected an integer >= 1, got {v!r}")
-    return v
+    return check_int(f.get(key, default), f"{where}.{key}", 1)
 
 
 def check_fitness_options(kind: str, f: Mapping[str, Any]) -> dict[str, Any]:

@@ -34,13 +34,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergeforge.config import check_keys, read_yaml
+from mergeforge.config import check_int, check_keys, check_number, read_yaml
 from mergeforge.errors import ConfigError
 
 log = logging.getLogger("mergeforge")
@@ -142,23 +141,6 @@ class FederatedConfig:
         return d
 
 
-def _number(value: Any, where: str, *, low: float | None = None, high: float | None = None,
-            low_open: bool = False) -> float:  # fmt: skip
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
-    if low is not None and (value < low or (low_open and value == low)):
-        raise ConfigError(f"{where}: must be {'>' if low_open else '>='} {low}, got {value}")
-    if high is not None and value > high:
-        raise ConfigError(f"{where}: must be <= {high}, got {value}")
-    return float(value)
-
-
-def _int(value: Any, where: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{where}: expected an integer >= {low}, got {value!r}")
-    return value
-
-
 def _choice(value: Any, choices: tuple[str, ...], where: str) -> str:
     if value not in choices:
         hint = difflib.get_close_matches(str(value), choices, n=1)
@@ -179,9 +161,9 @@ def parse_partition(raw: Any) -> PartitionSpec:
     spec = PartitionSpec(kind=_choice(raw.get("kind", "iid"), PARTITIONS, "partition.kind"))
     return dataclasses.replace(
         spec,
-        alpha=_number(raw.get("alpha", spec.alpha), "partition.alpha", low=0, low_open=True),
-        shards=_int(raw.get("shards", spec.shards), "partition.shards", 1),
-        min_size=_int(raw.get("min_size", spec.min_size), "partition.min_size", 1),
+        alpha=check_number(raw.get("alpha", spec.alpha), "partition.alpha", low=0, low_open=True),
+        shards=check_int(raw.get("shards", spec.shards), "partition.shards", 1),
+        min_size=check_int(raw.get("min_size", spec.min_size), "partition.min_size", 1),
     )
 
 
@@ -221,8 +203,8 @@ def parse_aggregator(raw: Any) -> AggregatorSpec:
         model_parameters=dict(raw.get("model_parameters") or {}),
         weighting=_choice(raw.get("weighting", "examples"), ("examples", "uniform"),
                           "aggregator.weighting"),
-        mu=_number(raw.get("mu", 0.01 if name == "fedprox" else 0.0), "aggregator.mu", low=0),
-        beta=_number(raw.get("beta", 0.2), "aggregator.beta", low=0, high=0.4999),
+        mu=check_number(raw.get("mu", 0.01 if name == "fedprox" else 0.0), "aggregator.mu", low=0),
+        beta=check_number(raw.get("beta", 0.2), "aggregator.beta", low=0, high=0.4999),
     )  # fmt: skip
     if name == "fedprox" and spec.mu == 0:
         raise ConfigError("aggregator.mu: fedprox with mu 0 is fedavg; give mu > 0 (e.g. 0.01)")
@@ -271,30 +253,34 @@ def load_federated_config(
     raw, text, _, where = read_yaml(source, f"'aggregator:' (see {DOCS})")
     check_keys(raw, TOP_KEYS, where, see=DOCS)
     d = FederatedConfig()
-    opt_int = {k: None if raw.get(k) is None else _int(raw[k], k, 1) for k in ("n_train", "n_test")}
+    opt_int = {
+        k: None if raw.get(k) is None else check_int(raw[k], k, 1) for k in ("n_train", "n_test")
+    }
     cfg = FederatedConfig(
         aggregator=parse_aggregator(raw.get("aggregator")),
         dataset=_choice(raw.get("dataset", d.dataset), DATASETS, "dataset"),
         arch=_choice(raw.get("arch", d.arch), tuple(sorted(ARCHS)), "arch"),
-        clients=_int(raw.get("clients", d.clients), "clients", 1),
+        clients=check_int(raw.get("clients", d.clients), "clients", 1),
         partition=parse_partition(raw.get("partition")),
-        rounds=_int(raw.get("rounds", d.rounds), "rounds", 1),
-        local_epochs=_int(raw.get("local_epochs", d.local_epochs), "local_epochs", 1),
-        lr=_number(raw.get("lr", d.lr), "lr", low=0, low_open=True),
+        rounds=check_int(raw.get("rounds", d.rounds), "rounds", 1),
+        local_epochs=check_int(raw.get("local_epochs", d.local_epochs), "local_epochs", 1),
+        lr=check_number(raw.get("lr", d.lr), "lr", low=0, low_open=True),
         optimizer=_choice(raw.get("optimizer", d.optimizer), ("sgd", "adam"), "optimizer"),
-        momentum=_number(raw.get("momentum", d.momentum), "momentum", low=0, high=1),
-        weight_decay=_number(raw.get("weight_decay", d.weight_decay), "weight_decay", low=0),
-        batch_size=_int(raw.get("batch_size", d.batch_size), "batch_size", 1),
-        fraction=_number(
+        momentum=check_number(raw.get("momentum", d.momentum), "momentum", low=0, high=1),
+        weight_decay=check_number(raw.get("weight_decay", d.weight_decay), "weight_decay", low=0),
+        batch_size=check_int(raw.get("batch_size", d.batch_size), "batch_size", 1),
+        fraction=check_number(
             raw.get("fraction", d.fraction), "fraction", low=0, high=1, low_open=True
         ),  # fmt: skip
         evaluate_clients=bool(raw.get("evaluate_clients", d.evaluate_clients)),
-        seed=_int(raw.get("seed", d.seed), "seed", 0),
+        seed=check_int(raw.get("seed", d.seed), "seed", 0),
         out=None if raw.get("out") is None else str(raw["out"]),
-        timeout=_number(raw.get("timeout", d.timeout), "timeout", low=0, low_open=True),
-        cpus_per_client=_int(raw.get("cpus_per_client", d.cpus_per_client), "cpus_per_client", 1),
-        num_cpus=None if raw.get("num_cpus") is None else _int(raw["num_cpus"], "num_cpus", 1),
-        stats_examples=_int(raw.get("stats_examples", d.stats_examples), "stats_examples", 1),
+        timeout=check_number(raw.get("timeout", d.timeout), "timeout", low=0, low_open=True),
+        cpus_per_client=check_int(
+            raw.get("cpus_per_client", d.cpus_per_client), "cpus_per_client", 1
+        ),
+        num_cpus=None if raw.get("num_cpus") is None else check_int(raw["num_cpus"], "num_cpus", 1),
+        stats_examples=check_int(raw.get("stats_examples", d.stats_examples), "stats_examples", 1),
         text=text,
         **opt_int,
     )
@@ -308,7 +294,7 @@ def with_overrides(cfg: FederatedConfig, **changes: int) -> FederatedConfig:
     for key, value in changes.items():
         if key not in low:
             raise ConfigError(f"--{key}: not a setting the command line may change")
-        _int(value, f"--{key}", low[key])
+        check_int(value, f"--{key}", low[key])
     cfg = dataclasses.replace(cfg, **changes)
     check_against_clients(cfg)
     return cfg
