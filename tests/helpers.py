@@ -315,3 +315,79 @@ def written_fraction(partial: Path, total: int) -> float:
     """Share of the declared shard bytes already allocated on disk (the shards are sparse
     until tensors arrive)."""
     return sum(p.stat().st_blocks * 512 for p in partial.iterdir()) / total
+
+
+# ---- models whose vocabularies differ (tests/test_vocab*.py) ----------------------------------
+
+
+def tiny_tokenizer(words, *, added=(), special_added=()):
+    """A real fast tokenizer (BPE over whole words, no merges; ``[UNK]``, ``<s>``, ``</s>``)
+    with ``words`` in that id order, then the plain ``added`` and special ``special_added``
+    tokens."""
+    import transformers as tf
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.BPE(vocab, [], unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = tf.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>"
+    )
+    if added:
+        fast.add_tokens(list(added))
+    if special_added:
+        fast.add_tokens([AddedToken(t, special=True, normalized=False) for t in special_added])
+    return fast
+
+
+def vocab_model(folder: Path, tokenizer, seed: int, *, vocab_size: int | None = None,
+                tied: bool = False, save_tokenizer: bool = True) -> Path:  # fmt: skip
+    """A seeded 2-layer Llama (hidden 32) with ``vocab_size`` rows (default: the tokenizer's
+    length) saved with its tokenizer at ``folder``."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab_size or len(tokenizer),
+        max_position_embeddings=64, tie_word_embeddings=tied,
+    )  # fmt: skip
+    model = tf.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed + p.numel()))
+    model.save_pretrained(folder, safe_serialization=True)
+    if save_tokenizer:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def vocab_family(root: Path) -> dict[str, str]:
+    """Models whose vocabularies differ, each with real tokenizer files:
+
+    * ``base``: words w0..w29 (33 tokens, 33 rows);
+    * ``shuffled``: words w10..w39 in reverse order (same size, other ids, 10 new words);
+    * ``added``: the base's words plus an added ``<x>`` and a special ``<|im_start|>``, 40 rows
+      (padding past its 35 tokens);
+    * ``tied``: words w5..w34 plus ``<x>``, tied embeddings (no ``lm_head.weight``);
+    * ``same``: the base's tokenizer, other weights;
+    * ``no_tokenizer``: like ``same`` but without tokenizer files;
+    * ``long``: the base's words plus two added tokens past its vocab_size (33 rows).
+    """
+    words = [f"w{i}" for i in range(40)]
+    specs = {
+        "base": (tiny_tokenizer(words[:30]), {}),
+        "shuffled": (tiny_tokenizer(words[10:40][::-1]), {}),
+        "added": (tiny_tokenizer(words[:30], added=["<x>"], special_added=["<|im_start|>"]),
+                  {"vocab_size": 40}),
+        "tied": (tiny_tokenizer(words[5:35], added=["<x>"]), {"tied": True}),
+        "same": (tiny_tokenizer(words[:30]), {}),
+        "no_tokenizer": (tiny_tokenizer(words[:30]), {"save_tokenizer": False}),
+        "long": (tiny_tokenizer(words[:30], added=["<y>", "<z>"]), {"vocab_size": 33}),
+    }  # fmt: skip
+    return {
+        name: str(vocab_model(root / name, tok, seed, **kw))
+        for seed, (name, (tok, kw)) in enumerate(specs.items())
+    }

@@ -36,7 +36,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("evaluate", ("evaluate",)),
     ("domains", ("evaluate.text", "evaluate.vision")),
     ("bench", ("evaluate.bench",)),
-    ("scenarios", ("moe", "evolve", "federated", "quickstart")),
+    ("scenarios", ("moe", "evolve", "federated", "quickstart", "extract_lora")),
     ("mergekit_cli", ("mergekit_cli",)),
     ("cli", ("cli",)),
 )

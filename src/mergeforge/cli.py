@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from mergeforge._signals import Interrupted, handle_signals
 from mergeforge.errors import MergeforgeError
-from mergeforge.mergekit_cli import add_mergekit_options
+from mergeforge.mergekit_cli import add_mergekit_multi_options, add_mergekit_options
 from mergeforge.version import __version__
 
 
@@ -45,16 +45,28 @@ def cmd_merge(args: argparse.Namespace) -> int:
     opts = merge_options(args, print_note)
     seed, quiet = opts.pop("seed"), opts.pop("quiet")
     config = args.config
+    progress = False if args.no_progress or quiet else None
+    from mergeforge.engine import is_recipe, run_multimerge
+
+    if is_recipe(config):  # several documents: a multi-stage recipe (mergekit-multi's YAML)
+        res = run_multimerge(config, args.out, seed=seed, overwrite=args.overwrite,
+                             progress=progress, durable=args.fsync, **opts)  # fmt: skip
+        return _report(res, quiet)
     if seed is not None:  # --random-seed: the command line wins over the config's seed:
         config = dataclasses.replace(load_config(config), seed=seed)
     res = run_merge(
         config,
         args.out,
         overwrite=args.overwrite,
-        progress=False if args.no_progress or quiet else None,
+        progress=progress,
         durable=args.fsync,
         **opts,
     )
+    return _report(res, quiet)
+
+
+def _report(res, quiet: bool) -> int:
+    """The summary line of ``merge`` / ``multi`` (a recipe: its final merge's output)."""
     if quiet:
         return 0
     print(
@@ -62,6 +74,37 @@ def cmd_merge(args: argparse.Namespace) -> int:
         f"in {res.seconds:.1f} s, peak RSS {res.peak_rss_bytes / 2**30:.2f} GiB"
     )
     return 0
+
+
+def cmd_multi(args: argparse.Namespace) -> int:
+    """``multi``: mergekit-multi's command line (``--out-path``, ``-I/--intermediate-dir``,
+    ``--lazy``) plus mergekit-yaml's options and ``merge``'s own; see ``engine/multi.py``."""
+    from mergeforge.engine import run_multimerge
+    from mergeforge.mergekit_cli import merge_options, print_note
+
+    opts = merge_options(args, print_note)
+    seed, quiet = opts.pop("seed"), opts.pop("quiet")
+    if args.intermediate_dir is None and args.out_path is None:
+        from mergeforge.errors import ConfigError
+
+        raise ConfigError(
+            "multi: give --out-path OUT (the final merge; intermediates stay in memory or a "
+            "temporary folder) and/or -I/--intermediate-dir DIR (keep every named stage in "
+            "DIR/NAME, as mergekit-multi)"
+        )
+    try:
+        res = run_multimerge(
+            args.config, args.out_path, intermediate_dir=args.intermediate_dir,
+            lazy=args.lazy, intermediates=args.intermediates, seed=seed,
+            overwrite=args.overwrite, progress=False if args.no_progress or quiet else None,
+            durable=args.fsync, **opts,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        if args.intermediate_dir is not None:
+            print(f"stages already written are kept in {args.intermediate_dir} (--lazy reuses "
+                  "them)", file=sys.stderr)  # fmt: skip
+        raise
+    return _report(res, quiet)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -83,6 +126,56 @@ def cmd_prune(args: argparse.Namespace) -> int:
                     progress=False if args.no_progress else None)  # fmt: skip
     print(f"wrote {res.out} (prune, {args.score}, density {args.density}): {res.tensors} tensors, "
           f"{human(res.bytes_written)} in {res.seconds:.1f} s")  # fmt: skip
+    return 0
+
+
+def cmd_extract_lora(args: argparse.Namespace) -> int:
+    """``extract-lora``: a PEFT LoRA adapter from FINETUNED - BASE (``mergeforge.extract_lora``),
+    with mergekit-extract-lora's spellings (``--model``, ``--base-model``, ``--out-path``,
+    ``--max-rank``...) and mergekit-yaml's common options."""
+    from mergeforge.errors import ConfigError
+    from mergeforge.extract_lora import extract_lora, print_report
+    from mergeforge.mergekit_cli import merge_options, print_note
+
+    opts = merge_options(args, print_note)
+    if opts["shard_size"] is not None:
+        print_note("--out-shard-size is accepted for mergekit compatibility; the adapter is one "
+                   "file, adapter_model.safetensors")  # fmt: skip
+    paths = [p for p in (args.finetuned, args.out) if p is not None]
+    finetuned, out = args.model, args.out_path
+    if finetuned is None and paths:
+        finetuned = paths.pop(0)
+    if out is None and paths:
+        out = paths.pop(0)
+    if paths or finetuned is None or out is None or args.base is None:
+        raise ConfigError(
+            "usage: mergeforge extract-lora FINETUNED --base BASE --rank R OUT (or mergekit's "
+            "--model FINETUNED --base-model BASE --out-path OUT [--max-rank R]): "
+            + ("too many paths" if paths else "name the "
+               + ("fine-tuned model" if finetuned is None else "output folder" if out is None
+                  else "base model (--base)"))
+        )  # fmt: skip
+    if args.rank is not None and args.max_rank is not None:
+        raise ConfigError("give one of --rank R (exactly R; a smaller matrix is an error) and "
+                          "--max-rank R (at most R per matrix, as mergekit), not both")  # fmt: skip
+    rank = args.rank if args.rank is not None else args.max_rank
+    res = extract_lora(
+        finetuned, args.base, out, 128 if rank is None else rank, clamp_rank=args.rank is None,
+        svd=args.svd, embed_lora=args.embed_lora, save_modules=args.save_module,
+        include=args.include_regex, exclude=args.exclude_regex,
+        skip_undecomposable=args.skip_undecomposable, distribute_scale=args.distribute_scale,
+        sv_epsilon=args.sv_epsilon, oversample=args.oversample, power_iters=args.power_iters,
+        seed=opts["seed"] or 0, dtype=args.dtype, device=opts["device"], workers=args.workers,
+        overwrite=args.overwrite, durable=args.fsync, write_card=opts["write_model_card"],
+        progress=False if args.no_progress or opts["quiet"] else None,
+    )  # fmt: skip
+    if opts["quiet"]:
+        return 0
+    print_report(res)
+    print(f"wrote {res.out} (LoRA rank {res.rank}, {res.svd} SVD): {res.modules} modules"
+          + (f", {len(res.saved)} saved whole" if res.saved else "")
+          + f", {human(res.bytes_written)} in {res.seconds:.1f} s, peak RSS "
+          f"{res.peak_rss_bytes / 2**30:.2f} GiB")  # fmt: skip
     return 0
 
 
@@ -191,8 +284,11 @@ def _federated_app(args: argparse.Namespace, out: str, flags: dict) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from mergeforge.engine import prepare
+    from mergeforge.engine import prepare, vocabulary_report
 
+    # before the plan: the report is most useful when the plan refuses differing vocabularies
+    for line in vocabulary_report(args.config):
+        print(line)
     plan = prepare(args.config)
     for w in plan.warnings:
         print(f"warning: {w}")
@@ -446,6 +542,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_mergekit_options(m)
     m.set_defaults(fn=cmd_merge)
 
+    mu = sub.add_parser(
+        "multi",
+        help="run a multi-stage recipe (mergekit-multi's YAML; `merge` runs one too)",
+        description="Run a YAML of several named merges, a later one using an earlier one's "
+        "result by its name (mergekit-multi's format and command line).",
+    )
+    mu.add_argument("config", help="the recipe: YAML documents separated by '---'")
+    add_mergekit_multi_options(mu)
+    mu.add_argument("--device", default=None, help="where the arithmetic runs: cpu (default), "
+                    "cuda, or auto (cuda when there is a GPU)")  # fmt: skip
+    mu.add_argument("--overwrite", action="store_true",
+                    help="replace an existing output folder (--out-path)")  # fmt: skip
+    mu.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
+    mu.add_argument("--shard-size", help="output shard size, e.g. 5GB (default from config)")
+    mu.add_argument("--fsync", action="store_true", help="flush the outputs to disk first")
+    add_mergekit_options(mu)
+    mu.set_defaults(fn=cmd_multi)
+
     pr = sub.add_parser(
         "prune",
         help="keep an expert's most important weight entries, reset the rest to its base",
@@ -470,6 +584,70 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true", help="replace a previous output")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
     pr.set_defaults(fn=cmd_prune)
+
+    xl = sub.add_parser(
+        "extract-lora", help="extract a PEFT LoRA adapter from a fine-tuned model and its base",
+        description="Truncated SVD of FINETUNED - BASE per linear weight, streamed one tensor "
+        "at a time, written atomically as a PEFT adapter (adapter_config.json, "
+        "adapter_model.safetensors) with each tensor's relative error ‖ΔW−BA‖/‖ΔW‖ on stderr "
+        "and in OUT/mergeforge_extract_lora.json. Embeddings and norms are saved whole "
+        "(modules_to_save) as mergekit does; mergekit-extract-lora's options are accepted. See "
+        "the README's 'Extract a LoRA adapter'.",
+    )  # fmt: skip
+    xl.add_argument("finetuned", nargs="?", help="the fine-tuned model (folder, file or "
+                    "Hugging Face id; or --model)")  # fmt: skip
+    xl.add_argument("out", nargs="?", help="adapter folder (written atomically; or --out-path)")
+    xl.add_argument("--base", "--base-model", dest="base", help="the model FINETUNED was "
+                    "fine-tuned from")  # fmt: skip
+    xl.add_argument("--model", default=None, help="= FINETUNED (mergekit's spelling)")
+    xl.add_argument("--out-path", default=None, help="= OUT (mergekit's spelling)")
+    xl.add_argument("--rank", "-r", type=int, default=None, help="the LoRA rank; a matrix "
+                    "smaller than it is an error")  # fmt: skip
+    xl.add_argument("--max-rank", type=int, default=None, help="at most this rank per matrix "
+                    "(clamped, as mergekit; its default 128 when neither is given)")  # fmt: skip
+    xl.add_argument("--svd", choices=("exact", "gram", "randomized"), default="gram",
+                    help="gram (default): exact top-r from the float64 Gram matrix; exact: "
+                    "torch.linalg.svd in float32 (mergekit's maths, slower); randomized: Halko's "
+                    "range finder (fastest, approximate)")  # fmt: skip
+    xl.add_argument("--oversample", type=int, default=10, help="--svd randomized: extra "
+                    "columns (default 10)")  # fmt: skip
+    xl.add_argument("--power-iters", type=int, default=2, help="--svd randomized: power "
+                    "iterations (default 2)")  # fmt: skip
+    xl.add_argument("--distribute-scale", action=argparse.BooleanOptionalAction, default=True,
+                    help="√S on both factors (default), else B = U, A = S·Vᵀ")  # fmt: skip
+    xl.add_argument("--embed-lora", action=argparse.BooleanOptionalAction, default=False,
+                    help="LoRA for embeddings and the head too (default: saved whole)")  # fmt: skip
+    xl.add_argument("--save-module", action="append", default=[], metavar="NAME",
+                    help="save this module whole (full or last name; repeatable)")  # fmt: skip
+    xl.add_argument("--exclude-regex", "-e", action="append", default=[], metavar="RE",
+                    help="leave out modules whose name matches (repeatable)")  # fmt: skip
+    xl.add_argument("--include-regex", "-i", action="append", default=[], metavar="RE",
+                    help="only modules whose name matches (repeatable)")  # fmt: skip
+    xl.add_argument("--sv-epsilon", type=float, default=0.0, help="drop singular values not "
+                    "above this (default 0: keep the rank)")  # fmt: skip
+    xl.add_argument("--skip-undecomposable", action="store_true", help="leave out norms and "
+                    "other non-matrix modules instead of saving them whole")  # fmt: skip
+    xl.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                    help="of the written tensors (default: as in FINETUNED)")  # fmt: skip
+    xl.add_argument("--device", default=None, help="cpu (default), cuda or auto")
+    xl.add_argument("--workers", type=int, default=None, help="modules decomposed at once "
+                    "(default 2 on a multi-core machine)")  # fmt: skip
+    xl.add_argument("--overwrite", action="store_true", help="replace a previous extract-lora "
+                    "output")  # fmt: skip
+    xl.add_argument("--fsync", action="store_true", help="flush to disk before it appears")
+    xl.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
+    add_mergekit_options(xl)
+    xl.set_defaults(fn=cmd_extract_lora, shard_size=None)
+    _xl_parse = xl.parse_known_args
+
+    def _intermixed(args=None, namespace=None):  # FINETUNED --base B --rank R OUT: options
+        xl.parse_known_args = _xl_parse  # between the two paths (argparse's intermixed parse)
+        try:
+            return xl.parse_known_intermixed_args(args, namespace)
+        finally:
+            xl.parse_known_args = _intermixed
+
+    xl.parse_known_args = _intermixed
 
     mo = sub.add_parser(
         "moe", help="build a mixture of experts (Mixtral / Qwen2-MoE) from dense experts",
@@ -692,7 +870,7 @@ def _tune_malloc() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "merge":
+    if args.command in ("merge", "multi"):
         _tune_malloc()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -722,8 +900,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"interrupted by {sig.name} after the output was complete: {done} is "
                       "written", file=sys.stderr)  # fmt: skip
                 return sig.exit_code
-            what = ("nothing was written at the output path"
-                    if args.command in ("merge", "fuse", "moe") else "")  # fmt: skip
+            writers = ("merge", "multi", "prune", "fuse", "moe", "extract-lora")
+            what = "nothing was written at the output path" if args.command in writers else ""
             if args.command == "evolve":
                 what = "run the same command again to resume from the last saved generation"
             print(f"interrupted by {sig.name}: stopped" + (f"; {what}" if what else ""),

@@ -2,13 +2,17 @@
 
 Everything a mergekit YAML may say for a method both tools support means the same here:
 ``merge_method``, ``base_model``, ``models`` (with per-model ``parameters``), ``slices`` (with
-``sources`` and ``layer_range``), global ``parameters``, ``dtype``, ``out_dtype``,
-``tokenizer_source: base``. Parameter values may be scalars, gradients (lists interpolated over
-depth) or filter lists (``[{filter: mlp, value: 0.5}, {value: 1}]``), with mergekit's precedence:
-per-model > slice > global. A parameter name the chosen method does not use but some method
-(ours or mergekit's) knows is ignored with one warning, as mergekit ignores it; mergekit
-features mergeforge lacks raise :func:`not_implemented`'s one message with the closest
-alternative.
+``sources`` and ``layer_range``), ``modules`` (per-module ``slices`` / ``models`` of multi-module
+architectures; :class:`ModuleConfig`, planned by ``engine/modules.py``), global ``parameters``,
+``dtype``, ``out_dtype``, ``tokenizer_source`` (``union`` | ``base`` | a model), the
+``tokenizer:`` block (``source``, per-token ``tokens``, ``pad_to_multiple_of``) and
+``chat_template`` (parsed here into :class:`TokenizerSpec`; the realignment is
+``engine/vocab.py``'s). A multi-document YAML is a multi-stage recipe (``engine/multi.py``).
+Parameter values may be scalars, gradients (lists interpolated over depth) or filter lists
+(``[{filter: mlp, value: 0.5}, {value: 1}]``), with mergekit's precedence: per-model > slice >
+global. A parameter name the chosen method does not use but some method (ours or mergekit's)
+knows is ignored with one warning, as mergekit ignores it; mergekit features mergeforge lacks
+raise :func:`not_implemented`'s one message with the closest alternative.
 
 mergeforge additions (all optional):
 
@@ -18,7 +22,8 @@ mergeforge additions (all optional):
 ``out_shard_size`` (bytes or "5GB"/"500MB", default 5 GB)
     Output shard size.
 ``allow_vocab_mismatch`` (bool, default false)
-    Merge even when the inputs' tokenizers disagree (the default refuses: rows would not align).
+    Merge embedding rows by id even when the inputs' tokenizers disagree (the default refuses:
+    rows would not align; a tokenizer option realigns them instead, so the two are exclusive).
 ``exclude`` (list of regexes)
     Output tensors whose name matches keep the base model's value (or the first model's).
 ``check_finite`` (bool, default true)
@@ -106,6 +111,64 @@ resolves only the chosen method's names and silently ignores any other; mergefor
 name some method of either tool knows with one warning, and refuses one no method knows."""
 
 
+MERGEKIT_MODULES: dict[str, dict[str, tuple[tuple[str, ...], str | None]]] = {
+    "Gemma3ForConditionalGeneration": {
+        "text_decoder": (("language_model.",), "text_config.num_hidden_layers"),
+        "multi_modal_projector": (("multi_modal_projector.",), None),
+        "vision_tower": (("vision_tower.vision_model.",), "vision_config.num_hidden_layers"),
+    },
+    "Llama4ForConditionalGeneration": {
+        "text_decoder": (("language_model.",), "text_config.num_hidden_layers"),
+        "multi_modal_projector": (("multi_modal_projector.",), None),
+        "vision_model": (("vision_model.",), "vision_config.num_hidden_layers"),
+    },
+    "Mistral3ForConditionalGeneration": {
+        "text_decoder": (("language_model.",), "text_config.num_hidden_layers"),
+        "multi_modal_projector": (("multi_modal_projector.",), None),
+        "vision_tower": (("vision_tower.",), "vision_config.num_hidden_layers"),
+    },
+    "Qwen2VLForConditionalGeneration": {
+        "text_decoder": (("model.", "lm_head."), "num_hidden_layers"),
+        "multi_modal_projector": (("visual.merger.",), None),
+        "vision_tower": (("visual.",), "vision_config.depth"),
+    },
+    "Qwen2_5_VLForConditionalGeneration": {
+        "text_decoder": (("model.", "lm_head."), "text_config.num_hidden_layers"),
+        "multi_modal_projector": (("visual.merger.",), None),
+        "vision_tower": (("visual.",), "vision_config.depth"),
+    },
+    "Qwen3VLForConditionalGeneration": {
+        "text_decoder": (("model.language_model.", "lm_head."), "text_config.num_hidden_layers"),
+        "multi_modal_projector": (
+            ("model.visual.merger.", "model.visual.deepstack_merger_list."), None,
+        ),
+        "vision_tower": (("model.visual.",), "vision_config.depth"),
+    },
+    "Qwen3VLMoeForConditionalGeneration": {
+        "text_decoder": (("model.language_model.", "lm_head."), "text_config.num_hidden_layers"),
+        "multi_modal_projector": (
+            ("model.visual.merger.", "model.visual.deepstack_merger_list."), None,
+        ),
+        "vision_tower": (("model.visual.",), "vision_config.depth"),
+    },
+    "T5ForConditionalGeneration": {
+        "decoder": (("decoder.",), "num_decoder_layers"),
+        "encoder": (("encoder.",), "num_hidden_layers"),
+        "shared": (("shared.", "lm_head."), None),
+    },
+    "WhisperForConditionalGeneration": {
+        "decoder": (("model.decoder.",), "decoder_layers"),
+        "encoder": (("model.encoder.",), "encoder_layers"),
+    },
+}  # fmt: skip
+"""The multi-module architectures of mergekit 0.1.5 (its modular architecture tables), as
+facts: architecture (``config.json`` ``architectures[0]``) -> module name -> (the tensor-name
+prefixes of its weights, the model-config key of its layer count or ``None``). A tensor belongs
+to the module with the longest matching prefix (``visual.merger.`` is the projector, the rest of
+``visual.`` the vision tower). Every other architecture has one module, ``default``: the whole
+model. Checked against mergekit's tables by tests/test_modules_config.py."""
+
+
 MERGEKIT_MOE_KEYS = {"experts", "gate_mode", "experts_per_token", "shared_experts"}
 """Top-level keys of mergekit-moe's config format (a different tool's YAML)."""
 
@@ -127,6 +190,53 @@ class OutputSlice:
 
 
 @dataclass(frozen=True)
+class ModuleConfig:
+    """One entry of mergekit's ``modules:``: the merge of one module of a multi-module
+    architecture (a VLM's text decoder, vision tower, projector), with its own ``models`` or
+    ``slices`` (layer ranges count that module's layers) and ``parameters`` (precedence:
+    per-model > slice > module > global). See :data:`MERGEKIT_MODULES`."""
+
+    name: str
+    models: tuple[InputModel, ...] = ()
+    slices: tuple[OutputSlice, ...] = ()
+    parameters: Mapping[str, Setting] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TokenSource:
+    """Where the embedding row of one token comes from (mergekit's per-token ``source``):
+    ``kind="model"``: the token's own row in ``model``; ``"zero"``: zeros; ``"model_token"``:
+    the row of another token of ``model``, named by ``token`` (a string of that model's
+    tokenizer) or ``token_id`` (a row of its embedding)."""
+
+    kind: str
+    model: str | None = None
+    token: str | None = None
+    token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenSetting:
+    """One entry of ``tokenizer.tokens``: its ``source``, used for a token some input lacks,
+    or for every input with ``force``."""
+
+    source: TokenSource | None = None
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """mergekit's ``tokenizer:`` block: the output vocabulary (``source``: ``union`` (the
+    default), ``base`` or a model), per-token embedding sources (``tokens``; a token not in the
+    vocabulary is added to it) and ``pad_to_multiple_of`` (rows padded with each input's mean
+    row)."""
+
+    source: str = "union"
+    tokens: Mapping[str, TokenSetting] = field(default_factory=dict)
+    pad_to_multiple_of: int | None = None
+
+
+@dataclass(frozen=True)
 class MergeConfig:
     """A parsed, checked merge config. Made by :func:`load_config` (the one constructor; its
     checks do not run again later), changed with ``dataclasses.replace``."""
@@ -134,11 +244,16 @@ class MergeConfig:
     merge_method: str
     models: tuple[InputModel, ...] = ()
     slices: tuple[OutputSlice, ...] = ()
+    modules: tuple[ModuleConfig, ...] = ()
+    """mergekit's ``modules:`` (instead of ``models``/``slices``): one merge per module."""
     base_model: str | None = None
     parameters: Mapping[str, Setting] = field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    """``union``, ``base`` or a model reference; ``None`` without one (see ``tokenizer``)."""
+    tokenizer: TokenizerSpec | None = None
+    """mergekit's ``tokenizer:`` block (exclusive with ``tokenizer_source``)."""
     chat_template: str | None = None
     seed: int = 0
     out_shard_size: int = 5_000_000_000
@@ -167,6 +282,13 @@ class MergeConfig:
             for src in sl.sources:
                 if src.model not in seen:
                     seen.append(src.model)
+        for mod in self.modules:  # each module's models or slices, in the order given
+            for m in [*mod.models, *(x for sl in mod.slices for x in sl.sources)]:
+                if m.model not in seen:
+                    seen.append(m.model)
+            for sl in mod.slices:
+                if sl.base_model and sl.base_model not in seen:
+                    seen.append(sl.base_model)
         return seen
 
     def to_yaml(self) -> str:
@@ -319,6 +441,40 @@ def parse_size(value: Any, where: str) -> int:
     raise ConfigError(f"{where}: expected a size in bytes like 5000000000, '5GB' or '500MB'")
 
 
+def _slices(items: Sequence[Any], where_list: str, warnings: list[str]) -> tuple[OutputSlice, ...]:
+    """A ``slices:`` list (top level or a module's), checked; ``residual_weight`` (read but
+    never used by mergekit 0.1.5) adds a warning."""
+    slices = []
+    for i, s in enumerate(items):
+        where = f"{where_list}[{i}]"
+        if not isinstance(s, Mapping):
+            raise ConfigError(f"{where}: expected a mapping with 'sources:'")
+        check_keys(s, {"sources", "parameters", "base_model", "residual_weight"}, where)
+        if s.get("residual_weight") is not None:
+            # mergekit 0.1.5 parses it but no code reads it: accepted and ignored, said once
+            warnings.append(
+                f"{where}.residual_weight is ignored: mergekit 0.1.5 reads it but never uses "
+                "it, so a mergekit merge of this config ignores it too"
+            )
+        srcs = s.get("sources") or []
+        if not srcs:
+            raise ConfigError(f"{where}: 'sources:' must list at least one model")
+        sources = tuple(
+            _input(x, f"{where}.sources[{j}]", slice_source=True) for j, x in enumerate(srcs)
+        )
+        _check_listed_once(sources, f"{where}.sources")
+        slices.append(
+            OutputSlice(
+                sources=sources,
+                parameters=_params(s.get("parameters"), f"{where}.parameters"),
+                base_model=_model_ref(s["base_model"], f"{where}.base_model")
+                if s.get("base_model")
+                else None,
+            )
+        )
+    return tuple(slices)
+
+
 def load_config(source: str | Path | Mapping[str, Any] | MergeConfig) -> MergeConfig:
     """The one constructor of a :class:`MergeConfig`: from a YAML file path, a YAML string, a
     mapping (as YAML would load it, see :func:`merge_document`), or a ``MergeConfig`` (returned
@@ -347,53 +503,29 @@ def load_config(source: str | Path | Mapping[str, Any] | MergeConfig) -> MergeCo
         except yaml.YAMLError as e:
             raise ConfigError(f"{where}: invalid YAML: {e}") from None
         if len(docs) > 1:
-            raise not_implemented(
-                f"{where}: multi-document YAML ({len(docs)} documents separated by '---', "
-                "mergekit-multi's format of named intermediate merges)",
-                "one config per document, merged in order with `mergeforge merge`, each later "
-                "one naming the output folder of the earlier merge it uses",
-                CONFIG_DOCS,
+            raise ConfigError(
+                f"{where}: a multi-stage recipe ({len(docs)} documents separated by '---', "
+                "mergekit-multi's format of named merges): run it with `mergeforge merge "
+                "CONFIG OUT` or `mergeforge multi`, or mergeforge.merge / "
+                "mergeforge.engine.run_multimerge from Python; load_config reads one merge "
+                "(see the README, 'Multi-stage recipes')"
             )
         raw = docs[0] if docs else None
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{where}: expected a YAML mapping with 'merge_method:'")
     _check_mergekit_only_keys(raw)
+    _check_other_tool_keys(raw)
     check_keys(raw, TOP_LEVEL_KEYS, "config")
     if "merge_method" not in raw:
         raise ConfigError("config: missing 'merge_method:' (run `mergeforge methods` for a list)")
-    _check_inputs_given(raw)
     warnings: list[str] = []
+    modules = _modules(raw, warnings)  # mergekit's third way to give the inputs
+    if not modules:
+        _check_inputs_given(raw)
 
     models = tuple(_input(m, f"models[{i}]") for i, m in enumerate(raw.get("models") or []))
     _check_listed_once(models, "models")
-    slices = []
-    for i, s in enumerate(raw.get("slices") or []):
-        where = f"slices[{i}]"
-        if not isinstance(s, Mapping):
-            raise ConfigError(f"{where}: expected a mapping with 'sources:'")
-        check_keys(s, {"sources", "parameters", "base_model", "residual_weight"}, where)
-        if s.get("residual_weight") is not None:
-            # mergekit 0.1.5 parses it but no code reads it: accepted and ignored, said once
-            warnings.append(
-                f"{where}.residual_weight is ignored: mergekit 0.1.5 reads it but never uses "
-                "it, so a mergekit merge of this config ignores it too"
-            )
-        srcs = s.get("sources") or []
-        if not srcs:
-            raise ConfigError(f"{where}: 'sources:' must list at least one model")
-        sources = tuple(
-            _input(x, f"{where}.sources[{j}]", slice_source=True) for j, x in enumerate(srcs)
-        )
-        _check_listed_once(sources, f"{where}.sources")
-        slices.append(
-            OutputSlice(
-                sources=sources,
-                parameters=_params(s.get("parameters"), f"{where}.parameters"),
-                base_model=_model_ref(s["base_model"], f"{where}.base_model")
-                if s.get("base_model")
-                else None,
-            )
-        )
+    slices = _slices(raw.get("slices") or [], "slices", warnings)
 
     for key in ("dtype", "out_dtype"):
         if raw.get(key) is not None and raw[key] not in DTYPES:
@@ -401,15 +533,7 @@ def load_config(source: str | Path | Mapping[str, Any] | MergeConfig) -> MergeCo
                 f"config: {key}: {raw[key]!r} is not a dtype; use one of "
                 "float32, bfloat16, float16, float64"
             )
-    tok = raw.get("tokenizer_source")
-    if tok is not None and tok != "base":
-        raise not_implemented(
-            f"config: tokenizer_source: {tok!r} (a vocabulary union or another model's "
-            "tokenizer, with embedding rows permuted to match)",
-            "'tokenizer_source: base' (copies the base model's tokenizer) for models that share "
-            "one tokenizer",
-            CONFIG_DOCS,
-        )
+    tok, tokenizer, chat_template = _tokenizer_options(raw)
     seed = raw.get("seed", 0)
     if not isinstance(seed, int):
         raise ConfigError(f"config: seed must be an integer, got {seed!r}")
@@ -417,13 +541,15 @@ def load_config(source: str | Path | Mapping[str, Any] | MergeConfig) -> MergeCo
     cfg = MergeConfig(
         merge_method=str(raw["merge_method"]),
         models=models,
-        slices=tuple(slices),
+        slices=slices,
+        modules=modules,
         base_model=_model_ref(raw["base_model"], "base_model") if raw.get("base_model") else None,
         parameters=_params(raw.get("parameters"), "parameters"),
         dtype=raw.get("dtype"),
         out_dtype=raw.get("out_dtype"),
         tokenizer_source=tok,
-        chat_template=raw.get("chat_template"),
+        tokenizer=tokenizer,
+        chat_template=chat_template,
         seed=seed,
         out_shard_size=parse_size(raw.get("out_shard_size", 5_000_000_000), "out_shard_size"),
         allow_vocab_mismatch=bool(raw.get("allow_vocab_mismatch", False)),
@@ -466,6 +592,36 @@ def merge_document(
     return doc
 
 
+OTHER_TOOL_KEYS: dict[str, str] = {
+    "genome": "a mergekit-evolve config (genome:, tasks:), not a merge: run it with `mergeforge "
+    "evolve CONFIG`, which reads mergekit-evolve's genome: section (tasks: becomes fitness:)",
+    "tasks": "a mergekit-evolve config (genome:, tasks:), not a merge: run it with `mergeforge "
+    "evolve CONFIG`, which reads mergekit-evolve's genome: section (tasks: becomes fitness:)",
+    "align_weights": "weight alignment before merging is not a key of mergekit 0.1.5 (it ignores "
+    "it and merges without aligning); mergeforge aligns and fuses models with `mergeforge fuse` "
+    "(zipit, Git Re-Basin, OT fusion); remove the key for a plain merge",
+    "out_path": "the output folder is given on the command line: `mergeforge merge CONFIG OUT`",
+    "low_cpu_memory": "a command-line option of mergekit-yaml, accepted by `mergeforge merge` "
+    "as --low-cpu-memory, not a config key",
+    "copy_tokenizer": "a command-line option of mergekit-yaml, accepted by `mergeforge merge` "
+    "as --copy-tokenizer / --no-copy-tokenizer, not a config key",
+    "metric_method": "model metrics (a mergekit branch, not mergekit 0.1.5, which refuses this "
+    "config: no merge_method) are not a merge; mergeforge has no metrics config, `mergeforge "
+    "bench` scores merged models",
+}
+"""Top-level keys of other tools' YAMLs found in mergekit's examples (mergekit-evolve, later or
+unmerged mergekit features, mergekit-yaml's command-line options written as keys), with what to
+do instead; mergekit 0.1.5 refuses these configs or silently drops the key."""
+
+
+def _check_other_tool_keys(raw: Mapping[str, Any]) -> None:
+    """A key of another tool's YAML (:data:`OTHER_TOOL_KEYS`): named, with the alternative."""
+    for key in raw:
+        if key in OTHER_TOOL_KEYS:
+            raise ConfigError(f"config: {key!r} is not a merge config key: "
+                              f"{OTHER_TOOL_KEYS[key]}. See {CONFIG_DOCS}.")  # fmt: skip
+
+
 def _check_mergekit_only_keys(raw: Mapping[str, Any]) -> None:
     """mergekit keys whose feature mergeforge lacks: the one "not implemented yet" message
     instead of silently dropping them (mergekit would act on each)."""
@@ -477,26 +633,200 @@ def _check_mergekit_only_keys(raw: Mapping[str, Any]) -> None:
             "none for mixtures of experts; merge the experts into one dense model with "
             "'merge_method: ties' or 'task_arithmetic'",
         )
-    if raw.get("modules"):
-        raise not_implemented(
-            "config: 'modules:' (per-module merges of multi-module architectures)",
-            "'models:' or 'slices:' (one merge over the whole model)",
-            CONFIG_DOCS,
+
+
+def _modules(raw: Mapping[str, Any], warnings: list[str]) -> tuple[ModuleConfig, ...]:
+    """mergekit's ``modules:`` (module name -> ``{models | slices, parameters}``), checked; ``()``
+    when absent or empty. Which names a model has is the planner's to check (it needs the
+    model's architecture, :data:`MERGEKIT_MODULES`)."""
+    value = raw.get("modules")
+    if not value:
+        return ()
+    example = "e.g. 'modules: {text_decoder: {models: [...]}, vision_tower: {models: [...]}}'"
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"config: 'modules:' must be a mapping of module name -> {{models: ...}} or "
+            f"{{slices: ...}}, got {type(value).__name__}; {example}"
         )
-    if raw.get("tokenizer"):
-        raise not_implemented(
-            "config: a 'tokenizer:' block (vocabulary alignment and added tokens)",
-            "'tokenizer_source: base' (copies the base model's tokenizer) for models that share "
-            "one tokenizer",
-            CONFIG_DOCS,
+    both = [k for k in ("models", "slices") if raw.get(k)]
+    if both:
+        raise ConfigError(
+            f"config: give only one of 'modules:' and '{both[0]}:' (mergekit's rule: exactly "
+            "one of models, slices and modules); put the inputs under each module instead"
         )
-    if raw.get("chat_template"):
-        raise not_implemented(
-            "config: 'chat_template:' (writing a chosen chat template into the tokenizer)",
-            "leave it out: the reference model's tokenizer files are copied with their own chat "
-            "template; edit chat_template.jinja / tokenizer_config.json in the output",
-            CONFIG_DOCS,
+    out = []
+    for name, d in value.items():
+        where = f"modules.{name}"
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"config: modules: {name!r} is not a module name")
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{where}: expected a mapping with 'models:' or 'slices:', got {d!r}")
+        check_keys(d, {"models", "slices", "parameters"}, where, see=CONFIG_DOCS)
+        for key in ("models", "slices"):
+            if d.get(key) is not None and not isinstance(d[key], list):
+                raise ConfigError(f"{where}.{key}: must be a list, got {type(d[key]).__name__}")
+        if bool(d.get("models")) == bool(d.get("slices")):
+            raise ConfigError(
+                f"{where}: give exactly one of 'models:' (merge the whole module) and "
+                "'slices:' (layer ranges of this module), not "
+                + ("both" if d.get("models") else "neither")
+            )
+        models = tuple(
+            _input(m, f"{where}.models[{i}]") for i, m in enumerate(d.get("models") or [])
         )
+        _check_listed_once(models, f"{where}.models")
+        out.append(
+            ModuleConfig(
+                name=name,
+                models=models,
+                slices=_slices(d.get("slices") or [], f"{where}.slices", warnings),
+                parameters=_params(d.get("parameters"), f"{where}.parameters"),
+            )
+        )
+    return tuple(out)
+
+
+CHAT_TEMPLATE_NAMES = ("chatml", "llama3", "mistral")
+"""Chat template names (``chat_template: chatml``): mergeforge's own templates, which render
+every conversation as mergekit 0.1.5's templates of those names do (tests/test_vocab.py)."""
+
+REFUSED_CHAT_TEMPLATE_NAMES = ("alpaca", "exaone")
+"""mergekit 0.1.5's other names: its templates render stray whitespace (exaone indents every
+turn by 4 or 8 spaces, alpaca glues '### Response:' to the last instruction), so they are
+refused with the advice to give the Jinja text."""
+
+VOCAB_DOCS = "README, 'Config: mergekit's YAML, plus a little', 'Vocabularies'"
+
+
+def _tokenizer_source(value: Any, where: str) -> str:
+    if value in ("union", "base"):
+        return value
+    if isinstance(value, str | Mapping):
+        return _model_ref(value, where)
+    raise ConfigError(
+        f"{where}: expected 'union', 'base' or a model path, got {value!r}. See {VOCAB_DOCS}."
+    )
+
+
+def _token_source(value: Any, where: str) -> TokenSource | None:
+    """One token's ``source``: a model reference, ``{kind: zero}`` or ``{kind: model_token,
+    model: M, token: T | token_id: N}``."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping) and "kind" in value:
+        kind = value["kind"]
+        if kind == "zero":
+            check_keys(value, {"kind"}, where, see=VOCAB_DOCS)
+            return TokenSource("zero")
+        if kind != "model_token":
+            raise ConfigError(
+                f"{where}.kind: {kind!r} is not a token source kind; use 'zero' or "
+                f"'model_token' (or give a model path for the token's own row). See {VOCAB_DOCS}."
+            )
+        check_keys(value, {"kind", "model", "token", "token_id"}, where, see=VOCAB_DOCS)
+        if "model" not in value:
+            raise ConfigError(f"{where}: a model_token source needs 'model:' (the model to read)")
+        token, token_id = value.get("token"), value.get("token_id")
+        if (token is None) == (token_id is None):
+            raise ConfigError(
+                f"{where}: give exactly one of 'token:' (a token of that model's tokenizer) and "
+                "'token_id:' (a row of its embedding)"
+            )
+        if token is not None and not isinstance(token, str):
+            raise ConfigError(f"{where}.token: expected a token string, got {token!r}")
+        if token_id is not None:
+            check_int(token_id, f"{where}.token_id", 0)
+        return TokenSource("model_token", _model_ref(value["model"], f"{where}.model"), token,
+                           token_id)  # fmt: skip
+    return TokenSource("model", _model_ref(value, where))
+
+
+def _tokenizer_options(raw: Mapping[str, Any]) -> tuple[str | None, TokenizerSpec | None,
+                                                         str | None]:  # fmt: skip
+    """``tokenizer_source``, the ``tokenizer:`` block and ``chat_template``, checked (mergekit's
+    schema; a ``force`` without a ``source``, which mergekit accepts and then crashes on, is an
+    error here)."""
+    source = raw.get("tokenizer_source")
+    block = raw.get("tokenizer")
+    if source is not None and block is not None:
+        raise ConfigError(
+            "config: give only one of 'tokenizer_source:' and 'tokenizer:' (its 'source:' is "
+            f"the same setting), as mergekit requires. See {VOCAB_DOCS}."
+        )
+    if source is not None:
+        source = _tokenizer_source(source, "tokenizer_source")
+    spec = None
+    if block is not None:
+        if not isinstance(block, Mapping):
+            raise ConfigError(
+                "config: 'tokenizer:' must be a mapping with 'source:', 'tokens:' and/or "
+                f"'pad_to_multiple_of:', got {block!r}. See {VOCAB_DOCS}."
+            )
+        check_keys(block, {"source", "tokens", "pad_to_multiple_of"}, "tokenizer", see=VOCAB_DOCS)
+        tokens = block.get("tokens") or {}
+        if not isinstance(tokens, Mapping):
+            raise ConfigError(
+                f"tokenizer.tokens: expected a mapping of token -> {{source, force}}, got "
+                f"{tokens!r}"
+            )
+        settings = {}
+        for token, setting in tokens.items():
+            where = f"tokenizer.tokens[{token!r}]"
+            if not isinstance(token, str) or not token:
+                raise ConfigError(f"tokenizer.tokens: {token!r} is not a token string")
+            setting = {} if setting is None else setting
+            if not isinstance(setting, Mapping):
+                raise ConfigError(f"{where}: expected a mapping with 'source:' and/or 'force:'")
+            check_keys(setting, {"source", "force"}, where, see=VOCAB_DOCS)
+            force = setting.get("force", False)
+            if not isinstance(force, bool):
+                raise ConfigError(f"{where}.force: expected true or false, got {force!r}")
+            src = _token_source(setting.get("source"), f"{where}.source")
+            if force and src is None:
+                raise ConfigError(
+                    f"{where}: 'force: true' needs a 'source:' (a model, {{kind: zero}} or "
+                    "{kind: model_token, ...}) to take the row from"
+                )
+            settings[token] = TokenSetting(src, force)
+        pad = block.get("pad_to_multiple_of")
+        if pad is not None:
+            check_int(pad, "tokenizer.pad_to_multiple_of", 1)
+        spec = TokenizerSpec(
+            source=_tokenizer_source(block.get("source", "union"), "tokenizer.source"),
+            tokens=settings,
+            pad_to_multiple_of=pad,
+        )
+    if raw.get("allow_vocab_mismatch") and (source is not None or spec is not None):
+        raise ConfigError(
+            "config: 'allow_vocab_mismatch: true' merges embedding rows by id, a tokenizer "
+            "option realigns them by token: give only one (the tokenizer option is the one "
+            f"that lines rows up). See {VOCAB_DOCS}."
+        )
+    template = raw.get("chat_template")
+    if template is not None:
+        if not isinstance(template, str) or not template.strip():
+            raise ConfigError(
+                f"config: chat_template: expected 'auto', a template name "
+                f"({', '.join(CHAT_TEMPLATE_NAMES)}) or a Jinja template, got {template!r}"
+            )
+        if template in REFUSED_CHAT_TEMPLATE_NAMES:
+            raise ConfigError(
+                f"config: chat_template: {template!r}: mergekit's template of that name renders "
+                "stray whitespace, so mergeforge does not ship it; give the Jinja template "
+                f"itself as the value, or one of 'auto', {', '.join(CHAT_TEMPLATE_NAMES)}. See "
+                f"{VOCAB_DOCS}."
+            )
+        if (
+            template != "auto"
+            and template not in CHAT_TEMPLATE_NAMES
+            and (len(template) < 20 or "{" not in template)
+        ):
+            raise ConfigError(
+                f"config: chat_template: {template!r} is neither 'auto', a template name "
+                f"({', '.join(CHAT_TEMPLATE_NAMES)}) nor a Jinja template (a string with "
+                f"'{{{{ ... }}}}' or '{{% ... %}}'). See {VOCAB_DOCS}."
+            )
+    return source, spec, template
 
 
 def _check_inputs_given(raw: Mapping[str, Any]) -> None:
@@ -688,7 +1018,9 @@ def check_method(cfg: MergeConfig) -> list[str]:
     if (
         method.base == "required"
         and not cfg.base_model
-        and not any(s.base_model for s in cfg.slices)
+        and not any(
+            s.base_model for s in (*cfg.slices, *(x for m in cfg.modules for x in m.slices))
+        )
     ):
         raise ConfigError(
             f"merge method {method.name!r} needs 'base_model:' (the model the task vectors are "
@@ -701,11 +1033,21 @@ def _parameter_blocks(cfg: MergeConfig) -> list[tuple[str, Mapping[str, Any], bo
     """Every ``parameters:`` block of a config: (where, block, is it a per-model block)."""
     blocks: list[tuple[str, Mapping[str, Any], bool]] = [("parameters", cfg.parameters, False)]
     blocks += [(f"models[{i}].parameters", m.parameters, True) for i, m in enumerate(cfg.models)]
-    for i, sl in enumerate(cfg.slices):
-        blocks.append((f"slices[{i}].parameters", sl.parameters, False))
+    for where, slices in [
+        ("slices", cfg.slices),
+        *((f"modules.{m.name}.slices", m.slices) for m in cfg.modules),
+    ]:
+        for i, sl in enumerate(slices):
+            blocks.append((f"{where}[{i}].parameters", sl.parameters, False))
+            blocks += [
+                (f"{where}[{i}].sources[{j}].parameters", s.parameters, True)
+                for j, s in enumerate(sl.sources)
+            ]
+    for mod in cfg.modules:
+        blocks.append((f"modules.{mod.name}.parameters", mod.parameters, False))
         blocks += [
-            (f"slices[{i}].sources[{j}].parameters", s.parameters, True)
-            for j, s in enumerate(sl.sources)
+            (f"modules.{mod.name}.models[{i}].parameters", m.parameters, True)
+            for i, m in enumerate(mod.models)
         ]
     return blocks
 

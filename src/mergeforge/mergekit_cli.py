@@ -150,6 +150,31 @@ def add_mergekit_options(p: argparse.ArgumentParser) -> None:
         g.add_argument(f"--{name}", type=kind, metavar="X", help=f"no effect: {note}")
 
 
+def add_mergekit_multi_options(p: argparse.ArgumentParser) -> None:
+    """mergekit-multi's own options (mergekit 0.1.5) on the ``multi`` parser: ``--out-path``,
+    ``-I/--intermediate-dir`` (optional here: without it intermediates stay in memory or a
+    temporary folder) and ``--lazy/--no-lazy``; mergeforge's ``--intermediates``."""
+    g = p.add_argument_group("mergekit-multi options", "accepted with mergekit-multi's meaning")
+    g.add_argument(
+        "--out-path", metavar="OUT",
+        help="the final merge's output folder (the unnamed one, else the one no stage uses)",
+    )  # fmt: skip
+    g.add_argument(
+        "--intermediate-dir", "-I", metavar="DIR",
+        help="write every named stage to DIR/NAME and keep it (mergekit-multi); without it "
+        "intermediates are kept in memory or a temporary folder and removed",
+    )  # fmt: skip
+    g.add_argument(
+        "--lazy", action=argparse.BooleanOptionalAction, default=True,
+        help="with -I: reuse a stage already in DIR/NAME (default: yes)",
+    )  # fmt: skip
+    g.add_argument(
+        "--intermediates", choices=("auto", "memory", "disk"), default="auto",
+        help="without -I: keep intermediates in memory (auto: when one takes at most half of "
+        "the available memory) or in a temporary folder beside the output",
+    )  # fmt: skip
+
+
 def parse_kmb(value: str, where: str = "--out-shard-size") -> int:
     """A size as mergekit's ``parse_kmb`` reads it: a number with an optional ``K``, ``M`` or
     ``B`` suffix (thousand, million, *billion*), in bytes: ``5B`` is 5,000,000,000 bytes, not

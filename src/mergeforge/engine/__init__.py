@@ -42,10 +42,13 @@ log = logging.getLogger("mergeforge")
 
 __all__ = [
     "run_merge", "merge_state_dicts", "prepare", "MergeResult", "build_plan", "MergePlan",
+    "vocabulary_report",
     # engine/output.py's checks, for other producers of model folders (fusion): where an output
     # may go, never over an input, --overwrite replacing only that producer's earlier output
     "check_output_location", "check_not_among", "check_replaceable", "checkpoint_paths",
     "is_previous_output", "probe_writable",
+    # engine/multi.py: multi-stage recipes (mergekit-multi's YAML)
+    "run_multimerge", "load_recipe", "is_recipe", "Recipe",
 ]  # fmt: skip
 
 
@@ -83,8 +86,9 @@ def prepare(
 ) -> MergePlan:
     """Parse, open (headers only) and validate: everything that can fail before heavy work.
     Returns the complete plan (close it with ``plan.close()``); ``models`` and ``stats``: the
-    in-memory models and statistics, as for :func:`merge_state_dicts`."""
-    from mergeforge.checkpoint import open_checkpoint
+    in-memory models and statistics, as for :func:`merge_state_dicts` (a model given as an
+    opened ``Checkpoint`` is used as it is, and closed with the plan)."""
+    from mergeforge.checkpoint import Checkpoint, open_checkpoint
     from mergeforge.checkpoint.memory import memory_checkpoint
 
     cfg = load_config(config)
@@ -94,7 +98,8 @@ def prepare(
     try:
         for m in names:
             if m in given:
-                cks.append(memory_checkpoint(m, given[m]))
+                ck = given[m]
+                cks.append(ck if isinstance(ck, Checkpoint) else memory_checkpoint(m, ck))
                 continue
             try:
                 cks.append(open_checkpoint(_resolve_path(cfg, m)))
@@ -112,6 +117,25 @@ def prepare(
         raise
 
 
+def vocabulary_report(config: str | Path | Mapping[str, Any] | MergeConfig) -> list[str]:
+    """How the inputs' vocabularies differ (``mergeforge validate``'s table, see
+    ``engine/vocab.py``'s ``report``): reads config.json and tokenizer files only (checkpoints
+    opened for their headers). Empty when no input has a tokenizer."""
+    from mergeforge.checkpoint import open_checkpoint
+    from mergeforge.engine.vocab import report
+
+    cfg = load_config(config)
+    names = cfg.referenced_models()
+    cks = []
+    try:
+        for m in names:
+            cks.append(open_checkpoint(_resolve_path(cfg, m)))
+        return report(cfg, names, cks)
+    finally:
+        for ck in cks:
+            ck.close()
+
+
 _TOKENIZER_FILES = frozenset({
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
@@ -126,7 +150,15 @@ def _copy_carried_files(plan: MergePlan, writer, copy_tokenizer: bool = True) ->
     ``tokenizer_source`` (as mergekit, which then writes a tokenizer whatever the flag)."""
     from mergeforge.checkpoint import CARRIED_FILES
 
-    copy_tokenizer = copy_tokenizer or plan.config.tokenizer_source is not None
+    vocab = plan.vocab  # a tokenizer option or chat_template: the tokenizer is written anew
+    cfg = plan.config
+    copy_tokenizer = copy_tokenizer or cfg.tokenizer_source is not None or cfg.tokenizer is not None
+    written = vocab is not None and vocab.tokenizer is not None and copy_tokenizer
+    if vocab is not None and vocab.tokenizer is not None and not copy_tokenizer:
+        log.warning("chat_template is not written: the tokenizer is not copied (copy_tokenizer "
+                    "off, mergekit's --no-copy-tokenizer)")  # fmt: skip
+    if written:
+        vocab.save(writer.copy_file)
 
     ref = plan.checkpoints[plan.reference]
     cfg_json = output_config(plan)
@@ -136,7 +168,8 @@ def _copy_carried_files(plan: MergePlan, writer, copy_tokenizer: bool = True) ->
         return
     folder = Path(ref.folder)
     for name in CARRIED_FILES:
-        if name == "config.json" or (not copy_tokenizer and name in _TOKENIZER_FILES):
+        skip_tokenizer = written or not copy_tokenizer
+        if name == "config.json" or (skip_tokenizer and name in _TOKENIZER_FILES):
             continue
         p = folder / name
         if p.is_file():
@@ -295,6 +328,7 @@ def run_merge(
     durable: bool = False,
     copy_tokenizer: bool = True,
     write_model_card: bool = True,
+    models: Mapping[str, Any] | None = None,
 ) -> MergeResult:
     """Merge as the config says and write a Hugging Face-loadable folder at ``out``, atomically.
 
@@ -309,15 +343,24 @@ def run_merge(
     ``copy_tokenizer=False``: leave the tokenizer files out (mergekit's --no-copy-tokenizer).
     ``write_model_card=False``: no README.md (mergekit's --no-write-model-card); the config
     files mergeforge_config.yml and mergeforge_resolved.yml are still written.
+    ``models``: models held in memory, as for :func:`merge_state_dicts`.
+    A multi-stage recipe (a YAML of several documents, mergekit-multi's format) is run by
+    :func:`run_multimerge` with these options.
     """
     from mergeforge.checkpoint import ShardedWriter
 
+    if models is None and is_recipe(config):
+        return run_multimerge(
+            config, out, device=device, overwrite=overwrite, progress=progress,
+            shard_size=shard_size, workers=workers, durable=durable,
+            copy_tokenizer=copy_tokenizer, write_model_card=write_model_card,
+        )  # fmt: skip
     t0 = time.perf_counter()
     dev = resolve_device(device)
     out = Path(out)
     # inputs are never written and only our own outputs replaced: engine/output.py
     check_output_location(out)
-    plan = prepare(config)
+    plan = prepare(config, models=models)
     try:
         check_not_an_input(out, plan)
         check_replaceable(out, overwrite=overwrite)
@@ -409,3 +452,6 @@ def merge_state_dicts(
         return sink.result()
     finally:
         plan.close()
+
+
+from mergeforge.engine.multi import Recipe, is_recipe, load_recipe, run_multimerge  # noqa: E402

@@ -31,6 +31,11 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
+def realigned(plan: MergePlan, job: Job) -> bool:
+    """Whether ``job``'s inputs are rebuilt on the output vocabulary before merging."""
+    return plan.vocab is not None and job.out_name in plan.vocab.tensors
+
+
 class Loader:
     """Reads a job's inputs, checks them and puts them on the compute device/dtype."""
 
@@ -70,6 +75,14 @@ class Loader:
 
     def job(self, job: Job) -> tuple[Tensor | None, list[Tensor]]:
         dt = self.plan.compute_dtype if job.call is not None else None
+        if realigned(self.plan, job):  # embeddings / heads on the output vocabulary
+            refs = ([job.base] if job.base is not None else []) + list(job.inputs)
+            out = self.plan.vocab.realign(
+                job.out_name, [r.model for r in refs], [self.tensor(r, dt) for r in refs]
+            )
+            if job.call is None:  # copied: the source's rows (base, else the first input)
+                return out[0], []
+            return (out[0], out[1:]) if job.base is not None else (None, out)
         base = self.tensor(job.base, dt) if job.base is not None and job.call is not None else None
         if job.call is None:  # copied unchanged
             src = job.base or job.inputs[0]
@@ -161,6 +174,7 @@ def process(job: Job, loader: Loader, plan: MergePlan, fitted, device, writer) -
         and fitted is None
         and not job.sidecars
         and len(job.inputs) > 0
+        and not realigned(plan, job)
     ):
         writer.write(job.out_name, merge_chunked(job, loader, plan))
         return job

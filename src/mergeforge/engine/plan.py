@@ -14,11 +14,9 @@ it (``run_merge``, ``merge_state_dicts``, or ``prepare`` then ``run_jobs``) merg
 from __future__ import annotations
 
 import difflib
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +30,7 @@ from mergeforge.engine.layout import (
     infer_layout,
     tied_source,
 )
+from mergeforge.engine.vocab import VocabPlan, check_ids_agree, plan_vocabulary
 from mergeforge.errors import ConfigError, ValidationError
 from mergeforge.methods import Method, get_method
 from mergeforge.methods.base import MethodCall
@@ -91,10 +90,16 @@ class MergePlan:
     untied: tuple[str, ...] = ()
     """Tied weights (``lm_head.weight``) the reference model leaves out but the output has,
     because another input stores its own: the output's config is then untied."""
+    module_layers: Mapping[str, int] = field(default_factory=dict)
+    """Layer counts of modules merged from slices (``modules:``), by their model-config key
+    (``text_config.num_hidden_layers``): set in the output's config.json."""
     stream_names: tuple[str, ...] | None = None
     """Per model, the name its random stream is seeded with: a fingerprint of its weights
     (:func:`model_fingerprint`; ``""`` for a model no job merges, e.g. a base), set by the
     planner when the method is stochastic; ``None`` when it draws no random numbers."""
+    vocab: VocabPlan | None = None
+    """The vocabulary realignment and output tokenizer (``engine/vocab.py``): set when the
+    config has a tokenizer option or ``chat_template``."""
 
     @property
     def total_bytes(self) -> int:
@@ -190,8 +195,12 @@ def _config_of(ck: Checkpoint) -> Mapping[str, Any]:
     return ck.config or {}
 
 
-def check_compatible(models: list[str], cks: list[Checkpoint], ref: int, allow_vocab: bool):
-    """Same architecture family and the same vocabulary, judged from config.json/tokenizer."""
+def check_compatible(
+    models: list[str], cks: list[Checkpoint], ref: int, allow_vocab: bool
+) -> list[str]:
+    """Same architecture family and, unless ``allow_vocab`` (rows realigned by a tokenizer
+    option, or ``allow_vocab_mismatch``), the same vocabulary, judged from config.json and
+    tokenizer.json (:func:`~mergeforge.engine.vocab.check_ids_agree`). Returns warnings."""
     rc = _config_of(cks[ref])
     for i, ck in enumerate(cks):
         c = _config_of(ck)
@@ -207,42 +216,14 @@ def check_compatible(models: list[str], cks: list[Checkpoint], ref: int, allow_v
         if va and vb and va != vb and not allow_vocab:
             raise ValidationError(
                 f"vocabularies differ: {models[ref]} has vocab_size {va} but {models[i]} has "
-                f"{vb} (config.json). Merge models that share a tokenizer (mergekit's vocabulary "
-                "union is not supported yet), or set 'allow_vocab_mismatch: true' if the rows "
-                "really correspond."
+                f"{vb} (config.json), so their embedding rows cannot be merged by id. Set "
+                "'tokenizer_source: union' (or 'base', or a 'tokenizer:' block) to realign the "
+                "rows by token, as mergekit does (README, 'Vocabularies'); "
+                "'allow_vocab_mismatch: true' only if the rows really correspond."
             )
     if allow_vocab:
-        return
-    ref_vocab = _tokenizer_vocab(cks[ref])
-    if ref_vocab is None:
-        return
-    for i, ck in enumerate(cks):
-        if i == ref:
-            continue
-        v = _tokenizer_vocab(ck)
-        if v is not None and v != ref_vocab:
-            diff = sorted(set(v.items()) ^ set(ref_vocab.items()), key=str)[:3]
-            raise ValidationError(
-                f"tokenizers differ: {models[i]}/tokenizer.json maps tokens differently from "
-                f"{models[ref]} (e.g. {diff}). Embedding rows would not line up. Merge models "
-                "with the same tokenizer, or set 'allow_vocab_mismatch: true'."
-            )
-
-
-def _tokenizer_vocab(ck: Checkpoint) -> dict | None:
-    if ck.folder is None:
-        return None
-    p = Path(ck.folder) / "tokenizer.json"
-    if not p.is_file():
-        return None
-    try:
-        model = json.loads(p.read_text()).get("model", {})
-    except (OSError, ValueError):
-        return None
-    vocab = model.get("vocab")
-    if isinstance(vocab, list):  # unigram: [[piece, score], ...]
-        vocab = {str(x[0]) if isinstance(x, list) else str(x): i for i, x in enumerate(vocab)}
-    return vocab if isinstance(vocab, dict) else None
+        return []
+    return check_ids_agree(models, cks, ref)
 
 
 def _input_info(models, cks, keysets, ref: Ref, out_name: str, where: str, shape=None):
@@ -269,6 +250,15 @@ def _input_info(models, cks, keysets, ref: Ref, out_name: str, where: str, shape
 # the planner
 
 
+def _first_inputs(cfg: MergeConfig) -> Sequence[Any]:
+    """The inputs the reference model is chosen from: ``models``, else the first slice's
+    sources; with ``modules:``, those of the first module."""
+    if cfg.models or cfg.slices:
+        return cfg.models or cfg.slices[0].sources
+    mod = cfg.modules[0]
+    return mod.models or mod.slices[0].sources
+
+
 def build_plan(
     cfg: MergeConfig,
     models: list[str],
@@ -285,12 +275,14 @@ def build_plan(
     warnings = list(cfg.warnings)
     index = {m: i for i, m in enumerate(models)}
     base = index[cfg.base_model] if cfg.base_model else None
-    listed = [index[s.model] for s in (cfg.models or cfg.slices[0].sources)]
+    listed = [index[s.model] for s in _first_inputs(cfg)]
     if base is not None and method.output_like == "base":
         ref = base
     else:  # the first model that is not the base (Method.output_like)
         ref = next((m for m in listed if m != base), listed[0])
-    check_compatible(models, cks, ref, cfg.allow_vocab_mismatch)
+    vocab = plan_vocabulary(cfg, models, cks, ref, warnings)  # tokenizer options: engine/vocab
+    realigned = vocab is not None and vocab.size is not None
+    warnings += check_compatible(models, cks, ref, cfg.allow_vocab_mismatch or realigned)
 
     compute = DTYPE_NAMES[cfg.dtype] if cfg.dtype else torch.float32
     out_dt = DTYPE_NAMES.get(cfg.out_dtype or cfg.dtype or "", None)
@@ -321,8 +313,11 @@ def build_plan(
         tied_inputs.setdefault(name, {})[m] = tied
         return tied
 
-    def add(out_name, in_name_for, sources, slice_params, slice_base, t, where, layer=None):
-        """sources: list of (model index, per-model params); in_name_for(model) -> input name."""
+    def add(out_name, in_name_for, sources, slice_params, slice_base, t, where, layer=None,
+            module_params=None):  # fmt: skip
+        """sources: list of (model index, per-model params); in_name_for(model) -> input name;
+        module_params: the ``parameters`` of the module (``modules:``), between slice and
+        global in precedence."""
         b = index[slice_base] if slice_base else base
         if method.base == "none":
             b_ref = None
@@ -346,26 +341,35 @@ def build_plan(
         refs = tuple(Ref(m, stored(m, in_name_for(m))) for m, _ in non_base)
         all_refs = (*([b_ref] if b_ref else []), *refs)
         info = _input_info(models, cks, keysets, all_refs[0], out_name, where)
+        realign = vocab is not None and vocab.realigns(out_name)  # rows differ: realigned
         infos = [
-            _input_info(models, cks, keysets, r, out_name, where, info.shape) for r in all_refs
+            _input_info(models, cks, keysets, r, out_name, where, None if realign else info.shape)
+            for r in all_refs
         ]
+        shape = vocab.job_shape(out_name, all_refs, infos, b, where) if realign else info.shape
         dt = out_dt or info.dtype
         floating = all(i.dtype.is_floating_point for i in infos)
         if not floating or any(p.search(out_name) for p in excl):
-            jobs.append(Job(out_name, tuple(info.shape), info.dtype if not floating else dt,
+            jobs.append(Job(out_name, tuple(shape), info.dtype if not floating else dt,
                             b_ref or refs[0], refs, None))  # fmt: skip
             return
+        scopes = [slice_params, *([module_params] if module_params else []), cfg.parameters]
         call = resolver.call(
             out_name,
             t,
-            shared_scopes=[slice_params, cfg.parameters],
-            model_scopes=[[p, slice_params, cfg.parameters] for _, p in non_base],
+            shared_scopes=scopes,
+            model_scopes=[[p, *scopes] for _, p in non_base],
             where=where,
         )
-        jobs.append(Job(out_name, tuple(info.shape), dt, b_ref, refs, call))
+        jobs.append(Job(out_name, tuple(shape), dt, b_ref, refs, call))
 
     num_out_layers = None
-    if cfg.models:
+    module_layers: dict[str, int] = {}
+    if cfg.modules:  # mergekit's modules: one merge per module of the architecture
+        from mergeforge.engine.modules import plan_modules
+
+        num_out_layers, module_layers, added = plan_modules(cfg, models, cks, index, ref, add)
+    elif cfg.models:
         sources = [(index[m.model], m.parameters) for m in cfg.models]
         if base is not None and method.base != "none" and base not in [s[0] for s in sources]:
             sources.append((base, {}))
@@ -374,8 +378,11 @@ def build_plan(
                 f"base_model is not used by {method.name!r} unless listed under models:"
             )
         added = heads_to_add(keysets[ref], [keysets[m] for m, _ in sources])
+        from mergeforge.engine.modules import stack_depth
+
+        depth = stack_depth(ref_ck.keys())  # each layer stack its own depth, as mergekit
         for name in [*ref_ck.keys(), *added]:
-            add(name, lambda m, n=name: n, sources, {}, None, layout.t(name), "models")
+            add(name, lambda m, n=name: n, sources, {}, None, depth(name), "models")
     else:
         ends = [*cfg.slices[0].sources, *cfg.slices[-1].sources]
         added = heads_to_add(keysets[ref], [keysets[index[s.model]] for s in ends])
@@ -385,13 +392,16 @@ def build_plan(
     plan = MergePlan(
         config=cfg, method=method, models=models, checkpoints=cks, jobs=jobs,
         compute_dtype=compute, num_out_layers=num_out_layers, reference=ref, warnings=warnings,
-        untied=tuple(added),
+        untied=tuple(added), module_layers=module_layers,
     )  # fmt: skip
+    plan.vocab = vocab
     if method.sidecar_inputs is not None or stats:  # statistics for a method reading none: refused
         from mergeforge.engine.sidecars import close_sidecars, plan_sidecars
 
         try:
             plan_sidecars(plan, stats or {})
+            if vocab is not None:
+                vocab.check_sidecars(plan.jobs)
         except BaseException:
             close_sidecars(plan)
             raise
@@ -423,34 +433,41 @@ def _tied_warnings(models, ref: int, tied_inputs: dict[str, dict[int, str]], add
     return out
 
 
-def _plan_slices(cfg, models, cks, index, layout: Layout, ref_ck, add, added=()) -> int:
+def _plan_slices(cfg, models, cks, index, layout: Layout, ref_ck, add, added=(), *,
+                 slices=None, names=None, member=None, where="slices") -> int:  # fmt: skip
     """mergekit slices: output layers are numbered consecutively across slices; embeddings come
     from the first slice's sources, final norm/head from the last slice's; t runs 0..1 within
-    each slice. ``added``: tied weights the reference leaves out but the output gets."""
+    each slice. ``added``: tied weights the reference leaves out but the output gets.
+    A module's slices (``modules:``): ``slices``, the reference's tensor ``names`` of the
+    module, ``member(name)`` (a tensor of the module) and ``where`` (``modules.NAME.slices``)."""
+    slices = cfg.slices if slices is None else slices
+    names = list(ref_ck.keys()) if names is None else names
     if layout.prefix is None:
-        raise ConfigError("slices: the reference model has no numbered layers to slice")
-    per_layer = sorted({s[1] for n in ref_ck.keys() if (s := layout.split(n)) and s[0] == 0})
-    non_layer = [n for n in [*ref_ck.keys(), *added] if layout.split(n) is None]
+        raise ConfigError(f"{where}: the reference model has no numbered layers to slice")
+    per_layer = sorted({s[1] for n in names if (s := layout.split(n)) and s[0] == 0})
+    non_layer = [n for n in [*names, *added] if layout.split(n) is None]
     pre = [n for n in non_layer if Layout.is_pre(n)]
     post = [n for n in non_layer if not Layout.is_pre(n)]
 
     def srcs(sl):
         return [(index[s.model], s.parameters) for s in sl.sources]
 
-    first, last = cfg.slices[0], cfg.slices[-1]
+    first, last = slices[0], slices[-1]
     for n in pre:
-        add(n, lambda m, n=n: n, srcs(first), first.parameters, first.base_model, 0.0, "slices[0]")
+        add(n, lambda m, n=n: n, srcs(first), first.parameters, first.base_model, 0.0,
+            f"{where}[0]")  # fmt: skip
     out_layer = 0
-    for si, sl in enumerate(cfg.slices):
+    for si, sl in enumerate(slices):
         lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
         if len(lengths) != 1:
-            raise ConfigError(f"slices[{si}]: all sources must span the same number of layers")
+            raise ConfigError(f"{where}[{si}]: all sources must span the same number of layers")
         n = lengths.pop()
         for s in sl.sources:
-            have = infer_layout(cks[index[s.model]].keys()).num_layers
+            keys = cks[index[s.model]].keys()
+            have = infer_layout(k for k in keys if member is None or member(k)).num_layers
             if s.layer_range[1] > have:
                 raise ConfigError(
-                    f"slices[{si}]: layer_range {list(s.layer_range)} is past the end of "
+                    f"{where}[{si}]: layer_range {list(s.layer_range)} is past the end of "
                     f"{s.model}, which has {have} layers"
                 )
         starts = {index[s.model]: s.layer_range[0] for s in sl.sources}
@@ -462,10 +479,11 @@ def _plan_slices(cfg, models, cks, index, layout: Layout, ref_ck, add, added=())
                     return layout.name(starts.get(m, next(iter(starts.values()))) + k, rest)
 
                 add(layout.name(out_layer, rest), name_for, srcs(sl), sl.parameters,
-                    sl.base_model, t, f"slices[{si}]")  # fmt: skip
+                    sl.base_model, t, f"{where}[{si}]")  # fmt: skip
             out_layer += 1
     for n in post:
-        add(n, lambda m, n=n: n, srcs(last), last.parameters, last.base_model, 0.0, "slices[-1]")
+        add(n, lambda m, n=n: n, srcs(last), last.parameters, last.base_model, 0.0,
+            f"{where}[-1]")  # fmt: skip
     return out_layer
 
 
@@ -479,6 +497,17 @@ def output_config(plan: MergePlan) -> dict | None:
         for k in NUM_LAYERS_KEYS:
             if k in out:
                 out[k] = plan.num_out_layers
+    for key, n in plan.module_layers.items():  # modules: "text_config.num_hidden_layers"
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            if not isinstance(node.get(p), Mapping):
+                break
+            node[p] = node = dict(node[p])
+        else:
+            node[leaf] = n
+    if plan.vocab is not None:
+        plan.vocab.update_config(out)  # the rows of the realigned embeddings
     if plan.untied:
         # the output stores its own merged head: a tied config would make transformers drop
         # it (older versions) or warn and untie it (newer ones)
