@@ -51,6 +51,8 @@ def config(a, in_memory: bool) -> dict:
     fitness = {"suite": "text", "validation": a.validation, "quick": a.quick, "seed": 0}
     if a.tasks:
         fitness["tasks"] = a.tasks.split(",")
+    if a.optimizer:
+        fitness["optimizer"] = a.optimizer
     genome = {"merge_method": a.method, "layer_groups": a.layer_groups,
               "per_model": ["weight", "density"], "parameters": {"normalize": True}}  # fmt: skip
     if a.lambda_range:
@@ -118,6 +120,12 @@ def main() -> None:
     p.add_argument("--tasks", default=None, help="comma-separated subset of the text tasks")
     p.add_argument("--quick", action="store_true", help="the suite's quick experts (smoke)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--optimizer",
+        default=None,
+        help="how the suite's experts train (adamw, "
+        "adamw+recorder: the same weights, cached apart, plus curvature; umtam)",
+    )
     p.add_argument("--modes", default="memory", help="memory, disk or memory,disk")
     p.add_argument("--workers", default="2", help="Ray workers: 1, 2 or 1,2")
     p.add_argument("--address", default=None, help="an existing Ray cluster (HOST:PORT)")

@@ -57,6 +57,15 @@ def test_bad_config_shapes():
         evolve(genome(), models={})
 
 
+def test_suite_fitness_optimizer_is_checked():
+    """``fitness.optimizer`` picks the suite's experts (adamw, adamw+recorder, umtam): a name
+    the suite does not train with is refused before anything is built."""
+    cfg = load_evolve_config({**genome(), "fitness": {"suite": "text", "optimizer": "umtam"}})
+    assert cfg is not None
+    with pytest.raises(ConfigError, match=r"fitness.optimizer: 'sgd'; .*adamw\+recorder"):
+        load_evolve_config({**genome(), "fitness": {"suite": "text", "optimizer": "sgd"}})
+
+
 def test_a_budget_below_one_generation(tiny):
     with pytest.raises(ConfigError, match="search.evaluations: 5 is less than one generation of 8"):
         evolve(tiny.config(evaluations=5), fitness=tiny, models=tiny.models)

@@ -34,7 +34,7 @@ from mergeforge.errors import ConfigError
 
 METRICS = ("accuracy", "loss")
 SUITE_KEYS = {"suite", "tasks", "validation", "quick", "backbone", "n_train", "n_test", "cache",
-              "metric", "seed", "batch_size"}  # fmt: skip
+              "metric", "seed", "batch_size", "optimizer"}  # fmt: skip
 POOL_KEYS = {"tasks", "model", "tokenizer", "max_length", "batch_size", "metric"}
 TASK_KEYS = {"name", "examples", "head", "weight"}
 TEXTS_KEYS = {"texts", "model", "tokenizer", "max_length", "batch_size"}
@@ -273,6 +273,11 @@ def check_fitness_options(kind: str, f: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"fitness.tasks: {tasks!r}; a non-empty list of text tasks: "
                               f"{', '.join(TEXT_TASKS)}")  # fmt: skip
         _positive_int(f, "validation", 64, "fitness")
+        from mergeforge.evaluate.text.experts import OPTIMIZERS
+
+        if f.get("optimizer") is not None and f["optimizer"] not in OPTIMIZERS:
+            raise ConfigError(f"fitness.optimizer: {f['optimizer']!r}; how the suite's experts "
+                              f"train, one of {', '.join(OPTIMIZERS)}")  # fmt: skip
     elif kind == "tasks":
         _keys(f, POOL_KEYS, "fitness")
         tasks = f["tasks"]

@@ -56,13 +56,15 @@ def text_suite_fitness(options: Mapping[str, Any], *, console=None) -> SuiteFitn
     """Build (or reuse from the cache) the text suite's base and experts, then the validation
     and test pools. ``options``: the YAML ``fitness:`` keys (``tasks``, ``validation`` per
     task, default 64, ``quick``, ``backbone``, ``n_train``, ``n_test``, ``cache``, ``metric``,
-    ``seed`` of the validation draw, ``batch_size``)."""
+    ``seed`` of the validation draw, ``batch_size``, ``optimizer``: how the experts train,
+    ``adamw`` (default), ``adamw+recorder`` (the same weights, plus curvature sidecars) or
+    ``umtam``)."""
     from mergeforge.evaluate.text.suite import TextSuite
 
     suite = TextSuite(quick=bool(options.get("quick", False)), tasks=options.get("tasks"),
                       backbone=options.get("backbone", "minilm"), n_train=options.get("n_train"),
                       n_test=options.get("n_test"), cache_dir=options.get("cache"),
-                      console=console)  # fmt: skip
+                      optimizer=options.get("optimizer"), console=console)  # fmt: skip
     suite.prepare()
     n, seed = int(options.get("validation", 64)), int(options.get("seed", 0))
     batch = int(options.get("batch_size", 64))
