@@ -60,3 +60,17 @@ def test_same_as_mergekit(shape, select_topk):
     theirs = mergekit_tensor("sce", base, xs, shared)
     ours = merge_tensor("sce", base, xs, shared)
     assert (ours - theirs).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("shape", [(2, 1001), (3, 64, 33), (5, 7), (8, 4099)])
+def test_fast_variance_is_torch_var_bit_for_bit(shape):
+    """The select step's variance (Welford in float64 across whole task vectors) equals
+    ``torch.var(dim=0, unbiased=False)`` exactly, ties and zero-variance entries included."""
+    from mergeforge.methods.sce import _variance
+
+    g = torch.Generator().manual_seed(sum(shape))
+    d = torch.randn(shape, generator=g) * torch.logspace(-8, 2, shape[-1])
+    d[:, : shape[-1] // 4] = d[0, : shape[-1] // 4]  # identical across tasks: variance 0
+    assert torch.equal(_variance(d), d.var(dim=0, unbiased=False))
+    half = d.half()
+    assert torch.equal(_variance(half), half.var(dim=0, unbiased=False))

@@ -47,11 +47,27 @@ def select(deltas: Tensor, fraction: float) -> Tensor:
     (N, *S), nnz counting the entries of non-zero variance; all True at fraction 1."""
     if fraction >= 1:
         return torch.ones(deltas.shape[1:], dtype=torch.bool, device=deltas.device)
-    variance = deltas.var(dim=0, unbiased=False)
+    variance = _variance(deltas)
     k = int(int(torch.count_nonzero(variance)) * fraction)
     if k == 0:
         return torch.zeros_like(variance, dtype=torch.bool)
     return keep_top_k(variance, k)
+
+
+def _variance(deltas: Tensor) -> Tensor:
+    """``deltas.var(dim=0, unbiased=False)``, bit for bit (mergekit's select step uses it), up to
+    8x faster on CPU for float32: torch reduces over the strided first axis with Welford's
+    update in float64, which is the same update written here across whole task vectors."""
+    if deltas.dtype != torch.float32 or deltas.device.type != "cpu":
+        return deltas.var(dim=0, unbiased=False)
+    mean = torch.zeros(deltas.shape[1:], dtype=torch.float64)
+    m2 = torch.zeros_like(mean)
+    for n, x in enumerate(deltas, 1):
+        x = x.double()
+        delta = x - mean
+        mean.add_(delta / n)
+        m2.addcmul_(delta, x - mean)
+    return m2.div_(deltas.shape[0]).float()
 
 
 def calculate(deltas: Tensor) -> Tensor:

@@ -85,18 +85,33 @@ def load_base_model(base: Checkpoint, dtype: torch.dtype, device: torch.device):
     import transformers as tf
 
     config = tf.AutoConfig.from_pretrained(str(base.folder))
-    model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with _no_init():  # every weight is overwritten below: skip the random initialisation
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
     stored = set(base.keys())
     with torch.no_grad():
         for name, t in model.state_dict().items():
             if name in stored:
                 t.copy_(base.get(name))
-            elif name != "lm_head.weight":
+            elif name != "lm_head.weight":  # an unstored head (maybe tied: shares the
+                # embedding's storage, so it is left alone) is not used for hidden states
                 raise ValidationError(
                     f"{base.path}: the base model stores no {name!r}, which its config.json "
                     f"({config.model_type}) needs to run the prompts; check the base model"
                 )
     return model.eval().to(device)
+
+
+def _no_init():
+    """transformers' context that skips weight initialisation (torch's init functions and
+    ``init_weights``; buffers such as rotary frequencies are still computed): on a 250M model
+    the random initialisation that the checkpoint's tensors then overwrite cost 2 CPU s."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # an older or newer layout: initialise (slower, same result)
+        import contextlib
+
+        return contextlib.nullcontext()
+    return no_init_weights()
 
 
 class _Runner:
