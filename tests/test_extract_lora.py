@@ -502,3 +502,144 @@ def test_a_resized_vocabulary_saves_the_embeddings_whole(pair, tmp_path):
     with pytest.raises(ValidationError, match=r"model\.norm\.weight: \[31\]"):
         _extract(write_model(tmp_path / "bad", sd), base, tmp_path / "b")
     _nothing_at(tmp_path / "b")
+
+
+# ---- biases and tied embeddings: what PEFT's merge_and_unload gives back -------------------------
+
+
+def _gpt2_pair(root: Path, change) -> tuple[Path, Path]:
+    """A tiny GPT-2 (every LoRA layer has a bias) and a copy whose parameters ``change(name)``
+    says to change (a small random step), both saved with save_pretrained."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)
+    m = tf.GPT2LMHeadModel(cfg)
+    m.save_pretrained(root / "base")
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if change(n):
+                p.add_(0.05 * torch.randn_like(p))
+    m.save_pretrained(root / "ft")
+    return root / "ft", root / "base"
+
+
+def _changed_modules_equal_ft(merged: dict, ft: Path, modules) -> None:
+    ft_sd = load_dir(ft)
+    for m in modules:
+        for p in ("weight", "bias"):
+            torch.testing.assert_close(merged[f"{m}.{p}"], ft_sd[f"{m}.{p}"].float(),
+                                       rtol=0, atol=1e-6, msg=f"{m}.{p}")  # fmt: skip
+
+
+def test_a_changed_bias_under_an_unchanged_weight_is_kept(tmp_path):
+    """lora_bias on (every LoRA layer of a GPT-2 has a bias); one module's weight is unchanged
+    but its bias changed: the bias is not dropped (a zero rank-1 LoRA carries it as
+    lora_B.bias), and PEFT's merge_and_unload gives the fine-tuned module back."""
+    still = "transformer.h.0.attn.c_proj"
+
+    def change(n: str) -> bool:
+        return any(k in n for k in ("attn.c_attn", "attn.c_proj", "mlp")) and n != f"{still}.weight"
+
+    ft, base = _gpt2_pair(tmp_path, change)
+    res = _extract(ft, base, tmp_path / "adapter", clamp_rank=True, rank=32)
+    cfg, ad = _config(res.out), load_dir(res.out)
+    assert cfg["lora_bias"] and cfg["rank_pattern"][still] == 1
+    assert not ad[f"{PREFIX}{still}.lora_B.weight"].any()
+    assert torch.equal(ad[f"{PREFIX}{still}.lora_B.bias"],
+                       load_dir(ft)[f"{still}.bias"] - load_dir(base)[f"{still}.bias"])  # fmt: skip
+    row = next(t for t in res.tensors if t.module == still)
+    assert row.kind == "lora" and row.rank == 1 and row.bias
+    assert any(still in n and "bias" in n for n in res.notes), res.notes
+    merged = _peft_merged(base, res.out)
+    _changed_modules_equal_ft(merged, ft, [still])
+    # the LoRA'd modules at full rank come back too (their biases through lora_bias)
+    _changed_modules_equal_ft(merged, ft, ["transformer.h.1.attn.c_proj",
+                                           "transformer.h.0.mlp.c_fc"])  # fmt: skip
+
+
+def test_a_bias_only_fine_tune_is_not_its_base(tmp_path):
+    """A BitFit-style fine-tune (only biases changed) is no "equals its base": every module
+    with a changed bias is saved whole and merge_and_unload gives the fine-tuned model."""
+
+    def change(n: str) -> bool:
+        return n.endswith(".bias") and (".attn." in n or ".mlp." in n)
+
+    ft, base = _gpt2_pair(tmp_path, change)
+    res = _extract(ft, base, tmp_path / "adapter")
+    mods = sorted({n.removesuffix(".bias") for n in load_dir(ft) if change(n)})
+    assert _config(res.out)["lora_bias"] and res.modules == len(mods) == 8
+    merged = _peft_merged(base, res.out)
+    _changed_modules_equal_ft(merged, ft, mods)
+
+
+def test_a_changed_bias_without_lora_bias_saves_the_module_whole(tmp_path):
+    """A Llama with attention biases: the MLP's LoRA layers have none, so PEFT's lora_bias
+    cannot be on; a module whose bias alone changed is saved whole. And a fine-tune of the
+    norms alone loads with PEFT (it needs one LoRA layer: a zero one)."""
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, vocab_size=64, attention_bias=True)  # fmt: skip
+    torch.manual_seed(0)
+    m = tf.LlamaForCausalLM(cfg)
+    m.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n == "model.layers.0.self_attn.q_proj.bias" or ".mlp." in n:
+                p.add_(0.05 * torch.randn_like(p))
+    m.save_pretrained(tmp_path / "ft")
+    res = _extract(tmp_path / "ft", tmp_path / "base", tmp_path / "adapter")
+    q = "model.layers.0.self_attn.q_proj"
+    assert not _config(res.out)["lora_bias"] and q in res.saved
+    merged = _peft_merged(tmp_path / "base", res.out)
+    _changed_modules_equal_ft(merged, tmp_path / "ft", [q])
+    # the norms alone
+    m = tf.LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        m.model.norm.weight.add_(0.1)
+    m.save_pretrained(tmp_path / "norms")
+    res = _extract(tmp_path / "norms", tmp_path / "base", tmp_path / "norms-adapter")
+    assert res.saved == ("model.norm",) and res.modules == 1
+    assert any("zero rank-1" in n for n in res.notes), res.notes
+    merged = _peft_merged(tmp_path / "base", res.out)
+    want = load_dir(tmp_path / "norms")
+    for k, v in merged.items():
+        torch.testing.assert_close(v, want[k].float() if k in want else v, rtol=0, atol=1e-6)
+
+
+def test_a_tied_head_gets_the_embedding_lora_once(tmp_path):
+    """--embed-lora on a model with tied embeddings (no lm_head.weight): the embedding's LoRA
+    is the one change of the shared matrix, so merge_and_unload gives base + ΔE (not 2ΔE)
+    and the fine-tuned model's logits."""
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, vocab_size=64,
+                         tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    m = tf.LlamaForCausalLM(cfg)
+    m.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    m.save_pretrained(tmp_path / "ft")
+    res = _extract(tmp_path / "ft", tmp_path / "base", tmp_path / "adapter", rank=32,
+                   clamp_rank=True, embed_lora=True)  # fmt: skip
+    assert "model.embed_tokens" in _lora_modules(res.out)
+    assert "lm_head" not in _lora_modules(res.out) and "lm_head" not in res.saved
+    assert any("lm_head is tied to model.embed_tokens" in n for n in res.notes), res.notes
+    pytest.importorskip("peft")
+    from peft import PeftModel
+
+    base = tf.LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    ft = tf.LlamaForCausalLM.from_pretrained(tmp_path / "ft")
+    e_base = base.model.embed_tokens.weight.detach().clone()
+    merged = PeftModel.from_pretrained(base, res.out).merge_and_unload()
+    e_ft, e_m = ft.model.embed_tokens.weight.detach(), merged.model.embed_tokens.weight.detach()
+    torch.testing.assert_close(e_m, e_ft, rtol=0, atol=1e-5)  # base + ΔE (ΔE at full rank)
+    assert not torch.allclose(e_m, e_base + 2 * (e_ft - e_base), atol=1e-4)
+    torch.testing.assert_close(merged.lm_head.weight.detach(), e_ft, rtol=0, atol=1e-5)
+    x = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, ft(x).logits, rtol=0, atol=1e-4)

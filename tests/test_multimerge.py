@@ -394,3 +394,180 @@ def test_validation_error_names_the_stage(llama_family, tmp_path, no_merging):
     final["models"][1]["model"] = str(odd)
     with pytest.raises(ValidationError, match="the unnamed final merge"):
         run_multimerge(_recipe(tmp_path / "r.yml", first, final), tmp_path / "out")
+
+
+# ---- inputs are never written: every target against every stage's inputs ----------------------
+
+
+def test_a_kept_stage_is_never_written_inside_another_stages_input(
+    llama_family, tmp_path, capsys, no_merging
+):
+    """``-I DIR`` with DIR inside a model only the final merge reads: stage 's1' would be
+    written into that model. Refused before any stage runs; nothing written anywhere."""
+    import shutil
+
+    fourth = Path(shutil.copytree(llama_family["experts"][2], tmp_path / "fourth"))
+    before = sha_tree(fourth)
+    b, e = str(llama_family["base"]), [str(p) for p in llama_family["experts"]]
+    docs = [
+        {"name": "s1", "merge_method": "linear",
+         "models": [{"model": b, "parameters": {"weight": 0.5}},
+                    {"model": e[0], "parameters": {"weight": 0.5}}]},
+        {"merge_method": "linear",
+         "models": [{"model": "s1", "parameters": {"weight": 0.5}},
+                    {"model": str(fourth), "parameters": {"weight": 0.5}}]},
+    ]  # fmt: skip
+    recipe = _recipe(tmp_path / "r.yml", *docs)
+    code = main(["multi", str(recipe), "-I", str(fourth / "stages"), "--out-path",
+                 str(tmp_path / "out"), "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err, err
+    for needle in (f"{fourth / 'stages' / 's1'}", "lies inside the input", str(fourth),
+                   "the unnamed final merge"):  # fmt: skip
+        assert needle in err, err
+    assert sha_tree(fourth) == before and not (fourth / "stages").exists()
+    _clean(tmp_path, "fourth", "r.yml")
+    # the final output inside an input of the first stage only: refused the same way
+    code = main(["multi", str(recipe), "--out-path", str(fourth / "x"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code != 0 and "lies inside the input" in err, err
+    # and a kept stage inside an input of the first stage, which the stage does not read itself
+    docs[0]["models"][1]["model"] = str(fourth)
+    docs[1]["models"][1]["model"] = e[1]
+    recipe = _recipe(tmp_path / "r.yml", *docs)
+    code = main(["multi", str(recipe), "-I", str(tmp_path / "st"), "--out-path",
+                 str(fourth / "final"), "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code != 0 and "lies inside the input" in err and "stage 's1'" in err, err
+    assert sha_tree(fourth) == before
+    _clean(tmp_path, "fourth", "r.yml")
+
+
+# ---- vocabularies across stages -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vfam(tmp_path_factory) -> dict[str, str]:
+    from tests.helpers import vocab_family
+
+    return vocab_family(tmp_path_factory.mktemp("vocab"))
+
+
+def _vocab_of(folder) -> dict[str, int]:
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(folder).get_vocab()
+
+
+def _union_recipe(vfam: dict, source: str = "union") -> list[dict]:
+    """'s1' merges two models sharing the base's tokenizer; the final merge realigns 's1' (the
+    base) with a model whose tokenizer differs."""
+    return [
+        {"name": "s1", "merge_method": "linear", "dtype": "float32",
+         "models": [{"model": vfam["base"], "parameters": {"weight": 0.5}},
+                    {"model": vfam["same"], "parameters": {"weight": 0.5}}]},
+        {"merge_method": "linear", "base_model": "s1", "dtype": "float32",
+         "models": [{"model": "s1", "parameters": {"weight": 0.5}},
+                    {"model": vfam["shuffled"], "parameters": {"weight": 0.5}}],
+         "tokenizer_source": source},
+    ]  # fmt: skip
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize("source", ["union", "base"])
+def test_a_stage_as_input_of_a_vocabulary_merge_equals_mergekit_multi(vfam, tmp_path, source):
+    """A stage's output is an input of a later stage with ``tokenizer_source: union`` (or
+    ``base``, the stage being the base): planned with the tokenizer the stage will carry, and
+    merged as mergekit-multi merges it, with intermediates in memory and on disk."""
+    recipe = _recipe(tmp_path / "r.yml", *_union_recipe(vfam, source))
+    done = subprocess.run(
+        ["mergekit-multi", str(recipe), "-I", str(tmp_path / "mk-stages"), "--out-path",
+         str(tmp_path / "mk-out"), "--quiet", "--random-seed", "0"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs, vk = load_dir(tmp_path / "mk-out"), _vocab_of(tmp_path / "mk-out")
+    for mode in ("memory", "disk"):
+        out = tmp_path / f"out-{mode}"
+        run_multimerge(recipe, out, intermediates=mode, progress=False)
+        ours, vo = load_dir(out), _vocab_of(out)
+        assert set(ours) == set(theirs) and set(vo) == set(vk)
+        for name, want in theirs.items():
+            got = ours[name]
+            assert got.shape == want.shape, name
+            if name in ("model.embed_tokens.weight", "lm_head.weight"):
+                for tok in vk:
+                    torch.testing.assert_close(got[vo[tok]], want[vk[tok]], atol=1e-6, rtol=0)
+            else:
+                torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=name)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_stage_tokenizer_mismatch_is_found_before_any_stage_runs(
+    vfam, tmp_path, capsys, no_merging
+):
+    """No tokenizer option, and stage 's1' (the base's tokenizer) merged with a model whose
+    tokenizer gives tokens other ids: refused while planning, naming stage 's1' (not a
+    temporary folder) and the fix; nothing left behind."""
+    docs = _union_recipe(vfam)
+    del docs[1]["tokenizer_source"]
+    err = _refused_vocab(tmp_path, capsys, docs)
+    assert "stage 's1'" in err and "tokenizer_source: union" in err, err
+    assert "mergeforge-" not in err and f"{vfam['shuffled']}/tokenizer.json" in err, err
+    # -I DIR: the same, before the kept stage is written
+    recipe = _recipe(tmp_path / "recipe.yml", *docs)
+    code = main(["multi", str(recipe), "-I", str(tmp_path / "st"), "--out-path",
+                 str(tmp_path / "out"), "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code != 0 and "stage 's1'" in err and "mergeforge-" not in err, err
+    _clean(tmp_path, "recipe.yml")
+    # union of a stage whose own merge has no tokenizer files at all: named, with the fix
+    bare = [dict(d) for d in _union_recipe(vfam)]
+    bare[0]["models"] = [{"model": vfam["no_tokenizer"], "parameters": {"weight": 1.0}}]
+    err = _refused_vocab(tmp_path, capsys, bare)
+    assert "stage 's1'" in err and "no tokenizer" in err and "mergeforge-" not in err, err
+
+
+def _refused_vocab(tmp_path, capsys, docs) -> str:
+    recipe = _recipe(tmp_path / "recipe.yml", *docs)
+    code = main(["merge", str(recipe), str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code != 0 and err.startswith("error: ") and "Traceback" not in err, err
+    _clean(tmp_path, "recipe.yml")
+    return err
+
+
+# ---- mergeforge validate on a recipe ------------------------------------------------------------
+
+
+def test_validate_plans_every_stage_of_a_recipe(vfam, llama_family, tmp_path, capsys, no_merging):
+    """``mergeforge validate RECIPE``: every stage planned (a stage's output stood in for, its
+    vocabulary too), each stage's summary and warnings printed, nothing merged or written;
+    a recipe that would fail, fails here, naming the stage."""
+    import tempfile
+
+    before = {p.name for p in Path(tempfile.gettempdir()).glob("mergeforge-recipe-plan-*")}
+    recipe = _recipe(tmp_path / "r.yml", *_diamond(llama_family))
+    assert main(["validate", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    heads = [line for line in lines if not line.startswith(" ")]
+    assert heads == ["stage 'a' (document 1):", "stage 'b' (document 2):",
+                     "stage 'c' (document 3):", "the unnamed final merge (document 4):",
+                     "ok: recipe of 4 stages, final: the unnamed final merge (document 4); "
+                     "nothing was merged"], out  # fmt: skip
+    assert sum(line.startswith("  ok: ") for line in lines) == 4, out
+    recipe = _recipe(tmp_path / "v.yml", *_union_recipe(vfam))
+    assert main(["validate", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "  ok: linear over 2 model(s)" in out, out
+    assert "  output vocabulary (union): 43 tokens" in out and "mergeforge-" not in out, out
+    docs = _union_recipe(vfam)
+    del docs[1]["tokenizer_source"]
+    assert main(["validate", str(_recipe(tmp_path / "bad.yml", *docs))]) != 0
+    err = capsys.readouterr().err
+    assert "stage 's1'" in err and "tokenizers differ" in err and "mergeforge-" not in err, err
+    _clean(tmp_path, "r.yml", "v.yml", "bad.yml")
+    after = {p.name for p in Path(tempfile.gettempdir()).glob("mergeforge-recipe-plan-*")}
+    assert after <= before

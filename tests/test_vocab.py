@@ -384,3 +384,173 @@ def test_chat_template_without_a_tokenizer_option(fam, tmp_path):
     )
     mergeforge.merge(cfg, tmp_path / "bare", progress=False, copy_tokenizer=False)
     assert not (tmp_path / "bare" / "tokenizer.json").exists()
+
+
+# ---- which tensors are vocabulary tensors: mergekit's facts ------------------------------------
+
+
+def _mergekit_weights() -> tuple[set[str], set[str], list[str]]:
+    """(vocabulary-axis weights, other loose weights, layer-template weights with a vocabulary
+    axis) of mergekit 0.1.5's architecture tables, under their module prefixes, aliases too."""
+    from importlib import resources
+
+    vocab, other, layer_vocab = set(), set(), []
+    for f in resources.files("mergekit._data.architectures").iterdir():
+        if not f.name.endswith(".json"):
+            continue
+        d = json.loads(f.read_text())
+        mods = d["modules"] if d.get("kind") == "modular" else {"": {"architecture": d}}
+        for m in mods.values():
+            a, prefix = m["architecture"], m.get("weight_prefix") or ""
+            if prefix and not prefix.endswith("."):  # whisper.json's "model.decoder" typo
+                prefix += "."
+            for w in a.get("pre_weights", []) + a.get("post_weights", []):
+                for n in [w["name"], *(w.get("aliases") or ())]:
+                    (vocab if w.get("vocabulary_axis") is not None else other).add(prefix + n)
+            layer_vocab += [w["name"] for w in a.get("layer_templates", {}).get("weights", [])
+                            if w.get("vocabulary_axis") is not None]  # fmt: skip
+    return vocab, other, layer_vocab
+
+
+@pytest.mark.mergekit
+def test_vocabulary_tensor_table_matches_mergekit():
+    """Every weight of mergekit's tables with a vocabulary axis (module prefixes, aliases) is a
+    vocabulary tensor here and nothing else is; every other one is known not to be one."""
+    from mergeforge.engine.vocab import (
+        NON_VOCAB_TENSORS,
+        VOCAB_TENSORS,
+        is_vocab_tensor,
+        known_non_vocabulary,
+    )
+
+    vocab, other, layer_vocab = _mergekit_weights()
+    assert not layer_vocab  # a tensor of a numbered layer is never one
+    expand = lambda n: [n.replace("${num_layers}", str(k)) for k in (1, 24)]  # noqa: E731
+    for name in vocab:
+        for n in expand(name):
+            assert is_vocab_tensor(n) and not known_non_vocabulary(n), n
+    for name in other:
+        for n in expand(name):
+            assert not is_vocab_tensor(n) and known_non_vocabulary(n), n
+    assert VOCAB_TENSORS == {n for n in vocab if "${" not in n}
+    assert NON_VOCAB_TENSORS == {n for n in other if "${" not in n}
+    assert "language_model.model.embed_tokens.weight" in VOCAB_TENSORS  # Mistral 3's
+    assert is_vocab_tensor("layers.25.linear.weight") and not is_vocab_tensor("layers.3.ln.bias")
+
+
+def _vlm_pair(root: Path) -> tuple[str, str, list[str], list[str]]:
+    """Two tiny Mistral 3 VLMs (mergekit's tensor names, 32 vocabulary rows) with tokenizers:
+    a's words w0..w28, b's in another order with 4 new ones."""
+    from tests.helpers import tiny_tokenizer
+    from tests.test_modules_config import mistral3
+
+    a, b = mistral3(root / "a", 0), mistral3(root / "b", 1)
+    wa = [f"w{i}" for i in range(29)]
+    wb = [f"w{i}" for i in range(28, 3, -1)] + ["x1", "x2", "x3", "x4"]
+    tiny_tokenizer(wa).save_pretrained(a)
+    tiny_tokenizer(wb).save_pretrained(b)
+    return a, b, wa, wb
+
+
+def test_vlm_union_realigns_the_prefixed_embeddings(tmp_path):
+    """A modular checkpoint's vocabulary tensors (``language_model.model.embed_tokens.weight``,
+    ``language_model.lm_head.weight``) are realigned: as many rows as the output vocabulary and
+    config.json say, each token's rows merged with its rows in the other model."""
+    a, b, _, _ = _vlm_pair(tmp_path)
+    cfg = {"merge_method": "linear", "dtype": "float32", "tokenizer_source": "union",
+           "models": [_m(a, weight=0.5), _m(b, weight=0.5)]}  # fmt: skip
+    mergeforge.merge(cfg, tmp_path / "out", progress=False)
+    out, vocab = load_dir(tmp_path / "out"), _vocab(tmp_path / "out")
+    va, vb = _vocab(a), _vocab(b)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert len(vocab) == 36 == config["text_config"]["vocab_size"]
+    for name in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+        ea, eb, got = load_dir(Path(a))[name], load_dir(Path(b))[name], out[name]
+        assert got.shape == (36, 8), name
+        for tok in ("w10", "w20", "<s>"):
+            want = 0.5 * (ea[va[tok]] + eb[vb[tok]])
+            torch.testing.assert_close(got[vocab[tok]], want, atol=1e-6, rtol=0)
+        # a token one model lacks: that model's row is the other's
+        torch.testing.assert_close(got[vocab["w0"]], ea[va["w0"]], atol=1e-6, rtol=0)
+        torch.testing.assert_close(got[vocab["x3"]], eb[vb["x3"]], atol=1e-6, rtol=0)
+    # every other tensor: merged by position, as without a tokenizer option
+    other = {k for k in out if "embed_tokens" not in k and "lm_head" not in k}
+    ta, tb = load_dir(Path(a)), load_dir(Path(b))
+    assert all(torch.allclose(out[k], 0.5 * (ta[k] + tb[k]), atol=1e-6) for k in other)
+
+
+@pytest.mark.mergekit
+def test_vlm_union_equals_mergekit(tmp_path):
+    """The same merge as mergekit's (its Mistral 3 table realigns the prefixed tensors)."""
+    from tests.helpers import run_mergekit
+
+    a, b, _, _ = _vlm_pair(tmp_path)
+    cfg = {"merge_method": "linear", "dtype": "float32", "tokenizer_source": "union",
+           "models": [_m(a, weight=0.5), _m(b, weight=0.5)]}  # fmt: skip
+    theirs = run_mergekit(cfg, tmp_path / "mergekit")
+    mergeforge.merge(cfg, tmp_path / "ours", progress=False)
+    ours = load_dir(tmp_path / "ours")
+    assert set(ours) == set(theirs)
+    vk, vo = _vocab(tmp_path / "mergekit"), _vocab(tmp_path / "ours")
+    assert set(vk) == set(vo)
+    for name, want in theirs.items():
+        got = ours[name]
+        assert got.shape == want.shape, name
+        if "embed_tokens" in name or "lm_head" in name:  # rows by token (union's order differs)
+            for tok in vk:
+                torch.testing.assert_close(got[vo[tok]], want[vk[tok]], atol=1e-6, rtol=0)
+        else:
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=name)
+    ck = json.loads((tmp_path / "mergekit" / "config.json").read_text())
+    co = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert co["text_config"]["vocab_size"] == ck["text_config"]["vocab_size"] == 36
+
+
+def test_an_unknown_tensor_of_vocabulary_size_is_refused(fam, tmp_path, capsys):
+    """A realigning merge refuses, before any tensor is merged, a tensor that has as many rows
+    as the vocabulary but is neither a known vocabulary tensor nor known to be anything else
+    (it would be merged by id beside realigned embeddings); 'exclude:' copies it unchanged."""
+    from tests.helpers import write_model
+
+    folders = {}
+    for k, src in (("base", "base"), ("shuffled", "shuffled"), ("same", "base")):
+        folders[k] = Path(shutil.copytree(fam[src], tmp_path / k))
+        sd = load_dir(folders[k])
+        sd["model.token_bias.weight"] = torch.randn(33, 32)  # a per-token table of some kind
+        for f in folders[k].glob("*.safetensors"):
+            f.unlink()
+        write_model(folders[k], sd)
+    cfg = {"merge_method": "linear", "tokenizer_source": "union",
+           "models": [_m(str(folders["base"])), _m(str(folders["shuffled"]))]}  # fmt: skip
+    err = _fails(tmp_path, cfg, capsys, "'model.token_bias.weight'", "33 rows",
+                 "as many as the vocabulary of",
+                 "exclude: ['model.token_bias.weight']")  # fmt: skip
+    assert "Traceback" not in err
+    plan = prepare({**cfg, "exclude": ["model.token_bias.weight"]})
+    plan.close()
+    # the same tensor in models that share a tokenizer: nothing moves, nothing refused
+    plan = prepare({**cfg, "models": [_m(str(folders["base"])), _m(str(folders["same"]))]})
+    plan.close()
+
+
+def test_output_never_inside_or_over_the_tokenizer_source(fam, tmp_path, capsys):
+    """A ``tokenizer_source`` model that is not merged is still an input: the output may not be
+    it (not even with --overwrite), lie inside it or contain it; nothing is written."""
+    from tests.helpers import sha_tree
+
+    tsrc = Path(shutil.copytree(fam["shuffled"], tmp_path / "tsrc"))
+    before = sha_tree(tsrc)
+    cfg = {"merge_method": "linear", "tokenizer_source": str(tsrc),
+           "models": [_m(fam["base"], weight=0.5), _m(fam["same"], weight=0.5)]}  # fmt: skip
+    p = _yaml(tmp_path, cfg)
+    for out, flags, how in [(tsrc / "merged", [], "lies inside"),
+                            (tsrc, ["--overwrite"], "is the input"),
+                            (tmp_path, ["--overwrite"], "contains the input")]:  # fmt: skip
+        code = main(["merge", str(p), str(out), "--no-progress", *flags])
+        err = capsys.readouterr().err
+        assert code != 0 and how in err and f"'tokenizer_source: {tsrc}'" in err, err
+        assert sha_tree(tsrc) == before
+    assert not [q for q in tmp_path.iterdir() if q.name.startswith(".")]
+    with pytest.raises(ConfigError, match="tokenizer_source"):
+        mergeforge.merge(cfg, tsrc / "x", progress=False)
+    assert sha_tree(tsrc) == before

@@ -284,8 +284,10 @@ def _federated_app(args: argparse.Namespace, out: str, flags: dict) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from mergeforge.engine import prepare, vocabulary_report
+    from mergeforge.engine import is_recipe, prepare, vocabulary_report
 
+    if is_recipe(args.config):  # several documents: plan every stage, merge none
+        return _validate_recipe(args.config)
     # before the plan: the report is most useful when the plan refuses differing vocabularies
     for line in vocabulary_report(args.config):
         print(line)
@@ -298,6 +300,33 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"({merged} merged, {len(plan.jobs) - merged} copied), {human(plan.total_bytes)} to write"
     )
     plan.close()  # its checkpoints and sidecars
+    return 0
+
+
+def _validate_recipe(config: str) -> int:
+    """``validate`` of a multi-stage recipe: the recipe runner's plan of every stage (each
+    stage's output stood in for, its vocabulary too; nothing merged or written), then each
+    stage's vocabulary report, warnings and summary."""
+    from mergeforge.engine import load_recipe
+
+    recipe = load_recipe(config)
+    plans = recipe.plan(report=True)
+    for w in recipe.warnings:
+        print(f"warning: {w}")
+    for p in plans:
+        named = p.stage.name is not None
+        print(f"{p.stage.label}" + (f" (document {p.stage.number})" if named else "") + ":")
+        for line in p.vocabulary:
+            print(f"  {line}")
+        for w in p.warnings:
+            print(f"  warning: {w}")
+        print(
+            f"  ok: {p.method} over {p.models} model(s); {p.tensors} output tensors "
+            f"({p.merged} merged, {p.tensors - p.merged} copied), {human(p.total_bytes)} to write"
+        )
+    final = recipe.final()
+    what = final.label if final is not None else "no single final merge (see `mergeforge multi`)"
+    print(f"ok: recipe of {len(plans)} stages, final: {what}; nothing was merged")
     return 0
 
 

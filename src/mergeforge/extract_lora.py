@@ -31,8 +31,10 @@ What is extracted, as mergekit 0.1.5 decides it, from the tensor names (no model
   whole);
 - token/position embeddings and the output head (``lm_head``, ``embed_out``) are saved whole
   (PEFT ``modules_to_save``), unless ``embed_lora``: then embeddings get ``lora_embedding_A/B``
-  (the decomposition of ``ΔWᵀ``) and the head a plain LoRA. A vocabulary that differs from the
-  base's forces them to be saved whole, as in mergekit;
+  (the decomposition of ``ΔWᵀ``) and the head a plain LoRA; a head tied to the token embedding
+  gets none (it is the embedding's matrix, which ``merge_and_unload`` changes once; mergekit
+  LoRAs both, which merges ``2ΔE``). A vocabulary that differs from the base's forces them to
+  be saved whole, as in mergekit;
 - any other module with a weight (norms, 3-D or 4-D weights) is saved whole, or skipped with
   ``skip_undecomposable``;
 - ``save_modules`` (full module names or their last component) are saved whole always;
@@ -45,8 +47,10 @@ rank 0 by ``sv_epsilon`` is left out (PEFT refuses ``r = 0``); ``modules_to_save
 they are not all modules of a kind, ``target_modules`` list full module names (PEFT matches by
 suffix: mergekit's ``norm`` also catches every ``*_layernorm``); bias changes become PEFT's
 ``lora_bias`` when every LoRA module has a bias (mergekit writes ``lora_B.bias`` without it,
-which PEFT drops); the task vector is taken in float32 (mergekit subtracts in the models'
-dtype); ``include`` applies to embeddings too (mergekit saves them whatever ``include`` says).
+which PEFT drops), a module whose bias alone changed (a BitFit-style fine-tune) then getting a
+zero rank-1 LoRA that carries it, else saved whole: a bias change is never dropped; the task
+vector is taken in float32 (mergekit subtracts in the models' dtype); ``include`` applies to
+embeddings too (mergekit saves them whatever ``include`` says).
 A rank larger than a matrix is an error naming the tensor; ``clamp_rank`` (the CLI's
 ``--max-rank``) clamps it per matrix as mergekit does. An adapter that would be all zeros (the
 fine-tuned model equals its base) is an error: nothing is written.
@@ -369,7 +373,9 @@ def plan_extraction(
     if vocab_saved:
         notes.append(f"{', '.join(vocab_saved)}: vocabulary size differs from the base's; saved "
                      "whole (resize the base's embeddings before loading the adapter)")  # fmt: skip
-    head = _tied_head(ft, jobs)
+    head, tied_note = _tied_head(ft, jobs)
+    if tied_note is not None:
+        notes.append(tied_note)
     if (
         head is not None
         and not any(r.search(head.module) for r in exc)
@@ -407,17 +413,21 @@ def plan_extraction(
     return out, notes
 
 
-def _tied_head(ft: Checkpoint, jobs: list[ModulePlan]) -> ModulePlan | None:
+def _tied_head(ft: Checkpoint, jobs: list[ModulePlan]) -> tuple[ModulePlan | None, str | None]:
     """A causal LM whose output head is tied to its token embeddings (``tie_word_embeddings``,
-    no ``lm_head.weight`` in the checkpoint): the head ``lm_head`` gets what the embedding gets,
-    read from the embedding's tensor (saved whole, or a plain LoRA of ``ΔE`` with
-    ``embed_lora``), as mergekit does through its tied names. Without it PEFT would keep the
-    base's head under a changed embedding. ``None`` for any other model."""
+    no ``lm_head.weight`` in the checkpoint): ``(the head's job, a note)``. An embedding saved
+    whole: the head ``lm_head`` is saved whole too, from the embedding's tensor (as mergekit
+    does through its tied names; PEFT would otherwise keep the base's head under a changed
+    embedding). An embedding LoRA (``embed_lora``): no LoRA of the head, only a note. The head
+    *is* the embedding's matrix, so ``merge_and_unload`` puts the embedding's ``ΔE`` into both;
+    a second LoRA of ``ΔE`` on the head would be merged into that one matrix too (``2ΔE``:
+    mergekit's adapter does that), and PEFT 0.21's ``ensure_weight_tying`` merges the tied
+    adapter twice as well. ``(None, None)`` for any other model."""
     cfg = ft.config or {}
     if _task_type(cfg) != "CAUSAL_LM" or not cfg.get("tie_word_embeddings", True):
-        return None
+        return None, None
     if any(k.startswith("lm_head.") for k in ft.keys()):
-        return None
+        return None, None
     vocab = cfg.get("vocab_size")
     for j in jobs:
         if j.action == "save" and j.explicit:
@@ -425,10 +435,14 @@ def _tied_head(ft: Checkpoint, jobs: list[ModulePlan]) -> ModulePlan | None:
         token = is_input_embedding(j.module) and len(j.shape) == 2 and j.weight is not None
         if token and (j.shape[0] == vocab or _last(j.module) in _TOKEN_EMBEDDINGS):
             if j.action == "save":
-                return ModulePlan("lm_head", "save", j.weight, None, j.shape, nbytes=j.nbytes)
-            return ModulePlan("lm_head", "lora", j.weight, None, j.shape, rank=j.rank,
-                              nbytes=j.nbytes)  # fmt: skip
-    return None
+                head = ModulePlan("lm_head", "save", j.weight, None, j.shape, nbytes=j.nbytes)
+                return head, None
+            return None, (
+                f"lm_head is tied to {j.module}: its embedding LoRA changes the shared matrix, "
+                "so merge_and_unload gives the fine-tuned head too; PEFT applies it unmerged "
+                "to the input embeddings only (merge the adapter to use the head's change)"
+            )
+    return None, None
 
 
 # ---- the maths: one matrix --------------------------------------------------------------
@@ -686,6 +700,17 @@ def _run_job(job: ModulePlan, ft: Checkpoint, base: Checkpoint, opts: _Options,
                for n, t in zip(names, (a, b), strict=True)]  # fmt: skip
     report = TensorError(job.module, job.action, shape, k, err, bias_changed)
     return _Done(report, entries, bias_entry, bias_changed, k)
+
+
+def _zero_lora(job: ModulePlan, spill: _Spill, dtype: torch.dtype) -> list[_Entry]:
+    """All-zero rank-1 LoRA factors of a linear module (``B A = 0``): a LoRA layer that
+    changes no weight, for its ``lora_bias`` or for PEFT to have a layer to load."""
+    rows, cols = (job.shape[1], job.shape[0]) if job.transpose else job.shape[:2]
+    out = []
+    for name, shape in ((f"{PREFIX}{job.module}.lora_A.weight", (1, cols)),
+                        (f"{PREFIX}{job.module}.lora_B.weight", (rows, 1))):  # fmt: skip
+        out.append(_Entry(name, dtype, shape, spill=spill.put(torch.zeros(shape, dtype=dtype))))
+    return out
 
 
 def _save_job(job: ModulePlan, ft: Checkpoint, base: Checkpoint, opts: _Options) -> _Done:
@@ -1002,8 +1027,8 @@ def _extract(jobs: list[ModulePlan], notes: list[str], ft: Checkpoint, base: Che
         ranks: dict[str, int] = {}
         embed: set[str] = set()
         saved: list[str] = []
-        lora_modules = [j for j, d in zip(jobs, done, strict=True) if d.rank > 0]
-        for j, d in zip(jobs, done, strict=True):
+        pairs = list(zip(jobs, done, strict=True))
+        for j, d in pairs:
             entries += d.entries
             if d.rank > 0:
                 ranks[j.module] = d.rank
@@ -1011,27 +1036,62 @@ def _extract(jobs: list[ModulePlan], notes: list[str], ft: Checkpoint, base: Che
                     embed.add(j.module)
             elif j.action == "save" and d.entries:
                 saved.append(j.module)
-        if not ranks and not saved:
-            raise ValidationError(
-                f"{ft_spec} equals its base {base_spec} in every extracted tensor: the adapter "
-                "would be all zeros (or hold nothing). Nothing was written; check that "
-                "FINETUNED is the fine-tuned model."
-            )
-        # PEFT's lora_bias is one flag for every LoRA layer (embeddings cannot have it)
-        changed_bias = [j.module for j, d in zip(jobs, done, strict=True) if d.bias_changed
-                        and j.action != "save"]  # fmt: skip
-        has_bias = {j.module: d.bias_entry for j, d in zip(jobs, done, strict=True)}
+        # a LoRA module whose weight gives no factors (unchanged, or below --sv-epsilon) but
+        # whose bias changed (a BitFit-style change): its bias is never dropped. With PEFT's
+        # lora_bias (one flag for every LoRA layer; embeddings cannot have it) it is a zero
+        # rank-1 LoRA carrying the bias; else the module is saved whole (modules_to_save)
+        bias_only = [(j, d) for j, d in pairs if j.action != "save" and d.rank == 0
+                     and d.bias_changed]  # fmt: skip
+        lora_like = [j for j, d in pairs if d.rank > 0] + [j for j, _ in bias_only]
+        changed_bias = [j.module for j, d in pairs if d.bias_changed and j.action != "save"]
+        has_bias = {j.module: d.bias_entry for j, d in pairs}
         lora_bias = (
             bool(changed_bias)
             and not embed
-            and all(has_bias.get(j.module) is not None for j in lora_modules)
+            and all(has_bias.get(j.module) is not None for j in lora_like)
         )
+        for j, d in bias_only:
+            assert d.report is not None
+            if lora_bias:
+                entries += _zero_lora(j, spill, opts.out_dtype or ft.info(j.weight).dtype)
+                ranks[j.module] = 1
+                d.report = replace(d.report, kind="lora", rank=1)
+            else:
+                params = [(p, n) for p, n in (("weight", j.weight), ("bias", j.bias)) if n]
+                entries += [_Entry(f"{PREFIX}{j.module}.{p}", opts.out_dtype or ft.info(n).dtype,
+                                   ft.info(n).shape, source=n) for p, n in params]  # fmt: skip
+                saved.append(j.module)
+                d.report = replace(d.report, kind="saved", rank=None, rel_error=0.0)
+        if bias_only:
+            how = ("a zero rank-1 LoRA with lora_bias" if lora_bias
+                   else "the module saved whole (modules_to_save)")  # fmt: skip
+            notes.append(f"{len(bias_only)} module(s) have a changed bias but no LoRA factors "
+                         "(the weight is unchanged, or below --sv-epsilon); the bias is carried "
+                         f"by {how}: {_shown([j.module for j, _ in bias_only], 3)}")  # fmt: skip
+        if not ranks and not saved:
+            raise ValidationError(
+                f"{ft_spec} equals its base {base_spec} in every extracted tensor (weights and "
+                "biases): the adapter would be all zeros (or hold nothing). Nothing was "
+                "written; check that FINETUNED is the fine-tuned model."
+            )
         if lora_bias:
-            entries += [has_bias[j.module] for j in lora_modules]
+            entries += [has_bias[j.module] for j in lora_like]
         elif changed_bias:
-            notes.append(f"the bias of {len(changed_bias)} LoRA module(s) changed but is not in "
-                         "the adapter (PEFT's lora_bias needs a bias on every LoRA layer and no "
-                         f"embedding LoRA): {_shown(changed_bias, 3)}")  # fmt: skip
+            lost = [m for m in changed_bias if m in ranks]
+            if lost:
+                notes.append(f"the bias of {len(lost)} LoRA module(s) changed but is not in the "
+                             "adapter (PEFT's lora_bias needs a bias on every LoRA layer and no "
+                             f"embedding LoRA): {_shown(lost, 3)}")  # fmt: skip
+        if not ranks:  # PEFT loads no adapter without a LoRA layer: a zero one, a no-op
+            spare = next((j for j, d in pairs if j.action == "lora" and d.rank == 0
+                          and j.module not in saved and j.weight is not None), None)  # fmt: skip
+            if spare is not None:
+                entries += _zero_lora(spare, spill, opts.out_dtype or ft.info(spare.weight).dtype)
+                ranks[spare.module] = 1
+                notes.append(f"no module has LoRA factors; PEFT needs one LoRA layer to load "
+                             f"an adapter, so {spare.module} has a zero rank-1 one "
+                             "(a no-op)")  # fmt: skip
+        lora_modules = [j for j in jobs if j.module in ranks]
         skipped = [
             j.module
             for j, d in zip(jobs, done, strict=True)

@@ -12,8 +12,12 @@ the final merge. Without one, the final merge is the one stage no other stage us
 * everything is checked before any stage runs: each document as a merge config, the stage
   graph (duplicate names, two unnamed documents, cycles named stage by stage), the output
   locations, and a full plan of every stage (models opened, headers only; a stage's output is
-  stood in for by the tensors, shapes and config its plan will produce), so a missing model,
-  a shape mismatch or a bad layer range in the last stage fails before the first tensor is read;
+  stood in for by the tensors, shapes and config its plan will produce and the tokenizer files
+  it will carry, written to a temporary planning folder), so a missing model, a shape
+  mismatch, a bad layer range or tokenizers that disagree in the last stage fail before the
+  first tensor is read, naming the stage; then every output of the run (the final merge, each
+  stage kept with ``-I DIR``) against every path any stage reads (:func:`plan_multimerge` is
+  this part alone, for ``mergeforge validate``);
 * intermediates are kept in memory when they fit (half of the memory available when the stage
   starts; ``intermediates="memory"|"disk"`` forces a choice), else written to a temporary folder
   beside the output (``.<OUT>.mergeforge-stages-<pid>``), removed when the run ends however it
@@ -35,6 +39,7 @@ import difflib
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -117,6 +122,10 @@ class Recipe:
             return unnamed[0]
         sinks = self.sinks()
         return sinks[0] if len(sinks) == 1 else None
+
+    def plan(self, *, seed: int | None = None, report: bool = False) -> list[StagePlan]:
+        """Every stage planned, none merged (:func:`plan_multimerge`)."""
+        return plan_multimerge(self, seed=seed, report=report)[1]
 
     def order(self, targets: list[Stage]) -> list[Stage]:
         """``targets`` and every stage they use, each after the stages it uses."""
@@ -360,6 +369,9 @@ class _Output:
     """The carried files (config.json, tokenizer) of a result in memory."""
     folder: Path | None = None
     """The folder of a result on disk (a temporary folder, or DIR/NAME)."""
+    plan_folder: Path | None = None
+    """Before the result exists: a temporary folder holding the files the stage will carry
+    (config.json, its tokenizer), so that a later stage's plan reads its vocabulary."""
 
     def checkpoint(self, name: str) -> Checkpoint:
         from mergeforge.checkpoint import open_checkpoint
@@ -375,7 +387,8 @@ class _Output:
             )  # fmt: skip
         assert self.planned is not None, name
         specs, config = self.planned
-        return Checkpoint(source=_Planned(specs, self.stand_in), config=config)
+        return Checkpoint(source=_Planned(specs, self.stand_in), folder=self.plan_folder,
+                          config=config)  # fmt: skip
 
 
 def _read_json(p: Path) -> dict | None:
@@ -420,9 +433,135 @@ def _stage_models(stage: Stage, recipe: Recipe, outputs: dict[str, _Output]) -> 
     return given
 
 
-def _open_error(e: Exception, stage: Stage, recipe: Recipe) -> Exception:
+def _stage_inputs(plan, recipe: Recipe) -> list[tuple[str, Path]]:
+    """The paths a stage's plan reads (``engine/output.input_paths``) less those of the
+    recipe's own stages (their folders are outputs of the run, checked as such); an adapter
+    applied to a stage (``NAME+ADAPTER``) is an input."""
+    from mergeforge.checkpoint.lora import LoraSource
+    from mergeforge.engine.output import checkpoint_paths, input_paths
+
+    ours: set[Path] = set()
+    for name, ck in zip(plan.models, plan.checkpoints, strict=True):
+        if stage_ref(name, recipe.names) is not None:
+            inner = ck.source._base if isinstance(ck.source, LoraSource) else ck
+            ours.update(checkpoint_paths(inner))
+    return [(name, p) for name, p in input_paths(plan) if p not in ours]
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What planning one stage found (``mergeforge validate`` prints it)."""
+
+    stage: Stage
+    method: str
+    models: int
+    tensors: int
+    merged: int
+    """Output tensors a method merges (the others are copied)."""
+    total_bytes: int
+    warnings: tuple[str, ...]
+    inputs: tuple[tuple[str, Path], ...]
+    """The paths it reads, less the recipe's own stages (:func:`_stage_inputs`)."""
+    vocabulary: tuple[str, ...] = ()
+    """``mergeforge validate``'s vocabulary report of its inputs (``report=True``)."""
+
+
+def _plan_stages(recipe: Recipe, order: list[Stage], outputs: dict[str, _Output],
+                 skipped: set, plan_dir: Path, carries_tokenizer, *,
+                 report: bool = False) -> list[StagePlan]:  # fmt: skip
+    """A full plan of every stage of ``order`` (but the ``skipped``), in order, each stage it
+    uses stood in for by what that stage's plan will produce: its tensors' names, shapes and
+    dtypes, and its carried files (config.json, the tokenizer; with the tokenizer when
+    ``carries_tokenizer(stage)``, as the run writes it) written to ``plan_dir/NN-NAME``, so a
+    later stage's vocabulary is checked (and built) before any stage runs. Errors name the
+    stage, never the planning folder."""
+    from mergeforge.engine import _copy_carried_files, prepare
+    from mergeforge.engine.plan import output_config
+
+    folders: dict[str, str] = {}  # planning folder -> its stage
+    plans = []
+    for k, s in enumerate(order, start=1):
+        if s.name in skipped:
+            continue
+        try:
+            plan = prepare(s.config, models=_stage_models(s, recipe, outputs))
+        except (ConfigError, CheckpointError, ValidationError) as e:
+            raise _open_error(e, s, recipe, folders) from None
+        try:
+            lines: tuple[str, ...] = ()
+            if report:
+                from mergeforge.engine.vocab import report as vocabulary_report
+
+                lines = tuple(_name_stages(x, folders)[0]
+                              for x in vocabulary_report(plan.config, plan.models,
+                                                         plan.checkpoints))  # fmt: skip
+            plans.append(StagePlan(
+                stage=s, method=plan.method.name, models=len(plan.models),
+                tensors=len(plan.jobs), merged=sum(j.call is not None for j in plan.jobs),
+                total_bytes=plan.total_bytes,
+                warnings=tuple(_name_stages(w, folders)[0] for w in plan.warnings),
+                inputs=tuple(_stage_inputs(plan, recipe)), vocabulary=lines,
+            ))  # fmt: skip
+            if s.name is not None:
+                o = outputs[s.name]
+                o.plan_folder = plan_dir / f"{k:02d}-{s.name}"
+                _copy_carried_files(plan, _Files(o.plan_folder), carries_tokenizer(s))
+                folders[str(o.plan_folder)] = s.name
+                specs = [(j.out_name, j.shape, j.out_dtype) for j in plan.jobs]
+                o.planned = (specs, output_config(plan))
+        finally:
+            plan.close()
+    return plans
+
+
+def _name_stages(text: str, folders: Mapping[str, str]) -> tuple[str, list[str]]:
+    """``text`` with each planning folder of :func:`_plan_stages` named as its stage, and the
+    stages named."""
+    named = []
+    for folder, name in folders.items():
+        if folder not in text:
+            continue
+        named.append(name)
+        for old, new in ((f"{folder}/tokenizer.json", f"the tokenizer.json of stage {name!r}"),
+                         (f"its folder {folder}", f"stage {name!r} carries none"),
+                         (f"in {folder}", f"in what stage {name!r} carries"),
+                         (folder, f"stage {name!r}")):  # fmt: skip
+            text = text.replace(old, new)
+    return text, named
+
+
+def plan_multimerge(source: str | os.PathLike[str] | Recipe, *, seed: int | None = None,
+                    report: bool = False) -> tuple[Recipe, list[StagePlan]]:  # fmt: skip
+    """Plan every stage of a recipe as :func:`run_multimerge` does before it runs one (the
+    models opened for their headers, each stage's output stood in for): nothing is merged
+    and nothing written but the planned stages' small files, in a temporary folder removed
+    before it returns. ``mergeforge validate`` prints the result; errors name the stage."""
+    recipe = source if isinstance(source, Recipe) else load_recipe(source)
+    if seed is not None:
+        recipe = dataclasses.replace(recipe, stages=tuple(
+            dataclasses.replace(s, config=dataclasses.replace(s.config, seed=seed))
+            for s in recipe.stages
+        ))  # fmt: skip
+    order = recipe.order(list(recipe.stages))
+    outputs = {s.name: _Output(stand_in=f"stage {s.name!r}") for s in order if s.name is not None}
+    with tempfile.TemporaryDirectory(prefix="mergeforge-recipe-plan-") as d:
+        plans = _plan_stages(recipe, order, outputs, set(), Path(d), lambda s: True,
+                             report=report)  # fmt: skip
+    return recipe, plans
+
+
+def _open_error(e: Exception, stage: Stage, recipe: Recipe,
+                folders: Mapping[str, str] | None = None) -> Exception:  # fmt: skip
     """A model of a stage that does not open: say which stage, and that it is no stage name
-    either (with the closest one)."""
+    either (with the closest one); a planned stage's folder is named as that stage."""
+    text, named = _name_stages(str(e), folders or {})
+    if named:
+        text += (
+            f" (Stage {named[0]!r} carries the tokenizer of the model its output is modelled "
+            "on, its base model or else its first one, or the tokenizer its own tokenizer "
+            "option builds.)"
+        )
+    e = type(e)(text)
     names = recipe.names
     missing = [
         m for m in stage.config.referenced_models()
@@ -515,11 +654,10 @@ def run_multimerge(
         run_merge,
     )
     from mergeforge.engine.output import (
-        check_not_an_input,
+        check_not_among,
         check_output_location,
         check_replaceable,
     )
-    from mergeforge.engine.plan import output_config
 
     t0 = time.perf_counter()
     if intermediates not in INTERMEDIATES:
@@ -574,17 +712,16 @@ def run_multimerge(
     # kept stages (DIR/NAME) are written into like mergekit-multi does: a previous mergeforge
     # output there is replaced (--no-lazy); anything else is still refused
     replace = {n: overwrite or (keep is not None and n is not None) for n in targets}
-    final_out = targets.get(final.name) if final is not None else None
     stages_dir = None
     if keep is None:
         stages_dir = Path(out).parent / f".{Path(out).name}.mergeforge-stages-{os.getpid()}"
     skipped = {s.name for s in order if s.name is not None and keep is not None and lazy
                and _lazy_done(targets[s.name])}  # fmt: skip
     outputs: dict[str, _Output] = {}
-    for k, s in enumerate(order, start=1):
+    for s in order:
         if s.name is not None:
-            tmp = stages_dir / f"{k:02d}-{s.name}" if stages_dir is not None else None
-            outputs[s.name] = _Output(stand_in=str(targets.get(s.name) or tmp))
+            target = targets.get(s.name)
+            outputs[s.name] = _Output(stand_in=str(target) if target else f"stage {s.name!r}")
             if s.name in skipped:
                 outputs[s.name].folder = targets[s.name]
 
@@ -593,37 +730,37 @@ def run_multimerge(
         if name not in skipped:
             check_output_location(target)
             check_replaceable(target, overwrite=replace[name])
-    sizes: dict[str, int] = {}
-    for s in order:
-        if s.name in skipped:
-            continue
-        try:
-            plan = prepare(s.config, models=_stage_models(s, recipe, outputs))
-        except (ConfigError, CheckpointError, ValidationError) as e:
-            raise _open_error(e, s, recipe) from None
-        try:
-            for target in {targets.get(s.name), final_out} - {None}:
-                check_not_an_input(target, plan)
-            if s.name is not None:
-                specs = [(j.out_name, j.shape, j.out_dtype) for j in plan.jobs]
-                outputs[s.name].planned = (specs, output_config(plan))
-                sizes[s.name] = plan.total_bytes
-        finally:
-            plan.close()
-    for name, target in targets.items():
-        if name not in skipped:
-            probe_writable(target)
-
-    for n in notes:  # the stages' own warnings are logged as each one runs
-        log.warning(n)
-
-    # 2. run, in dependency order
-    uses_left = {n: sum(n in s.uses for s in order) for n in outputs}
-    done: list[tuple[Stage, Any, list[str]]] = []  # (stage, MergeResult or None, warnings)
-    if stages_dir is not None:
-        _remove_stale(Path(out))  # type: ignore[arg-type]
-    run_opts: dict[str, Any] = dict(device=device, progress=progress, workers=workers)
+    plan_tmp = None  # the planned stages' carried files, when there is no stages folder
     try:
+        if stages_dir is not None:
+            plan_dir = stages_dir / "plan"
+        else:
+            plan_tmp = plan_dir = Path(tempfile.mkdtemp(prefix="mergeforge-recipe-plan-"))
+        plans = _plan_stages(recipe, order, outputs, skipped, plan_dir,
+                             lambda s: copy_tokenizer if s.name in targets else True)  # fmt: skip
+        sizes = {p.stage.name: p.total_bytes for p in plans if p.stage.name is not None}
+        # every output of the run (kept stages, the final merge) against every stage's inputs
+        for name, target in targets.items():
+            if name in skipped:
+                continue
+            for p in plans:
+                try:
+                    check_not_among(target, p.inputs)
+                except ConfigError as e:
+                    raise ConfigError(f"{recipe.where}: an input of {p.stage.label}: {e}") from None
+        for name, target in targets.items():
+            if name not in skipped:
+                probe_writable(target)
+
+        for n in notes:  # the stages' own warnings are logged as each one runs
+            log.warning(n)
+
+        # 2. run, in dependency order
+        uses_left = {n: sum(n in s.uses for s in order) for n in outputs}
+        done: list[tuple[Stage, Any, list[str]]] = []  # (stage, MergeResult or None, warnings)
+        if stages_dir is not None:
+            _remove_stale(Path(out))  # type: ignore[arg-type]
+        run_opts: dict[str, Any] = dict(device=device, progress=progress, workers=workers)
         for k, s in enumerate(order, start=1):
             head = f"[{k}/{len(order)}] {s.label}: {s.config.merge_method}"
             target = targets.get(s.name)
@@ -682,6 +819,8 @@ def run_multimerge(
                 if uses_left[u] == 0:
                     outputs[u].tensors = None
     finally:
+        if plan_tmp is not None:
+            shutil.rmtree(plan_tmp, ignore_errors=True)
         if stages_dir is not None and stages_dir.exists():
             with deferred():  # a second stop signal must not leave it half removed
                 shutil.rmtree(stages_dir, ignore_errors=True)

@@ -195,12 +195,16 @@ def checkpoint_paths(ck: Checkpoint) -> Iterator[Path]:
 
 def input_paths(plan) -> Iterator[tuple[str, Path]]:
     """``(input as named in the config, path)`` for every path the merge reads: each model's
-    :func:`checkpoint_paths` and the statistics files of methods that use them."""
+    :func:`checkpoint_paths`, the statistics files of methods that use them, and the folder of
+    a ``tokenizer_source`` that is not merged (``tokenizer_source: PATH``)."""
     for name, ck in zip(plan.models, plan.checkpoints, strict=True):
         for p in checkpoint_paths(ck):
             yield name, p
     for (model, kind), f in plan.sidecars.items():
         yield f"{plan.models[model]} ({kind} statistics)", Path(f.path)
+    vocab = getattr(plan, "vocab", None)
+    if vocab is not None and vocab.source_folder is not None:
+        yield f"tokenizer_source: {vocab.source_name}", Path(vocab.source_folder)
 
 
 def _identity(path: Path) -> tuple[int, int] | None:

@@ -388,6 +388,8 @@ def build_plan(
         added = heads_to_add(keysets[ref], [keysets[index[s.model]] for s in ends])
         num_out_layers = _plan_slices(cfg, models, cks, index, layout, ref_ck, add, added)
     warnings += _tied_warnings(models, ref, tied_inputs, added)
+    if vocab is not None and realigned:  # a vocabulary-sized tensor of unknown kind: refused
+        vocab.check_unknown_rows(jobs, cks, excl)
 
     plan = MergePlan(
         config=cfg, method=method, models=models, checkpoints=cks, jobs=jobs,

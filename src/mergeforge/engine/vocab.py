@@ -10,7 +10,7 @@ mergekit's ``tokenizer_source`` (``union`` | ``base`` | a model) and ``tokenizer
   tokens) keep their settings (the first model's when two differ). A token named in
   ``tokenizer.tokens`` that the vocabulary lacks is appended.
 * **the rows**: before the merge method runs, each input's vocabulary tensors (embeddings,
-  LM heads: :data:`VOCAB_TENSORS`) are rebuilt on the output vocabulary, row by row: a token
+  LM heads: :func:`is_vocab_tensor`) are rebuilt on the output vocabulary, row by row: a token
   the input has keeps the input's row; a token it lacks, or any token whose
   ``tokens`` entry says ``force: true``, gets the *fill row*, the same for every input of
   the tensor: the entry's ``source`` (the token's row in that model, zeros, or another token's
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
@@ -61,20 +62,113 @@ from mergeforge.errors import ConfigError, ValidationError
 log = logging.getLogger("mergeforge")
 
 VOCAB_TENSORS = frozenset({
-    "model.embed_tokens.weight", "lm_head.weight", "embed_tokens.weight",
-    "model.language_model.embed_tokens.weight", "model.tok_embeddings.weight", "output.weight",
-    "transformer.wte.weight", "wte.weight", "transformer.word_embeddings.weight",
-    "transformer.embd.wte.weight", "transformer.embedding.word_embeddings.weight",
-    "transformer.output_layer.weight", "gpt_neox.embed_in.weight", "embed_out.weight",
-    "backbone.embeddings.weight", "shared.weight", "encoder.embed_tokens.weight",
-    "decoder.embed_tokens.weight", "bert.embeddings.word_embeddings.weight",
-    "embeddings.word_embeddings.weight", "roberta.embeddings.word_embeddings.weight",
-    "distilbert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight",
-    "cls.predictions.bias", "lm_head.decoder.weight", "lm_head.bias", "lm_head.linear.weight",
-    "lm_head.linear.bias", "vocab_projector.weight", "vocab_projector.bias",
+    # decoders (the Llama family and most causal LMs), their heads
+    "model.embed_tokens.weight", "lm_head.weight", "lm_head.bias",
+    "model.tok_embeddings.weight", "output.weight",  # InternLM2
+    "transformer.wte.weight", "wte.weight",  # GPT-2 (and its alias), Qwen, Exaone, JAIS...
+    "transformer.word_embeddings.weight",  # Falcon
+    "transformer.embd.wte.weight", "lm_head.linear.weight", "lm_head.linear.bias",  # phi-2 (old)
+    "transformer.embedding.word_embeddings.weight", "transformer.output_layer.weight",  # ChatGLM
+    "gpt_neox.embed_in.weight", "embed_out.weight",  # GPT-NeoX
+    "backbone.embeddings.weight",  # Mamba
+    "layers.0.wte.weight",  # phi-1 (its head: VOCAB_PATTERNS)
+    # encoders (BERT, RoBERTa, DistilBERT) and their masked-LM heads
+    "bert.embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight",
+    "roberta.embeddings.word_embeddings.weight", "distilbert.embeddings.word_embeddings.weight",
+    "cls.predictions.decoder.weight", "cls.predictions.bias", "lm_head.decoder.weight",
+    "vocab_projector.weight", "vocab_projector.bias",
+    # modular architectures: a module's weights under its prefix
+    "shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight",  # T5
+    "model.decoder.embed_tokens.weight",  # Whisper's decoder
+    # Gemma 3, Llama 4, Mistral 3: module text_decoder, prefix "language_model."
+    "language_model.model.embed_tokens.weight", "language_model.lm_head.weight",
+    "model.language_model.embed_tokens.weight",  # Qwen3-VL
 })  # fmt: skip
-"""Tensors indexed by token id along their first axis: mergekit 0.1.5's architecture tables'
-weights with ``vocabulary_axis: 0`` (all of them are axis 0), by name."""
+"""Tensors indexed by token id along their first axis, by full name: the weights of mergekit
+0.1.5's architecture tables that have a ``vocabulary_axis`` (all of them axis 0), with their
+aliases, each under its module's ``weight_prefix`` in the modular architectures (a Gemma 3,
+Llama 4 or Mistral 3 checkpoint's ``language_model.model.embed_tokens.weight``). With
+:data:`VOCAB_PATTERNS`; checked against mergekit's tables by tests/test_vocab.py."""
+
+VOCAB_PATTERNS = (re.compile(r"layers\.\d+\.linear\.(?:weight|bias)"),)
+"""Vocabulary tensors whose name holds the layer count (``fullmatch``): phi-1's head,
+``layers.${num_layers}.linear.*`` in mergekit's table."""
+
+NON_VOCAB_TENSORS = frozenset({
+    "backbone.norm_f.weight", "bert.embeddings.LayerNorm.beta", "bert.embeddings.LayerNorm.bias",
+    "bert.embeddings.LayerNorm.gamma", "bert.embeddings.LayerNorm.weight",
+    "bert.embeddings.position_embeddings.weight", "bert.embeddings.position_ids",
+    "bert.embeddings.token_type_embeddings.weight", "bert.pooler.dense.bias",
+    "bert.pooler.dense.weight", "classifier.bias", "classifier.dense.bias",
+    "classifier.dense.weight", "classifier.out_proj.bias", "classifier.out_proj.weight",
+    "classifier.weight", "decoder.final_layer_norm.weight",
+    "distilbert.embeddings.LayerNorm.beta", "distilbert.embeddings.LayerNorm.bias",
+    "distilbert.embeddings.LayerNorm.gamma", "distilbert.embeddings.LayerNorm.weight",
+    "distilbert.embeddings.position_embeddings.weight", "embeddings.LayerNorm.beta",
+    "embeddings.LayerNorm.bias", "embeddings.LayerNorm.gamma", "embeddings.LayerNorm.weight",
+    "embeddings.position_embeddings.weight", "embeddings.position_ids",
+    "embeddings.token_type_embeddings.weight", "encoder.final_layer_norm.weight",
+    "gpt_neox.final_layer_norm.bias", "gpt_neox.final_layer_norm.weight",
+    "language_model.model.norm.weight", "lm_head.dense.bias", "lm_head.dense.weight",
+    "lm_head.layer_norm.bias", "lm_head.layer_norm.weight", "lm_head.ln.bias",
+    "lm_head.ln.weight", "ln_f.bias", "ln_f.weight", "model.decoder.embed_positions.weight",
+    "model.decoder.layer_norm.bias", "model.decoder.layer_norm.weight",
+    "model.embedding_norm.weight", "model.encoder.conv1.bias", "model.encoder.conv1.weight",
+    "model.encoder.conv2.bias", "model.encoder.conv2.weight",
+    "model.encoder.embed_positions.weight", "model.encoder.layer_norm.bias",
+    "model.encoder.layer_norm.weight", "model.final_layernorm.bias",
+    "model.final_layernorm.weight", "model.language_model.norm.weight", "model.norm.bias",
+    "model.norm.weight", "model.visual.merger.linear_fc1.bias",
+    "model.visual.merger.linear_fc1.weight", "model.visual.merger.linear_fc2.bias",
+    "model.visual.merger.linear_fc2.weight", "model.visual.merger.norm.bias",
+    "model.visual.merger.norm.weight", "model.visual.patch_embed.proj.bias",
+    "model.visual.patch_embed.proj.weight", "model.visual.pos_embed.weight",
+    "multi_modal_projector.linear_1.weight", "multi_modal_projector.linear_2.weight",
+    "multi_modal_projector.mm_input_projection_weight",
+    "multi_modal_projector.mm_soft_emb_norm.weight", "multi_modal_projector.norm.weight",
+    "multi_modal_projector.patch_merger.merging_layer.weight", "pooler.dense.bias",
+    "pooler.dense.weight", "pre_classifier.bias", "pre_classifier.weight",
+    "roberta.embeddings.LayerNorm.bias", "roberta.embeddings.LayerNorm.weight",
+    "roberta.embeddings.position_embeddings.weight", "roberta.embeddings.position_ids",
+    "roberta.embeddings.token_type_embeddings.weight", "score.bias", "score.weight",
+    "transformer.encoder.final_layernorm.weight", "transformer.ln_f.bias",
+    "transformer.ln_f.weight", "transformer.relative_pe.slopes",
+    "transformer.rotary_pos_emb.inv_freq", "transformer.wpe.weight",
+    "vision_model.class_embedding", "vision_model.layernorm_post.bias",
+    "vision_model.layernorm_post.weight", "vision_model.layernorm_pre.bias",
+    "vision_model.layernorm_pre.weight", "vision_model.patch_embedding.linear.weight",
+    "vision_model.positional_embedding_vlm", "vision_model.vision_adapter.mlp.fc1.weight",
+    "vision_model.vision_adapter.mlp.fc2.weight", "vision_tower.ln_pre.weight",
+    "vision_tower.patch_conv.weight", "vision_tower.vision_model.embeddings.patch_embedding.bias",
+    "vision_tower.vision_model.embeddings.patch_embedding.weight",
+    "vision_tower.vision_model.embeddings.position_embedding.weight",
+    "vision_tower.vision_model.post_layernorm.bias",
+    "vision_tower.vision_model.post_layernorm.weight", "visual.merger.ln_q.bias",
+    "visual.merger.ln_q.weight", "visual.patch_embed.proj.weight", "vocab_layer_norm.bias",
+    "vocab_layer_norm.weight", "vocab_transform.bias", "vocab_transform.weight", "wpe.weight",
+})  # fmt: skip
+"""The weights outside the numbered layers that mergekit 0.1.5's tables list *without* a
+vocabulary axis (norms, position embeddings, vision towers, classifier heads), under their
+module prefixes: known not to be indexed by token, whatever their size. No weight of those
+tables' layer templates has a vocabulary axis, so a tensor of a numbered layer is known not to
+be one either (:func:`known_non_vocabulary`)."""
+
+_NUMBERED = re.compile(r"(?:^|\.)\d+\.")
+
+
+def is_vocab_tensor(name: str) -> bool:
+    """Whether tensor ``name`` is indexed by token id along its first axis (a vocabulary
+    tensor of mergekit's architecture tables: :data:`VOCAB_TENSORS`, :data:`VOCAB_PATTERNS`)."""
+    return name in VOCAB_TENSORS or any(p.fullmatch(name) for p in VOCAB_PATTERNS)
+
+
+def known_non_vocabulary(name: str) -> bool:
+    """Whether tensor ``name`` is known not to be indexed by token: a weight of a numbered
+    layer, or one of :data:`NON_VOCAB_TENSORS`."""
+    return not is_vocab_tensor(name) and (
+        name in NON_VOCAB_TENSORS or _NUMBERED.search(name) is not None
+    )
+
 
 CHAT_TEMPLATES = {
     "chatml": (
@@ -173,12 +267,17 @@ class VocabPlan:
     fills: dict[str, Fill] = field(default_factory=dict)
     _cache: dict[tuple, Fill] = field(default_factory=dict)
     summary: list[str] = field(default_factory=list)
+    source_folder: Path | None = None
+    """The folder the output tokenizer is read from when ``tokenizer_source`` names a model
+    that is not merged: an input of the merge all the same (``engine/output.input_paths``)."""
+    source_name: str | None = None
+    """That ``tokenizer_source`` as the config spells it."""
 
     # -- plan time ---------------------------------------------------------------------------
 
     def realigns(self, name: str) -> bool:
         """Whether output tensor ``name`` is a vocabulary tensor of a realigning plan."""
-        return self.size is not None and name in VOCAB_TENSORS
+        return self.size is not None and is_vocab_tensor(name)
 
     def job_shape(self, out_name: str, refs: Sequence[Any], infos: Sequence[Any], base: int | None,
                   where: str) -> tuple[int, ...]:  # fmt: skip
@@ -309,6 +408,60 @@ class VocabPlan:
                     f"'exclude: [{job.out_name!r}]' or a method that reads no statistics, or "
                     "merge models that share a tokenizer."
                 )
+
+    def check_unknown_rows(self, jobs: Sequence[Any], cks: Sequence[Checkpoint],
+                           excluded: Sequence[re.Pattern[str]] = ()) -> None:  # fmt: skip
+        """A plan that moves rows: refuse an output tensor that mergeforge neither realigns
+        (:func:`is_vocab_tensor`) nor knows to be something else (:func:`known_non_vocabulary`)
+        when an input of it has as many rows as an input's vocabulary (its config.json
+        ``vocab_size``, or the rows of its vocabulary tensors): it may be indexed by token,
+        and merged by id its rows would no longer match the realigned ones. A tensor the
+        config's ``exclude`` names (copied unchanged) is the user's to judge."""
+        if self.size is None or self._identity():
+            return
+        sizes: dict[int, int] = {}  # rows -> the model whose vocabulary has as many
+        for m, ck in enumerate(cks):
+            if (n := config_vocab_size(ck.config)) is not None:
+                sizes.setdefault(n, m)
+        for job in jobs:
+            if is_vocab_tensor(job.out_name):
+                for r in job.inputs:
+                    if shape := cks[r.model].info(r.name).shape:
+                        sizes.setdefault(shape[0], r.model)
+        for job in jobs:
+            name = job.out_name
+            if is_vocab_tensor(name) or known_non_vocabulary(name):
+                continue
+            if any(p.search(name) for p in excluded):
+                continue
+            for r in (*([job.base] if job.base is not None else []), *job.inputs):
+                info = cks[r.model].info(r.name)
+                if not info.shape or info.shape[0] not in sizes:
+                    continue
+                rows, owner = info.shape[0], self.models[sizes[info.shape[0]]]
+                raise ValidationError(
+                    f"tensor {r.name!r} of {self.models[r.model]} ({info.file}) has {rows} "
+                    f"rows, as many as the vocabulary of {owner}, but it is neither a "
+                    "vocabulary tensor mergeforge knows (those of mergekit's architecture "
+                    "tables, engine/vocab.py VOCAB_TENSORS) nor known to be anything else. "
+                    f"The embedding rows are realigned to the output vocabulary ({self.size} "
+                    "rows); merged by id, this tensor's rows would no longer match them. If its "
+                    "rows are tokens, this architecture's vocabulary tensors are not known: "
+                    "merge models that share a tokenizer, without a tokenizer option. If they "
+                    "are not (its size only equals the vocabulary's), copy it unchanged from "
+                    f"the base with 'exclude: [{name!r}]'."
+                )
+
+    def _identity(self) -> bool:
+        """Every model's rows are the output's, in order: nothing moves."""
+        forced = self.forced is not None and self.forced.numel() > 0
+        return (
+            not forced
+            and self.size == self.n_tokens
+            and all(
+                mp is not None and torch.equal(mp, torch.arange(self.n_tokens)) for mp in self.maps
+            )
+        )
 
     def _map(self, m: int) -> Tensor:
         mp = self.maps[m]
@@ -518,6 +671,7 @@ def plan_vocabulary(cfg: MergeConfig, models: list[str], cks: list[Checkpoint], 
             tok.chat_template = text
         return plan
     spec = cfg.tokenizer
+    outside: Path | None = None
     base = _model_index(models, cfg.base_model) if cfg.base_model else 0
     assert base is not None
     t = _read_tokenizers(models, cks, base, source == "union", warnings)
@@ -551,6 +705,7 @@ def plan_vocabulary(cfg: MergeConfig, models: list[str], cks: list[Checkpoint], 
 
             folder = Path(resolve_model_spec(source, cfg.root).split("+")[0])
             name = source
+            outside = folder  # read, but not merged: an input all the same
         out = load_tokenizer(folder, name)
     tokens = dict(spec.tokens) if spec is not None else {}
     have = out.get_vocab()
@@ -566,7 +721,8 @@ def plan_vocabulary(cfg: MergeConfig, models: list[str], cks: list[Checkpoint], 
     pad = spec.pad_to_multiple_of if spec is not None else None
     if pad and size % pad:
         size += pad - size % pad
-    plan = VocabPlan(tokenizer=out, models=models, n_tokens=n, size=size, base=base)
+    plan = VocabPlan(tokenizer=out, models=models, n_tokens=n, size=size, base=base,
+                     source_folder=outside, source_name=source if outside else None)  # fmt: skip
     by_id = sorted(vocab, key=vocab.__getitem__)
     for i in range(len(cks)):
         mv = t.toks[i].get_vocab() if i in t.toks else t.toks[base].get_vocab()
