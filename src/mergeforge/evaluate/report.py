@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from mergeforge.checkpoint.atomic import write_text_atomic
@@ -66,6 +66,31 @@ def rich_table(
 def write_json(path: str | Path, payload: dict) -> None:
     """Write ``payload`` as indented JSON (atomically: a crash never leaves half a file)."""
     write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def write_report(
+    payload: Mapping,
+    out_dir: str | Path,
+    *,
+    complete: bool,
+    markdown: Callable[[Mapping], str],
+    plot: Callable[[Mapping, Path], Path] | None = None,
+    png: str = "",
+) -> list[Path]:
+    """A scenario's report in ``out_dir``: ``results.json`` always (every number, so a resumed
+    run starts from it); once ``complete``, ``results.md`` from ``markdown(payload)`` and, when
+    ``plot`` is given, ``plot(payload, out_dir / png)``. Every file is written atomically.
+    Returns the paths written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "results.json"]
+    write_json(paths[0], dict(payload))
+    if complete:
+        paths.append(out_dir / "results.md")
+        write_text_atomic(paths[-1], markdown(payload))
+        if plot is not None:
+            paths.append(plot(payload, out_dir / png))
+    return paths
 
 
 def _pyplot():

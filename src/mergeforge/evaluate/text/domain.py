@@ -579,16 +579,7 @@ def plot(payload: Mapping, path: Path) -> Path:
 def write_domain_report(payload: Mapping, out_dir: str | Path, *, plots: bool = True) -> list[Path]:
     """``results.json``, ``results.md`` (:func:`markdown`) and ``domain_losses.png``
     (:func:`plot`) in ``out_dir``."""
-    from mergeforge.checkpoint.atomic import write_text_atomic
-    from mergeforge.evaluate.report import write_json
+    from mergeforge.evaluate.report import write_report
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "results.json"]
-    write_json(paths[0], dict(payload))
-    if payload.get("complete"):
-        paths.append(out_dir / "results.md")
-        write_text_atomic(paths[-1], markdown(payload))
-        if plots:
-            paths.append(plot(payload, out_dir / "domain_losses.png"))
-    return paths
+    return write_report(payload, out_dir, complete=bool(payload.get("complete")), markdown=markdown,
+                        plot=plot if plots else None, png="domain_losses.png")  # fmt: skip

@@ -446,16 +446,7 @@ def plot(payload: Mapping, path: Path) -> Path:
 def write_forget_report(payload: Mapping, out_dir: str | Path, *, plots: bool = True) -> list[Path]:
     """``results.json`` (every number), ``results.md`` (:func:`markdown`) and
     ``forget_curves.png`` (:func:`plot`) in ``out_dir``; returns the paths written."""
-    from mergeforge.checkpoint.atomic import write_text_atomic
-    from mergeforge.evaluate.report import write_json
+    from mergeforge.evaluate.report import write_report
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "results.json"]
-    write_json(paths[0], dict(payload))
-    if payload.get("forget"):
-        paths.append(out_dir / "results.md")
-        write_text_atomic(paths[-1], markdown(payload))
-        if plots:
-            paths.append(plot(payload, out_dir / "forget_curves.png"))
-    return paths
+    return write_report(payload, out_dir, complete=bool(payload.get("forget")), markdown=markdown,
+                        plot=plot if plots else None, png="forget_curves.png")  # fmt: skip
