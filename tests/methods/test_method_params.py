@@ -75,12 +75,12 @@ def test_registry():
         "umtam", "ota", "prune",
         # mergekit's remaining methods (issue 18)
         "multislerp", "nuslerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram",
-        "ramplus_tl",
+        "ramplus_tl", "ranked_ties",
     }  # fmt: skip
     for m in methods.all_methods():
         assert m.reference.startswith("https://") and m.summary, m.name
     stochastic = {m.name for m in methods.all_methods() if m.stochastic}
-    assert stochastic == {"dare_ties", "dare_linear", "della", "della_linear"}
+    assert stochastic == {"dare_ties", "dare_linear", "della", "della_linear", "ranked_ties"}
     assert {m.name for m in methods.all_methods() if m.base == "none"} == {"linear", "passthrough"}
     assert get_method("slerp").max_models == 1 and get_method("model_stock").min_models == 2
     assert get_method("prune").max_models == 1 and get_method("prune").output_like == "first"

@@ -59,6 +59,12 @@ CASES = [
     Case("breadcrumbs_ties", {"normalize": True}, CRUMBS),
     Case("della", {}, DELLA),
     Case("della_linear", {"rescale_norm": "inverse_prob"}, DELLA),
+    Case("ranked_ties", {}, SPARSE),
+    Case(
+        "ranked_ties",
+        {"rescale_norm": "inverse_prob", "normalize": True},
+        tuple(dict(mp, density_aware=True) for mp in SPARSE),
+    ),
     Case("model_stock", {}),
     Case("model_stock", {"filter_wise": True}),
     Case("emr", {}),

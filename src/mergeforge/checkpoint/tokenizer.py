@@ -91,6 +91,9 @@ def load_tokenizer(folder: Path, model: str) -> Any:
     import transformers
 
     try:
+        generic = _generic_backend(folder)
+        if generic is not None:
+            return generic.from_pretrained(str(folder), local_files_only=True)
         return transformers.AutoTokenizer.from_pretrained(
             str(folder), use_fast=True, trust_remote_code=False, local_files_only=True
         )
@@ -104,8 +107,6 @@ def load_tokenizer(folder: Path, model: str) -> Any:
 def copy_tokenizer(tokenizer: Any, edit_json=None) -> Any:
     """A fresh copy of ``tokenizer`` (saved and loaded again, so changing it leaves the
     original alone); ``edit_json(doc)`` may change its ``tokenizer.json`` in between."""
-    import transformers
-
     with tempfile.TemporaryDirectory(prefix="mergeforge-tokenizer-") as d:
         tokenizer.save_pretrained(d)
         if edit_json is not None:
@@ -113,9 +114,42 @@ def copy_tokenizer(tokenizer: Any, edit_json=None) -> Any:
             doc = json.loads(p.read_text(encoding="utf-8"))
             edit_json(doc)
             p.write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
-        return transformers.AutoTokenizer.from_pretrained(
-            d, use_fast=True, trust_remote_code=False, local_files_only=True
-        )
+        return type(tokenizer).from_pretrained(d, local_files_only=True)
+
+
+def _generic_backend(folder: Path) -> Any:
+    """``transformers.TokenizersBackend`` when ``AutoTokenizer`` would load ``folder`` with it
+    anyway, else None (then ``AutoTokenizer`` decides). That is the case of a
+    ``tokenizer.json`` whose ``tokenizer_config.json`` declares the generic class
+    (``TokenizersBackend`` or ``PreTrainedTokenizerFast``, the same class in transformers 5)
+    with no ``auto_map``, for a ``model_type`` transformers does not send to Mistral's backend
+    or list as declaring a wrong class (``AutoTokenizer.from_pretrained``'s branches for a
+    declared generic class all end in ``TokenizersBackend``). Why: ``AutoTokenizer`` first loads
+    the model's config class, whose import pulls in ``torch.distributed.tensor`` (~1 s of a
+    merge's start-up); the class itself loads in ~30 ms."""
+    try:
+        tok_cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        model_cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not (folder / "tokenizer.json").is_file() or not isinstance(tok_cfg, dict):
+        return None
+    declared = tok_cfg.get("tokenizer_class")
+    if declared not in ("TokenizersBackend", "PreTrainedTokenizerFast") or "auto_map" in tok_cfg:
+        return None
+    model_type = model_cfg.get("model_type") if isinstance(model_cfg, dict) else None
+    if not isinstance(model_type, str) or not model_type:
+        return None
+    try:
+        from transformers import TokenizersBackend
+        from transformers.models.auto import tokenization_auto as auto
+    except ImportError:  # another transformers: let AutoTokenizer decide
+        return None
+    incorrect = getattr(auto, "MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS", None)
+    registered = getattr(auto, "TOKENIZER_MAPPING_NAMES", {}).get(model_type) or ""
+    if incorrect is None or model_type in incorrect or "Mistral" in registered:
+        return None
+    return TokenizersBackend
 
 
 def strip_tokenizer(tokenizer: Any, vocab_size: int, model: str) -> Any:

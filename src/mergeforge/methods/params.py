@@ -117,6 +117,20 @@ class BreadcrumbsModelParams(SparseModelParams):
 
 
 @dataclass(frozen=True)
+class RankedModelParams(SparseModelParams):
+    density_aware: bool = False
+    """``ranked_ties``' keep probability. False (mergekit's definition): it falls linearly with
+    the |τ| rank, from 1 for the largest entry to 0 for the smallest, whatever ``density`` below
+    1 says (on average half the entries are kept). True: p = r^(1/density − 1) for the same
+    linear rank r, so the mean keep probability is ``density`` (at density 0.5 both agree).
+    Ours; not in mergekit."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bool("density_aware", self.density_aware)
+
+
+@dataclass(frozen=True)
 class DellaModelParams(SparseModelParams):
     epsilon: float = 0.15
     """Half-width of the keep-probability window: p ∈ [density − ε, density + ε]."""

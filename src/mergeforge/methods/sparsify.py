@@ -109,6 +109,31 @@ def della_magprune(delta: Tensor, mp: Any, generator: torch.Generator | None = N
     return mask.to(delta.dtype).view_as(delta), probs.view_as(delta)
 
 
+def ranked(delta: Tensor, mp: Any, generator: torch.Generator | None = None):
+    """``ranked_ties``' sparsifier (mergekit's ``SparsificationMethod.ranked``, defined on a
+    2024 branch whose ``examples/ties.yml`` still names it; never in a mergekit release): each
+    entry is kept independently with probability r, its magnitude rank laid linearly from 1
+    (largest |τ|) to 0 (smallest) over the whole tensor; ties in |τ| are ranked in index order
+    (a stable sort; the source's unstable ``argsort`` orders them arbitrarily). The source
+    ignores the density below 1 (its early "already sparser than the density" return is never
+    taken: ``0 ** 0 == 1`` in torch), so about half the entries survive whatever the density;
+    ``mp.density_aware`` raises r to the power 1/density − 1 so that the mean keep probability
+    is the density. The returned keep probability is floored at the dtype's smallest normal
+    number, so ``rescale_norm: inverse_prob`` never divides by zero (a dropped entry stays 0).
+    Probabilities are computed in float32 (the source: in the tensor's dtype)."""
+    flat = delta.abs().reshape(-1)
+    n = flat.numel()
+    dtype = _work_dtype(delta)
+    order = torch.argsort(flat, descending=True, stable=True)
+    probs = torch.empty(n, dtype=dtype, device=delta.device)
+    probs[order] = torch.linspace(1.0, 0.0, n, dtype=dtype, device=delta.device)
+    if getattr(mp, "density_aware", False):
+        probs.pow_(1.0 / mp.density - 1.0)
+    mask = torch.bernoulli(probs, generator=generator)
+    keep_prob = probs.clamp_min_(torch.finfo(dtype).tiny).view_as(delta)
+    return mask.to(delta.dtype).view_as(delta), keep_prob
+
+
 def sparsify(
     delta: Tensor,
     sparsifier: Sparsifier,

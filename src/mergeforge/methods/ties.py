@@ -2,8 +2,10 @@
 
 TIES (2306.01708) trims by magnitude; DARE-TIES (2311.03099) drops at random; breadcrumbs-TIES
 (2312.06795) drops outliers and small entries; DELLA (2406.11617) drops with rank-based
-probabilities. All four are :func:`generalized_task_arithmetic` with a different sparsifier
-(:mod:`.sparsify`) and sign consensus (:mod:`.consensus`). Shapes: each input has the shape of
+probabilities inside each row; ``ranked_ties`` (a mergekit branch's method, no paper) with
+keep probabilities linear in the magnitude rank over the whole tensor. All five are
+:func:`generalized_task_arithmetic` with a different sparsifier (:mod:`.sparsify`) and sign
+consensus (:mod:`.consensus`). Shapes: each input has the shape of
 ``base``; so does the result.
 """
 
@@ -17,6 +19,7 @@ from mergeforge.methods.sparsify import (
     magnitude,
     magnitude_outliers,
     random,
+    ranked,
 )
 from mergeforge.methods.stats import ModelTopK, NoStatistic, keep_at_least
 from mergeforge.methods.task_arithmetic import generalized_task_arithmetic, sparse_fn
@@ -112,5 +115,21 @@ register(
         model_params=P.DellaModelParams,
         stochastic=True,
         notes=NAMED_STREAMS,
+    )
+)
+register(
+    Method(
+        name="ranked_ties",
+        fn=sparse_fn(ranked, consensus=True),
+        summary=f"Ranked TIES: keep each entry with probability linear in its |τ| rank "
+        f"(1 → 0), rescale (L1), {_STEPS}; no normalisation by default.",
+        reference="https://github.com/arcee-ai/mergekit/blob/192af12d81391559e94a9160b56e7f2749a350bd/mergekit/sparsify.py",
+        params=P.DareTiesParams,
+        model_params=P.RankedModelParams,
+        stochastic=True,
+        notes=NAMED_STREAMS
+        + " mergekit's definition (a 2024 branch, named by its examples/ties.yml; no mergekit "
+        "release has it) ignores `density` below 1: about half of each task vector survives. "
+        "`density_aware: true` makes the mean keep probability the density.",
     )
 )
