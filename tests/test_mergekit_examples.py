@@ -19,7 +19,11 @@ Outcomes (the table is :data:`EXAMPLES`, the same list is in BENCHMARKS.md secti
 * ``refused``: not a config mergekit 0.1.5 runs either (a method or format of a later or
   unmerged mergekit); both refuse it, and mergeforge's error names the key or method;
 * ``refused_by_mergeforge``: mergekit 0.1.5 silently drops a key mergeforge refuses on purpose
-  (the error names it and the alternative); without that key both give the same tensors.
+  (the error names it and the alternative); without that key both give the same tensors;
+* ``runs``: a method no mergekit release has (``ranked_ties``, of the ``ties.yml`` on a 2024
+  branch): mergeforge runs it and the output loads with ``transformers``; the method's oracle
+  (a transcription of that branch's definition, bit for bit on the same RNG stream) is
+  tests/methods/test_ranked_ties.py.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ DATA = Path(__file__).parent / "data" / "mergekit_examples"
 
 @dataclass(frozen=True)
 class Example:
-    outcome: str  # equal | refused | refused_by_mergeforge
+    outcome: str  # equal | refused | refused_by_mergeforge | runs
     note: str
     needles: tuple[str, ...] = ()
     """What mergeforge's error says (refused ones)."""
@@ -98,6 +102,9 @@ EXAMPLES: dict[str, Example] = {
                                  ("metric_method",)),
     "orcamini-platy-44layer.yml": Example("equal", "passthrough [0,24) + [20,40): 44 layers"),
     "ties.yml": Example("equal", "ties, gradients and a filter, float16"),
+    "ties-192af12.yml": Example(
+        "runs", "ranked_ties with density/weight gradients, bfloat16, tiny Phi; the method is on "
+        "a 2024 mergekit branch only (no release: mergekit 0.1.5 refuses it)"),
     "vlm-linear.yml": Example(
         "equal", "linear on Qwen2-VL (3 modules), float32; hand-worked (the mean): mergekit "
         "0.1.5's qwen2_vl table reads config.num_hidden_layers, which transformers 5 moved to "
@@ -254,6 +261,12 @@ def hub(tmp_path_factory) -> dict[str, str]:
             bos_token_id=2, eos_token_id=2, decoder_start_token_id=3,
             suppress_tokens=[], begin_suppress_tokens=[]))  # fmt: skip
 
+    def phi():
+        torch.manual_seed(5)
+        return tf.PhiForCausalLM(tf.PhiConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+            vocab_size=64, max_position_embeddings=32))  # fmt: skip
+
     hub: dict[str, str] = {}
     hub |= _family(root, "llama40", llama(40), [
         "TheBloke/Llama-2-13B-fp16", "psmathur/orca_mini_v3_13b", "garage-bAInd/Platypus2-13B",
@@ -276,6 +289,9 @@ def hub(tmp_path_factory) -> dict[str, str]:
         "openai/whisper-large-v2", "user/whisper-french", "user/whisper-specialized",
         "user/whisper-specialized-french"])  # fmt: skip
     hub |= _qwen2_vl(root, ["Qwen/Qwen2-VL-7B-Instruct", "impactframes/Qwen2-VL-7B-Captioner"])
+    hub |= _family(root, "phi", phi, [
+        "microsoft/phi-2", "abacaj/phi-2-super", "rhysjones/phi-2-orange-v2",
+        "mobiuslabsgmbh/aanaphi2-v0.1"])  # fmt: skip
     _chipalign_tokenizers(hub)
     return hub
 
@@ -432,3 +448,26 @@ def test_refused_example_without_the_key_equals_mergekit(name, hub, tmp_path, ca
     ours, theirs = load_dir(tmp_path / "mf"), _mergekit(kept, tmp_path / "mk")
     low = {d.get("dtype") for d in kept} & {"float16", "bfloat16"}
     assert _compare(ours, theirs, exact=not low) <= (FP16_CLOSE if low else 1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n, e in EXAMPLES.items() if e.outcome == "runs"])
+def test_example_runs(name, hub, tmp_path, capsys):
+    """Runs, keeps every tensor's name and shape, writes the config's dtype, and loads with
+    transformers; each tensor moved off the base (the task vectors are not all dropped)."""
+    import transformers as tf
+
+    docs = _rewrite(_docs(name), hub)
+    code, err = _mergeforge(_write(tmp_path / name, docs), tmp_path / "mf", capsys)
+    assert code == 0, err
+    ours, base = load_dir(tmp_path / "mf"), load_dir(Path(docs[0]["base_model"]))
+    assert set(ours) == set(base)
+    for k, t in ours.items():
+        assert t.shape == base[k].shape and t.dtype == torch.bfloat16, k
+        assert bool(torch.isfinite(t.float()).all()), k
+    moved = [
+        k
+        for k in ours
+        if ours[k].numel() > 1 and not torch.equal(ours[k].float(), base[k].bfloat16().float())
+    ]
+    assert len(moved) >= len(ours) // 2
+    tf.AutoModelForCausalLM.from_pretrained(tmp_path / "mf")
