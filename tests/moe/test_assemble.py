@@ -222,6 +222,20 @@ def test_other_bad_inputs(fam, tmp_path):
     assert prepare_moe(moe_yaml({**fam, "base": notok}, n=2, gate_mode="random")).jobs
 
 
+def test_base_without_a_weight_the_gates_need_is_named_and_nothing_written(fam, tmp_path):
+    """The base model for the gates is read on its own thread while the tensors are written:
+    its error reaches the caller, the writers stop, and nothing is written."""
+    from safetensors.torch import save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(fam["base"], base)
+    sd = {k: v for k, v in load_dir(base).items() if k != "model.layers.0.mlp.up_proj.weight"}
+    save_file(sd, base / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValidationError, match="stores no 'model.layers.0.mlp.up_proj.weight'"):
+        build_moe(moe_yaml({**fam, "base": base}, n=2), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
 def test_interrupted_build_leaves_nothing(fam, tmp_path, monkeypatch):
     calls = []
 

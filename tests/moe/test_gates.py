@@ -6,7 +6,10 @@
 * router_input / router_input_avg: on a base whose MLPs are zero, the residual leaving layer i
   is h_i + attention_i(h_i), so the MLP's input is ``post_attention_layernorm(hidden_states[i +
   1])``, read from transformers' own hidden states;
-* degenerate layers: equal rows are flagged, orthonormal rows are not.
+* degenerate layers: equal rows are flagged, orthonormal rows are not;
+* forward.py (a Llama base without transformers' modelling code): its gates and hidden states
+  equal transformers' bit for bit (padded and unpadded batches, GQA / MHA / MQA, bfloat16 and
+  float32); bases it does not cover run in transformers' model.
 """
 
 from __future__ import annotations
@@ -19,7 +22,13 @@ from tests.moe._family import save, tiny_llama
 
 from mergeforge.checkpoint import open_checkpoint
 from mergeforge.moe import load_moe_config
-from mergeforge.moe.gates import compute_gates, degenerate_layers, random_gates, unit
+from mergeforge.moe.gates import (
+    compute_gates,
+    degenerate_layers,
+    load_gate_model,
+    random_gates,
+    unit,
+)
 
 CPU = torch.device("cpu")
 
@@ -111,3 +120,113 @@ def test_degenerate_layers():
     same = torch.ones(1, 3, 8)
     eye = torch.eye(8)[:3].unsqueeze(0)
     assert degenerate_layers(torch.cat([eye, same, eye])) == [1]
+
+
+# ---- forward.py: a Llama base's forward without transformers' modelling code ---------------
+
+NATIVE_BASES = {
+    "gqa": {},  # 4 heads, 2 key-value heads (tiny_llama's)
+    "mha": {"num_key_value_heads": 4},
+    "mqa-theta": {"num_key_value_heads": 1, "rope_theta": 500000.0},
+    "one-layer": {"num_hidden_layers": 1},
+}
+NATIVE_EXPERTS = [  # padded batches, an unpadded one (sdpa's is_causal path), one-token prompts
+    {"source_model": "a", "positive_prompts": ["w1 w2 w3", "w4 w5 w6"]},
+    {"source_model": "b", "positive_prompts": ["w7"], "negative_prompts": ["w8 w9 w10 w11"]},
+    {"source_model": "c", "positive_prompts": ["w12", "w13 w14 w15 w16 w17 w18"]},
+]
+
+
+@pytest.fixture(scope="module")
+def native_bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("native")
+    return {k: (save(tiny_llama(seed=7, **kw), root / k), tiny_llama(seed=7, **kw).config)
+            for k, kw in NATIVE_BASES.items()}  # fmt: skip
+
+
+def _both_ways(base, cfg, layers: int, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
+    from mergeforge.moe import forward
+
+    ck = open_checkpoint(str(base))
+    try:
+        assert isinstance(load_gate_model(cfg, ck, CPU), forward.LlamaForward)
+        native = compute_gates(cfg, ck, layers=layers, hidden=32, device=CPU)
+        with monkeypatch.context() as m:
+            m.setattr(forward, "supported", lambda _cfg: False)
+            assert not isinstance(load_gate_model(cfg, ck, CPU), forward.LlamaForward)
+            reference = compute_gates(cfg, ck, layers=layers, hidden=32, device=CPU)
+    finally:
+        ck.close()
+    return native, reference
+
+
+@pytest.mark.parametrize("kind", list(NATIVE_BASES))
+@pytest.mark.parametrize("mode", ["hidden", "hidden_avg", "router_input", "router_input_avg"])
+def test_native_forward_gates_are_transformers_bit_for_bit(native_bases, kind, mode, monkeypatch):
+    base, config = native_bases[kind]
+    cfg = load_moe_config({"base_model": str(base), "gate_mode": mode, "experts_per_token": 1,
+                           "experts": NATIVE_EXPERTS}, allow_same_experts=True)  # fmt: skip
+    native, reference = _both_ways(base, cfg, config.num_hidden_layers, monkeypatch)
+    assert torch.equal(native, reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_residuals_are_transformers_hidden_states(native_bases, dtype):
+    from mergeforge.moe.forward import LlamaForward
+
+    base, config = native_bases["gqa"]
+    model = tiny_llama(seed=7).to(dtype).eval()
+    ids = torch.tensor([[1, 1, 1, 8, 9], [1, 10, 11, 12, 13]])  # left-padded with BOS
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    ck = open_checkpoint(str(base))
+    try:
+        got = LlamaForward(ck, dict(ck.config), dtype, CPU).residuals(ids, mask)
+    finally:
+        ck.close()
+    assert len(got) == config.num_hidden_layers
+    assert all(torch.equal(g, w) for g, w in zip(got, want[:-1], strict=True))  # pads too
+
+
+def test_native_forward_covers_plain_llamas_only(native_bases):
+    import json
+
+    from mergeforge.moe.forward import supported
+
+    base, _ = native_bases["gqa"]
+    cfg = json.loads((base / "config.json").read_text())
+    assert supported(cfg)
+    for change in ({"model_type": "mistral"}, {"model_type": "qwen2"}, {"hidden_act": "gelu"},
+                   {"attention_bias": True}, {"mlp_bias": True}, {"partial_rotary_factor": 0.5},
+                   {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+                   {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+                   {"attn_implementation": "eager"}, {"num_key_value_heads": 3}):  # fmt: skip
+        assert not supported({**cfg, **change}), change
+
+
+def test_unsupported_base_runs_in_transformers(tmp_path):
+    """A base with RoPE scaling is not covered by forward.py: transformers' model runs it, and
+    the gates are those of transformers' hidden states."""
+    scaling = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    model = tiny_llama(seed=3, rope_parameters=scaling)
+    base = save(model, tmp_path / "base")
+    cfg = load_moe_config({"base_model": str(base), "gate_mode": "hidden", "experts_per_token": 1,
+                           "experts": NATIVE_EXPERTS[:2]}, allow_same_experts=True)  # fmt: skip
+    ck = open_checkpoint(str(base))
+    try:
+        from mergeforge.moe.forward import LlamaForward
+
+        assert not isinstance(load_gate_model(cfg, ck, CPU), LlamaForward)
+        g = compute_gates(cfg, ck, layers=2, hidden=32, device=CPU)
+    finally:
+        ck.close()
+    with torch.no_grad():
+        hs = model.to(torch.bfloat16)(input_ids=torch.tensor([[1, 10]]),
+                                      output_hidden_states=True).hidden_states  # fmt: skip
+    pos = torch.stack([hs[i][0, -1].float() for i in range(2)])
+    with torch.no_grad():
+        hs = model(input_ids=torch.tensor([[1, 11, 12, 13, 14]]),
+                   output_hidden_states=True).hidden_states  # fmt: skip
+    neg = torch.stack([hs[i][0, -1].float() for i in range(2)])
+    torch.testing.assert_close(g[:, 1], unit(pos - neg))

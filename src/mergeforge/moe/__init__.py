@@ -4,8 +4,9 @@ of experts from dense experts").
 
 ``config.py`` (the YAML and its checks) -> ``inputs.py`` (headers: architectures, sizes,
 tensors) -> ``layout.py`` (the output's tensors and config.json) -> ``gates.py`` (router rows
-from prompts) -> ``assemble.py`` (stream through the atomic writer); ``report.py``: how a MoE
-routes held-out prompts.
+from prompts; ``forward.py``: a Llama base's forward pass without transformers' modelling
+code) -> ``assemble.py`` (stream through the atomic writer, beside the gate computation);
+``report.py``: how a MoE routes held-out prompts.
 """
 
 from mergeforge.moe.assemble import MoEPlan, MoEResult, build_moe, prepare_moe

@@ -2,7 +2,9 @@
 
 mergekit 0.1.5 (``mergekit/moe/router.py``, ALGORITHMS.md §6.1). The result is a tensor
 (layers L, gated experts N, hidden H) in float32: rows 0..E-1 are the experts, E.. the shared
-experts; the router of layer i is ``gates[i, :E]`` (no scale, no bias).
+experts; the router of layer i is ``gates[i, :E]`` (no scale, no bias). The base model runs as
+``transformers``' ``AutoModelForCausalLM``, or, for a plain Llama, as ``forward.LlamaForward``
+(the same operations without transformers' modelling code; hidden states equal bit for bit).
 
 * ``hidden`` / ``hidden_avg``: the base model (``gate_dtype``, bfloat16 as mergekit) runs each
   expert's prompts as one batch, each prompt prefixed with BOS, left-padded with BOS; for layer
@@ -28,11 +30,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from mergeforge.checkpoint import Checkpoint
 from mergeforge.errors import CheckpointError, ValidationError
+from mergeforge.moe import forward
 from mergeforge.moe.config import Expert, MoEConfig
 
 EMBED = "model.embed_tokens.weight"
@@ -54,11 +58,20 @@ def random_gates(mode: str, shape: tuple[int, int, int], seed: int) -> torch.Ten
 
 
 def load_tokenizer(base: Checkpoint):
-    """The base model's tokenizer, left-padding with BOS (EOS when it has none), as mergekit."""
+    """The base model's tokenizer, left-padding with BOS (EOS when it has none), as mergekit.
+    A ``tokenizer.json`` declared as the generic fast class loads as that class directly,
+    which is what ``AutoTokenizer`` loads too, without importing the model's config class
+    first (``checkpoint.tokenizer._generic_backend``: ~1 CPU s)."""
     import transformers as tf
 
+    from mergeforge.checkpoint.tokenizer import _generic_backend
+
     try:
-        tok = tf.AutoTokenizer.from_pretrained(str(base.folder))
+        generic = _generic_backend(Path(base.folder)) if base.folder is not None else None
+        if generic is not None:
+            tok = generic.from_pretrained(str(base.folder))
+        else:
+            tok = tf.AutoTokenizer.from_pretrained(str(base.folder))
     except (OSError, ValueError) as e:
         raise CheckpointError(
             f"{base.folder}: the base model's tokenizer cannot be loaded ({e}); prompt gate "
@@ -114,16 +127,37 @@ def _no_init():
     return no_init_weights()
 
 
-class _Runner:
-    """One prompt set -> (L, H) float32 for one of the prompt modes."""
+def load_gate_model(cfg: MoEConfig, base: Checkpoint, device: torch.device):
+    """The model the prompt modes run (``None`` for the random modes and ``cheap_embed``): a
+    Llama base as :class:`~mergeforge.moe.forward.LlamaForward` (transformers' forward, op
+    for op, without its modelling code), any other as ``transformers``' model. Reads and
+    converts the base's weights, which takes no GIL: ``build_moe`` runs it on its own thread."""
+    if cfg.gate_mode in ("random", "uniform_random", "cheap_embed"):
+        return None
+    dtype = getattr(torch, cfg.gate_dtype)
+    if base.config is not None and forward.supported(base.config):
+        router = cfg.gate_mode.startswith("router_input")
+        return forward.LlamaForward(base, base.config, dtype, device, mlp_inputs=router)
+    return load_base_model(base, dtype, device)
 
-    def __init__(self, cfg: MoEConfig, base: Checkpoint, layers: int, device: torch.device):
+
+class _Runner:
+    """One prompt set -> (L, H) float32 for one of the prompt modes; ``model``: what
+    :func:`load_gate_model` returns (loaded here when not given)."""
+
+    def __init__(self, cfg: MoEConfig, base: Checkpoint, layers: int, device: torch.device,
+                 model=None):  # fmt: skip
         self.mode, self.layers, self.device = cfg.gate_mode, layers, device
         self.tok = load_tokenizer(base)
+        self.native = None
         if self.mode == "cheap_embed":
             self.embed = base.get(EMBED).float()
+            return
+        model = model if model is not None else load_gate_model(cfg, base, device)
+        if isinstance(model, forward.LlamaForward):
+            self.native = model
         else:
-            self.model = load_base_model(base, getattr(torch, cfg.gate_dtype), device)
+            self.model = model
 
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
         if self.mode == "cheap_embed":
@@ -137,13 +171,25 @@ class _Runner:
     @torch.no_grad()
     def _residual(self, prompts: Sequence[str]) -> torch.Tensor:
         enc = _batch(self.tok, prompts).to(self.device)
-        out = self.model(**enc, output_hidden_states=True, return_dict=True)
-        hs = torch.stack(out.hidden_states[:-1]).float().cpu()  # (L, B, T, H): entering layer i
+        if self.native is not None:
+            states = self.native.residuals(enc["input_ids"], enc["attention_mask"])
+        else:
+            states = self.model(**enc, output_hidden_states=True, return_dict=True).hidden_states
+            states = states[:-1]
+        hs = torch.stack(states).float().cpu()  # (L, B, T, H): entering layer i
         hs = hs.mean(dim=2) if self.mode == "hidden_avg" else hs[:, :, -1]
         return hs.mean(dim=1)
 
     @torch.no_grad()
     def _router_input(self, prompts: Sequence[str]) -> torch.Tensor:
+        if self.native is not None:
+            rows = []
+            for p in prompts:  # one at a time: no padding
+                enc = _batch(self.tok, [p])
+                seen = self.native.mlp_inputs(enc["input_ids"], enc["attention_mask"])
+                h = torch.stack([x[0] for x in seen]).float().cpu()
+                rows.append(h.mean(dim=1) if self.mode == "router_input_avg" else h[:, -1])
+            return torch.stack(rows).mean(dim=0)
         seen: dict[int, torch.Tensor] = {}
         mlps = [self.model.model.layers[i].mlp for i in range(self.layers)]
         hooks = [m.register_forward_pre_hook(lambda _m, a, i=i: seen.__setitem__(i, a[0]))
@@ -162,10 +208,16 @@ class _Runner:
 
 
 def prompt_gates(
-    cfg: MoEConfig, experts: Sequence[Expert], base: Checkpoint, layers: int, device: torch.device
+    cfg: MoEConfig,
+    experts: Sequence[Expert],
+    base: Checkpoint,
+    layers: int,
+    device: torch.device,
+    model=None,
 ) -> torch.Tensor:
-    """(L, N, H) for the prompt modes: per expert, unit(f(positive) - f(negative))."""
-    run = _Runner(cfg, base, layers, device)
+    """(L, N, H) for the prompt modes: per expert, unit(f(positive) - f(negative)); ``model``:
+    :func:`load_gate_model`'s, when already loaded."""
+    run = _Runner(cfg, base, layers, device, model)
     rows = []
     for e in experts:
         v = run(e.positive_prompts)
@@ -176,13 +228,20 @@ def prompt_gates(
 
 
 def compute_gates(
-    cfg: MoEConfig, base: Checkpoint, *, layers: int, hidden: int, device: torch.device
+    cfg: MoEConfig,
+    base: Checkpoint,
+    *,
+    layers: int,
+    hidden: int,
+    device: torch.device,
+    model=None,
 ) -> torch.Tensor:
-    """The gate rows of every expert then every shared expert: (L, E + S, H) float32."""
+    """The gate rows of every expert then every shared expert: (L, E + S, H) float32.
+    ``model``: :func:`load_gate_model`'s, when already loaded (else loaded here)."""
     experts = (*cfg.experts, *cfg.shared_experts)
     if cfg.gate_mode in ("random", "uniform_random"):
         return random_gates(cfg.gate_mode, (layers, len(experts), hidden), cfg.seed)
-    return prompt_gates(cfg, experts, base, layers, device)
+    return prompt_gates(cfg, experts, base, layers, device, model)
 
 
 def degenerate_layers(gates: torch.Tensor, threshold: float = 5.0) -> list[int]:
