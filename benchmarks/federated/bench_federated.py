@@ -48,7 +48,17 @@ AGGREGATORS = {
     "regmean": {"method": "regmean"},
     "median": {"name": "median"},
     "trimmed_mean": {"name": "trimmed_mean", "beta": 0.2},
+    "neuron_fusion": {"name": "neuron_fusion"},
+    "neuron_fusion_reported": {
+        "name": "neuron_fusion",
+        "parameters": {"class_fractions": "reported"},
+    },
 }
+RIDGES = {
+    f"neuron_fusion_r{r:g}": {"name": "neuron_fusion", "parameters": {"ridge": r}}
+    for r in (1e-10, 1e-6, 1e-4, 1e-3, 1e-2)
+}
+"""The aggregator's ridge sweep (``--aggregators neuron_fusion_r1e-06 ...``), not in the table."""
 
 
 def scale_update(pid, rnd, sd, global_sd, *, client: int, factor: float):
@@ -69,7 +79,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=["fashion_mnist", "mnist"])
     ap.add_argument("--aggregators", nargs="+", default=list(AGGREGATORS),
-                    choices=list(AGGREGATORS))  # fmt: skip
+                    choices=[*AGGREGATORS, *RIDGES])  # fmt: skip
     ap.add_argument("--alphas", nargs="*", type=float, default=[0.1, 0.5])
     ap.add_argument("--no-iid", action="store_true", help="leave the IID regime out")
     ap.add_argument("--clients", type=int, default=10)
@@ -103,7 +113,8 @@ def main() -> None:
                        "partition": part, "rounds": args.rounds, "lr": args.lr,
                        "local_epochs": args.local_epochs, "batch_size": args.batch_size,
                        "n_train": args.n_train, "n_test": args.n_test, "seed": args.seed,
-                       "evaluate_clients": False, "aggregator": AGGREGATORS[name]}  # fmt: skip
+                       "evaluate_clients": False,
+                       "aggregator": {**AGGREGATORS, **RIDGES}[name]}  # fmt: skip
                 t0 = time.perf_counter()
                 res = run_federated(cfg, out=out / tag / dataset / regime / name,
                                     progress=False, client_app=app,

@@ -9,19 +9,27 @@ uniform``: 1/K), so ``linear`` is FedAvg (McMahan et al. 2017, arXiv:1602.05629,
 DARE or a covariance merge change how the task vectors θ_k − θ_g combine (Tao et al., TMLR
 2025, port FL aggregation to task vectors the other way round). Methods without a per-model
 ``weight`` (SWUDI, TSV-M, ...) merge the clients as equals. ``median`` / ``trimmed_mean``
-(``robust.py``) ignore the base and the weights.
+(``robust.py``) ignore the base and the weights; ``neuron_fusion`` (``neuron_fusion.py``) fuses
+the clients' models neuron by neuron on the server's fusion set, the weights entering its head.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from mergeforge.errors import ConfigError
 from mergeforge.federated.config import AggregatorSpec, FederatedConfig
 from mergeforge.federated.robust import robust_state_dict
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from mergeforge.fusion import FusionData
 
 GLOBAL = "global"
 """The global model's name in the merge document."""
@@ -67,18 +75,44 @@ def merge_document(
 
 @dataclass(frozen=True)
 class Aggregator:
-    """``aggregator(global_sd, updates, server_round) -> new global state dict``."""
+    """``aggregator(global_sd, updates, server_round) -> new global state dict``.
+
+    ``neuron_fusion`` also needs ``fusion_data`` (the server's fusion set, or a function
+    returning it, called at the first round) and ``make_model`` (a fresh module of the clients'
+    architecture, its ``levels`` declared); :meth:`from_config` gives both."""
 
     spec: AggregatorSpec
     seed: int = 0
+    fusion_data: FusionData | Callable[[], FusionData] | None = None
+    make_model: Callable[[], nn.Module] | None = None
+
+    def __post_init__(self) -> None:
+        if self.spec.fusion is not None and (self.fusion_data is None or self.make_model is None):
+            raise ConfigError(
+                "aggregator: neuron_fusion needs the server's fusion set and the clients' "
+                "architecture: Aggregator(spec, fusion_data=FusionData(...), make_model=...) "
+                "or Aggregator.from_config(cfg)"
+            )
 
     @classmethod
     def from_config(cls, cfg: FederatedConfig) -> Aggregator:
-        return cls(cfg.aggregator, cfg.seed)
+        fusion = cfg.aggregator.fusion
+        if fusion is None:
+            return cls(cfg.aggregator, cfg.seed)
+        from mergeforge.evaluate.vision.models import build_model
+        from mergeforge.federated.neuron_fusion import server_fusion_set
+
+        data = functools.partial(server_fusion_set, cfg.dataset, cfg.n_train, cfg.n_test,
+                                 cfg.seed, fusion.examples)  # fmt: skip
+        return cls(cfg.aggregator, cfg.seed, fusion_data=data,
+                   make_model=functools.partial(build_model, cfg.arch))  # fmt: skip
 
     @property
     def min_models(self) -> int:
-        """Clients a round needs (model_stock: 2); fewer keep the global model."""
+        """Clients a round needs (model_stock, neuron_fusion with hf: 2); fewer keep the
+        global model."""
+        if self.spec.fusion is not None:
+            return self.spec.fusion.min_clients
         if self.spec.method is None:
             return 1
         from mergeforge.methods import get_method
@@ -102,6 +136,13 @@ class Aggregator:
         if self.spec.name in ("median", "trimmed_mean"):
             return robust_state_dict([dict(u.state_dict) for u in updates],
                                      kind=self.spec.name, beta=self.spec.beta)  # fmt: skip
+        if self.spec.fusion is not None:
+            from mergeforge.federated.neuron_fusion import fuse_round
+
+            data = self.fusion_data() if callable(self.fusion_data) else self.fusion_data
+            return fuse_round(self.spec.fusion, global_sd, updates, self.weights(updates),
+                              data=data, make_model=self.make_model,
+                              seed=self.seed * 100_003 + server_round)  # fmt: skip
         from mergeforge.engine import merge_state_dicts
 
         models = {GLOBAL: global_sd, **{u.name: u.state_dict for u in updates}}

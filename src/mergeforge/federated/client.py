@@ -6,7 +6,8 @@ configuration of its own. Each train message carries the task (:class:`ClientTas
 the ConfigRecord under :data:`TASK_KEY`: dataset, partition, local training settings); the
 client loads the bundled dataset (cached per process), recomputes its own part
 (``partition.py``, seeded), trains the global model for ``local_epochs`` and replies with its
-model, its example count and train loss (and, for RegMean, its input Grams).
+model, its example count and train loss (and, for RegMean, its input Grams; for
+``neuron_fusion`` with ``class_fractions: reported``, its per-class example counts).
 
 Local training is minibatch SGD (or Adam) on cross-entropy, batches drawn from a generator
 seeded by (seed, round, partition), so a round is reproducible. FedProx (Li et al. 2020,
@@ -28,9 +29,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import Tensor, nn
 
-from mergeforge.evaluate.vision.data import ImageSplit, load_dataset
+from mergeforge.evaluate.vision.data import NUM_CLASSES, ImageSplit, load_dataset
 from mergeforge.evaluate.vision.models import build_model
 from mergeforge.federated.config import FederatedConfig, PartitionSpec
+from mergeforge.federated.neuron_fusion import CLASS_COUNTS
 from mergeforge.federated.partition import partition
 from mergeforge.federated.replies import CLIENT_RECORD, STATS_PREFIX, WEIGHT_KEY
 
@@ -181,6 +183,9 @@ def train_reply(msg: Message, context: Context, transform: Transform | None = No
     })  # fmt: skip
     if task.stats == "regmean":
         content[STATS_PREFIX + "regmean"] = ArrayRecord(_grams(model, x, task.stats_examples))
+    elif task.stats == CLASS_COUNTS:  # neuron_fusion's non-IID head (class_fractions: reported)
+        counts = torch.bincount(y, minlength=NUM_CLASSES)
+        content[STATS_PREFIX + CLASS_COUNTS] = ArrayRecord({CLASS_COUNTS: counts})
     return Message(content=content, reply_to=msg)
 
 

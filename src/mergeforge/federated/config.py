@@ -13,15 +13,17 @@ One YAML (every key optional but ``aggregator``; defaults in :class:`FederatedCo
     lr: 0.05
     optimizer: sgd             # sgd | adam
     batch_size: 32
-    aggregator:                # fedavg | fedprox | median | trimmed_mean | any merge method
-      method: ties
+    aggregator:                # fedavg | fedprox | median | trimmed_mean | neuron_fusion
+      method: ties             #   | any merge method
       parameters: {lambda: 1.0}
       model_parameters: {density: 0.5}
     seed: 0
 
-``aggregator`` is a name (``fedavg``, ``fedprox``, ``median``, ``trimmed_mean`` or a merge
-method, ``ties``) or a mapping: ``name`` (one of those four) or ``method`` (a merge method,
-``mergeforge methods``) with its ``parameters`` / ``model_parameters``; ``weighting``
+``aggregator`` is a name (``fedavg``, ``fedprox``, ``median``, ``trimmed_mean``,
+``neuron_fusion`` or a merge method, ``ties``) or a mapping: ``name`` (one of those five) or
+``method`` (a merge method, ``mergeforge methods``) with its ``parameters`` /
+``model_parameters``; ``neuron_fusion``'s ``parameters`` are the fusion's (``grouping``,
+``fusion_examples``, ``class_fractions``, ``importance``, ...; ``neuron_fusion.py``); ``weighting``
 (``examples``: each client's per-model ``weight`` is its share of the round's examples, as
 FedAvg; ``uniform``: 1/K); ``mu`` (FedProx's proximal term on the clients, Li et al. 2020,
 arXiv:1812.06127; any aggregator may use it, ``fedprox`` needs it > 0); ``beta`` (the
@@ -36,6 +38,7 @@ import difflib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +49,8 @@ log = logging.getLogger("mergeforge")
 
 DOCS = "the README's 'Federated learning'"
 ROBUST = ("median", "trimmed_mean")
-NAMED = ("fedavg", "fedprox", *ROBUST)
+FUSION = "neuron_fusion"
+NAMED = ("fedavg", "fedprox", *ROBUST, FUSION)
 PARTITIONS = ("iid", "dirichlet", "shards")
 DATASETS = ("fashion_mnist", "mnist", "digits")
 STATS_METHODS = {"regmean": "regmean"}
@@ -79,10 +83,12 @@ class AggregatorSpec:
     """What the server does with the clients' models each round (``aggregate.py``)."""
 
     name: str = "fedavg"
-    """``fedavg``, ``fedprox``, ``median``, ``trimmed_mean`` or ``merge``."""
+    """``fedavg``, ``fedprox``, ``median``, ``trimmed_mean``, ``neuron_fusion`` or ``merge``."""
     method: str | None = "linear"
-    """The merge method (``fedavg`` / ``fedprox``: ``linear`` weighted by examples)."""
+    """The merge method (``fedavg`` / ``fedprox``: ``linear`` weighted by examples; None for
+    ``median``, ``trimmed_mean`` and ``neuron_fusion``)."""
     parameters: Mapping[str, Any] = field(default_factory=dict)
+    """The merge method's shared parameters; for ``neuron_fusion``, the fusion's."""
     model_parameters: Mapping[str, Any] = field(default_factory=dict)
     weighting: str = "examples"
     mu: float = 0.0
@@ -95,12 +101,27 @@ class AggregatorSpec:
             return str(self.method)
         if self.name == "trimmed_mean":
             return f"trimmed_mean({self.beta:g})"
+        if self.fusion is not None:
+            return self.fusion.label
         return self.name if self.name != "fedprox" else f"fedprox(mu={self.mu:g})"
 
     @property
     def stats(self) -> str | None:
-        """The statistics kind the clients compute and send (``regmean``: input Grams)."""
+        """The statistics kind the clients compute and send (``regmean``: input Grams;
+        ``class_counts``: neuron_fusion with ``class_fractions: reported``)."""
+        if self.fusion is not None:
+            return self.fusion.stats
         return STATS_METHODS.get(self.method or "") if self.name == "merge" else None
+
+    @cached_property
+    def fusion(self):
+        """``neuron_fusion``'s checked parameters (:class:`~.neuron_fusion.FusionSettings`);
+        None for any other aggregator."""
+        if self.name != FUSION:
+            return None
+        from mergeforge.federated.neuron_fusion import parse_fusion_parameters
+
+        return parse_fusion_parameters(self.parameters)
 
 
 @dataclass(frozen=True)
@@ -172,7 +193,8 @@ def parse_aggregator(raw: Any) -> AggregatorSpec:
     names are checked against the registry (``check_merge_method``)."""
     if raw is None:
         raise ConfigError(f"config: missing 'aggregator:' (fedavg, fedprox, median, "
-                          f"trimmed_mean, or a merge method such as ties; see {DOCS})")  # fmt: skip
+                          f"trimmed_mean, neuron_fusion, or a merge method such as ties; see "
+                          f"{DOCS})")  # fmt: skip
     if isinstance(raw, str):
         raw = {"name": raw} if raw in NAMED else {"method": raw}
     if not isinstance(raw, Mapping):
@@ -180,8 +202,8 @@ def parse_aggregator(raw: Any) -> AggregatorSpec:
     check_keys(raw, AGG_KEYS, "aggregator", see=DOCS)
     if ("name" in raw) == ("method" in raw):
         raise ConfigError(
-            "aggregator: give exactly one of 'name:' (fedavg, fedprox, median, trimmed_mean) "
-            "or 'method:' (a merge method, `mergeforge methods`)"
+            "aggregator: give exactly one of 'name:' (fedavg, fedprox, median, trimmed_mean, "
+            "neuron_fusion) or 'method:' (a merge method, `mergeforge methods`)"
         )
     for key in ("parameters", "model_parameters"):
         if raw.get(key) is not None and not isinstance(raw[key], Mapping):
@@ -189,8 +211,12 @@ def parse_aggregator(raw: Any) -> AggregatorSpec:
     if "name" in raw:
         name = _choice(raw["name"], NAMED, "aggregator.name")
         method = "linear" if name in ("fedavg", "fedprox") else None
-        if name not in ("fedavg", "fedprox") and (raw.get("parameters") or
-                                                  raw.get("model_parameters")):  # fmt: skip
+        if name == FUSION and raw.get("model_parameters"):
+            raise ConfigError(
+                "aggregator.model_parameters: neuron_fusion takes no per-client parameters "
+                "(its fusion parameters go under 'parameters:')"
+            )
+        if name in ROBUST and (raw.get("parameters") or raw.get("model_parameters")):
             raise ConfigError(f"aggregator: {name} takes no merge parameters (only 'beta' "
                               "for trimmed_mean); remove 'parameters:'")  # fmt: skip
     else:
@@ -210,6 +236,7 @@ def parse_aggregator(raw: Any) -> AggregatorSpec:
         raise ConfigError("aggregator.mu: fedprox with mu 0 is fedavg; give mu > 0 (e.g. 0.01)")
     if "beta" in raw and name != "trimmed_mean":
         raise ConfigError(f"aggregator.beta: only trimmed_mean reads it, not {spec.label}")
+    _ = spec.fusion  # neuron_fusion: its parameters checked now (ConfigError naming one)
     if spec.method is not None:
         for warning in check_merge_method(spec):  # a parameter another method reads: ignored
             log.warning("aggregator: %s", warning)
@@ -306,6 +333,15 @@ def check_against_clients(cfg: FederatedConfig) -> None:
 
     if cfg.partition.kind != "iid" and cfg.clients < 2:
         raise ConfigError(f"partition: {cfg.partition.kind} needs clients >= 2; use iid for one")
+    fusion = cfg.aggregator.fusion
+    if fusion is not None and fusion.grouping == "hf":
+        trained = max(1, round(cfg.fraction * cfg.clients))
+        if trained != 2:
+            raise ConfigError(
+                f"aggregator.parameters.grouping: hf pairs the neurons of exactly 2 clients, and "
+                f"a round here trains {trained} (clients {cfg.clients}, fraction "
+                f"{cfg.fraction:g}); use grouping: kf (any number of clients)"
+            )
     if cfg.aggregator.method is not None:
         m = get_method(cfg.aggregator.method)
         if m.max_models is not None and cfg.clients > m.max_models:

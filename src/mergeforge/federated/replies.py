@@ -9,7 +9,8 @@ sent; one that fails is left out of the round with the reason, naming the client
 * no ``arrays`` ArrayRecord, or arrays that cannot be read as tensors;
 * no positive finite ``num-examples`` in its MetricRecord;
 * missing or unexpected tensor names, a tensor of the wrong shape, or a non-finite entry;
-* statistics the aggregator needs (RegMean Grams) missing or malformed.
+* statistics the aggregator needs (RegMean Grams; neuron_fusion's class counts) missing or
+  malformed.
 
 A sampled client that sent nothing before the round's timeout is reported by the strategy.
 """
@@ -24,6 +25,7 @@ from flwr.app import ArrayRecord, Message
 from torch import Tensor
 
 from mergeforge.federated.aggregate import ClientUpdate
+from mergeforge.federated.neuron_fusion import CLASS_COUNTS
 
 WEIGHT_KEY = "num-examples"
 CLIENT_RECORD = "client"
@@ -89,6 +91,31 @@ def _arrays(msg: Message, key: str, what: str) -> dict[str, Tensor]:
         raise BadReply(f"its {what} cannot be read as tensors: {type(e).__name__}: {e}") from None
 
 
+def _check_class_counts(stats: Mapping[str, Tensor]) -> None:
+    """neuron_fusion's ``class_counts``: one vector of finite, non-negative counts, not all 0."""
+    if set(stats) != {CLASS_COUNTS}:
+        raise BadReply(f"its class-count statistics hold {_short(stats)}, not {CLASS_COUNTS!r}")
+    c = stats[CLASS_COUNTS]
+    if c.ndim != 1 or len(c) == 0:
+        raise BadReply(f"its class counts have shape {tuple(c.shape)}, not (classes,)")
+    c = c.double()
+    if not bool(torch.isfinite(c).all()) or bool((c < 0).any()) or float(c.sum()) <= 0:
+        raise BadReply("its class counts are not finite non-negative numbers with a positive sum")
+
+
+def _check_grams(stats: Mapping[str, Tensor], global_sd: Mapping[str, Tensor], kind: str) -> None:
+    """RegMean: the input Gram (in × in) of a weight of the model, finite."""
+    for k, g in stats.items():
+        if k not in global_sd:
+            raise BadReply(f"its {kind} statistics name {k!r}, not a tensor of the model")
+        n_in = global_sd[k].shape[-1]  # RegMean: the input Gram of a weight (out, in)
+        if tuple(g.shape) != (n_in, n_in):
+            raise BadReply(f"its {kind} Gram for {k!r} has shape {tuple(g.shape)}, "
+                           f"expected ({n_in}, {n_in})")  # fmt: skip
+        if not bool(torch.isfinite(g).all()):
+            raise BadReply(f"its {kind} statistics for {k!r} are not finite")
+
+
 def read_reply(
     msg: Message,
     global_sd: Mapping[str, Tensor],
@@ -111,15 +138,10 @@ def read_reply(
     stats = None
     if stats_kind is not None:
         stats = _arrays(msg, STATS_PREFIX + stats_kind, f"{stats_kind} statistics")
-        for k, g in stats.items():
-            if k not in global_sd:
-                raise BadReply(f"its {stats_kind} statistics name {k!r}, not a tensor of the model")
-            n_in = global_sd[k].shape[-1]  # RegMean: the input Gram of a weight (out, in)
-            if tuple(g.shape) != (n_in, n_in):
-                raise BadReply(f"its {stats_kind} Gram for {k!r} has shape {tuple(g.shape)}, "
-                               f"expected ({n_in}, {n_in})")  # fmt: skip
-            if not bool(torch.isfinite(g).all()):
-                raise BadReply(f"its {stats_kind} statistics for {k!r} are not finite")
+        if stats_kind == CLASS_COUNTS:
+            _check_class_counts(stats)
+        else:
+            _check_grams(stats, global_sd, stats_kind)
     sd = {k: t.to(global_sd[k].dtype).clone() for k, t in sd.items()}
     pid = partition_id(msg)
     name = f"client{pid}" if pid is not None else f"node{msg.metadata.src_node_id}"

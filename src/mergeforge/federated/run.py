@@ -55,8 +55,16 @@ class FederatedResult:
 
 def check_aggregator(cfg: FederatedConfig) -> None:
     """A dry merge of two copies of the initial model: parameter values a method refuses
-    only when it sees tensors are found before Ray starts (ConfigError naming them)."""
-    if cfg.aggregator.stats is not None:
+    only when it sees tensors are found before Ray starts (ConfigError naming them).
+    neuron_fusion fuses them on the server's fusion set (loaded now, as a round would)."""
+    from mergeforge.federated.neuron_fusion import CLASS_COUNTS
+
+    stats = None
+    if cfg.aggregator.stats == CLASS_COUNTS:  # what a client with every class would send
+        from mergeforge.evaluate.vision.data import NUM_CLASSES
+
+        stats = {CLASS_COUNTS: torch.ones(NUM_CLASSES)}
+    elif cfg.aggregator.stats is not None:
         return  # needs the clients' statistics; the names were checked with the config
     agg = Aggregator.from_config(cfg)
     n = min(cfg.clients, 2)
@@ -65,7 +73,7 @@ def check_aggregator(cfg: FederatedConfig) -> None:
                           f"{agg.min_models} clients a round; raise clients")  # fmt: skip
     sd = initial_model(cfg)
     try:
-        agg(sd, [ClientUpdate(f"client{i}", i, sd, 1.0) for i in range(n)], 0)
+        agg(sd, [ClientUpdate(f"client{i}", i, sd, 1.0, stats=stats) for i in range(n)], 0)
     except MergeforgeError as e:
         raise ConfigError(
             f"aggregator: {cfg.aggregator.label} cannot merge this model: {e}"

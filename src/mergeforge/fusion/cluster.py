@@ -106,11 +106,14 @@ def _centres(p, w, assign, k, old):
 
 def _fill_empty(p, w, c, assign, k):
     assign = assign.clone()
+    dist = None  # the centres do not move here: one distance matrix serves every empty cluster
     for j in range(k):
         counts = torch.bincount(assign, minlength=k)
         if counts[j] > 0:
             continue
-        far = w * _sq_dist(p, c).gather(1, assign[:, None])[:, 0]
+        if dist is None:
+            dist = _sq_dist(p, c)
+        far = w * dist.gather(1, assign[:, None])[:, 0]
         far[counts[assign] < 2] = -1  # never empty another cluster
         assign[int(far.argmax())] = j
     return assign
