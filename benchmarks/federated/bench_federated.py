@@ -56,9 +56,17 @@ AGGREGATORS = {
 }
 RIDGES = {
     f"neuron_fusion_r{r:g}": {"name": "neuron_fusion", "parameters": {"ridge": r}}
-    for r in (1e-10, 1e-6, 1e-4, 1e-3, 1e-2)
+    for r in (1e-10, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
+} | {
+    f"neuron_fusion_n{n}_r{r:g}": {
+        "name": "neuron_fusion",
+        "parameters": {"ridge": r, "fusion_examples": n},
+    }
+    for n in (1000, 2000)
+    for r in (1e-4, 1e-3)
 }
-"""The aggregator's ridge sweep (``--aggregators neuron_fusion_r1e-06 ...``), not in the table."""
+"""The aggregator's ridge and fusion-set sweeps (``--aggregators neuron_fusion_r1e-06
+neuron_fusion_n1000_r0.001 ...``), not in the default table."""
 
 
 def scale_update(pid, rnd, sd, global_sd, *, client: int, factor: float):
