@@ -13,7 +13,8 @@ SuperNodes deployment) and ALGORITHMS.md §6.3 (the Flower facts).
 coordinate median, trimmed mean) -> ``strategy.py`` (the Flower Strategy) -> ``server.py``
 (the ServerApp, test accuracy per round) -> ``run.py`` (the simulation on Ray, or in process
 with ``local.py``) -> ``report.py`` (results.json, accuracy.png, the model); ``app.py``: the
-apps a real deployment names.
+apps a real deployment names. ``neuron_fusion.py``: the fusion aggregator; ``text.py``:
+``dataset: text`` (one MiniLM client per text task).
 """
 
 import os

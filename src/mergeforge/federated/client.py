@@ -31,12 +31,14 @@ from torch import Tensor, nn
 
 from mergeforge.evaluate.vision.data import NUM_CLASSES, ImageSplit, load_dataset
 from mergeforge.evaluate.vision.models import build_model
+from mergeforge.federated import text
 from mergeforge.federated.config import FederatedConfig, PartitionSpec
 from mergeforge.federated.neuron_fusion import CLASS_COUNTS
 from mergeforge.federated.partition import partition
 from mergeforge.federated.replies import CLIENT_RECORD, STATS_PREFIX, WEIGHT_KEY
 
 TASK_KEY = "mergeforge-task"
+TEXT = text.TEXT
 
 Transform = Callable[[int, int, dict[str, Tensor], dict[str, Tensor]], dict[str, Tensor]]
 """``(partition id, round, trained state dict, global state dict) -> state dict to send``: a
@@ -62,20 +64,28 @@ class ClientTask:
     weight_decay: float
     stats: str | None
     stats_examples: int
+    tasks: tuple[str, ...] = ()
+    head_lr: float = 3e-3
+    max_length: int = 64
 
     @classmethod
     def from_config(cls, cfg: FederatedConfig) -> ClientTask:
         return cls(cfg.dataset, cfg.n_train, cfg.n_test, cfg.arch, cfg.clients,
                    asdict(cfg.partition), cfg.seed, cfg.local_epochs, cfg.lr, cfg.batch_size,
                    cfg.optimizer, cfg.momentum, cfg.weight_decay, cfg.aggregator.stats,
-                   cfg.stats_examples)  # fmt: skip
+                   cfg.stats_examples, tuple(cfg.tasks), cfg.head_lr, cfg.max_length)  # fmt: skip
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ClientTask:
-        return cls(**json.loads(text))
+        d = json.loads(text)
+        return cls(**{**d, "tasks": tuple(d.get("tasks", ()))})
+
+    @property
+    def is_text(self) -> bool:
+        return self.dataset == TEXT
 
 
 @lru_cache(maxsize=2)
@@ -160,7 +170,7 @@ def _setup(msg: Message, context: Context) -> tuple[ClientTask, int, nn.Module, 
                          f"'partition-id=K num-partitions={task.clients}'")  # fmt: skip
     pid = int(context.node_config["partition-id"])
     global_sd = dict(msg.content["arrays"].to_torch_state_dict())
-    model = build_model(task.arch)
+    model = text.model_for(task) if task.is_text else build_model(task.arch)
     model.load_state_dict(global_sd)
     return task, pid, model, global_sd
 
@@ -170,15 +180,20 @@ def train_reply(msg: Message, context: Context, transform: Transform | None = No
     task, pid, model, global_sd = _setup(msg, context)
     config = msg.content["config"]
     rnd = int(config.get("server-round", 0))
-    x, y = client_data(task, pid)
     mu = float(config.get("proximal-mu", 0.0))
-    loss = local_train(model, x, y, task, mu=mu, seed=task.seed * 1_000_003 + rnd * 1009 + pid)
+    seed = task.seed * 1_000_003 + rnd * 1009 + pid
+    if task.is_text:
+        data = text.client_task(task, pid)
+        loss, n = text.local_train(model, data, task, mu=mu, seed=seed), len(data.train)
+    else:
+        x, y = client_data(task, pid)
+        loss, n = local_train(model, x, y, task, mu=mu, seed=seed), len(x)
     sd = {k: t.detach().clone() for k, t in model.state_dict().items()}
     if transform is not None:
         sd = transform(pid, rnd, sd, global_sd)
     content = RecordDict({
         "arrays": ArrayRecord(sd),
-        "metrics": MetricRecord({WEIGHT_KEY: len(x), "train-loss": loss}),
+        "metrics": MetricRecord({WEIGHT_KEY: n, "train-loss": loss}),
         CLIENT_RECORD: ConfigRecord({"partition-id": pid}),
     })  # fmt: skip
     if task.stats == "regmean":
@@ -192,9 +207,14 @@ def train_reply(msg: Message, context: Context, transform: Transform | None = No
 def evaluate_reply(msg: Message, context: Context) -> Message:
     """The evaluate handler: the global model scored on the client's own partition."""
     task, pid, model, _ = _setup(msg, context)
-    x, y = client_data(task, pid)
-    acc, loss = score(model, x, y)
-    metrics = {WEIGHT_KEY: len(x), "local-accuracy": acc, "local-loss": loss}
+    if task.is_text:  # its own task's training texts, with its own head
+        data = text.client_task(task, pid)
+        (acc, loss), n = text.score_task(model, data, data.train, max_length=task.max_length), \
+            len(data.train)  # fmt: skip
+    else:
+        x, y = client_data(task, pid)
+        (acc, loss), n = score(model, x, y), len(x)
+    metrics = {WEIGHT_KEY: n, "local-accuracy": acc, "local-loss": loss}
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

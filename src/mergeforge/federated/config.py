@@ -19,6 +19,16 @@ One YAML (every key optional but ``aggregator``; defaults in :class:`FederatedCo
       model_parameters: {density: 0.5}
     seed: 0
 
+``dataset: text`` runs MiniLM clients, one per text task (``text.py``)::
+
+    dataset: text
+    tasks: [polarity, news_topic, tweet_sentiment]   # clients = one per task
+    n_train: 256               # training texts per task (default 1000), n_test per task (200)
+    rounds: 3
+    lr: 1.0e-4                 # encoder (AdamW); head_lr: 3.0e-3; weight_decay: 0.01
+    max_length: 64
+    aggregator: task_arithmetic
+
 ``aggregator`` is a name (``fedavg``, ``fedprox``, ``median``, ``trimmed_mean``,
 ``neuron_fusion`` or a merge method, ``ties``) or a mapping: ``name`` (one of those five) or
 ``method`` (a merge method, ``mergeforge methods``) with its ``parameters`` /
@@ -52,7 +62,7 @@ ROBUST = ("median", "trimmed_mean")
 FUSION = "neuron_fusion"
 NAMED = ("fedavg", "fedprox", *ROBUST, FUSION)
 PARTITIONS = ("iid", "dirichlet", "shards")
-DATASETS = ("fashion_mnist", "mnist", "digits")
+DATASETS = ("fashion_mnist", "mnist", "digits", "text")
 STATS_METHODS = {"regmean": "regmean"}
 """Merge methods that read per-model statistics, and the statistics kind the clients send."""
 
@@ -60,7 +70,13 @@ TOP_KEYS = {
     "dataset", "n_train", "n_test", "arch", "clients", "partition", "rounds", "local_epochs",
     "lr", "optimizer", "momentum", "weight_decay", "batch_size", "aggregator", "fraction",
     "evaluate_clients", "seed", "out", "timeout", "cpus_per_client", "num_cpus", "stats_examples",
+    "tasks", "head_lr", "max_length",
 }  # fmt: skip
+TEXT_ONLY = ("tasks", "head_lr", "max_length")
+VISION_ONLY = ("arch", "partition")
+TEXT_DEFAULTS = {"lr": 1e-4, "optimizer": "adam", "weight_decay": 0.01}
+"""A text run's defaults where they differ from a vision run's (the text suite's recipe; the
+optimizer is AdamW there)."""
 AGG_KEYS = {"name", "method", "parameters", "model_parameters", "weighting", "mu", "beta"}
 PART_KEYS = {"kind", "alpha", "shards", "min_size"}
 
@@ -154,6 +170,12 @@ class FederatedConfig:
     """CPUs Ray may use (default: every core of the machine)."""
     stats_examples: int = 256
     """Examples each client runs its statistics on (methods that read statistics)."""
+    tasks: tuple[str, ...] = ()
+    """``dataset: text``: the clients' tasks, one client each (``text.py``)."""
+    head_lr: float = 3e-3
+    """``dataset: text``: the heads' learning rate (the encoder's is ``lr``)."""
+    max_length: int = 64
+    """``dataset: text``: tokens per text."""
     text: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -280,12 +302,32 @@ def load_federated_config(
     raw, text, _, where = read_yaml(source, f"'aggregator:' (see {DOCS})")
     check_keys(raw, TOP_KEYS, where, see=DOCS)
     d = FederatedConfig()
+    dataset = _choice(raw.get("dataset", d.dataset), DATASETS, "dataset")
+    text_run = dataset == "text"
+    for key in TEXT_ONLY if not text_run else VISION_ONLY:
+        if key in raw:
+            raise ConfigError(
+                f"{key}: only a {'text' if key in TEXT_ONLY else 'vision'} run reads it "
+                + ("(dataset: text)" if key in TEXT_ONLY else
+                   "(a text run trains the bundled MiniLM, one client per task)")
+            )  # fmt: skip
+    tasks: tuple[str, ...] = ()
+    if text_run:
+        tasks = parse_tasks(raw.get("tasks"))
+        raw = {**{k: v for k, v in TEXT_DEFAULTS.items() if k not in raw}, **raw}
+        if raw.get("clients", len(tasks)) != len(tasks):
+            raise ConfigError(f"clients: a text run has one client per task ({len(tasks)}: "
+                              f"{', '.join(tasks)}); remove clients or change tasks")  # fmt: skip
+        raw["clients"] = len(tasks)
     opt_int = {
         k: None if raw.get(k) is None else check_int(raw[k], k, 1) for k in ("n_train", "n_test")
     }
     cfg = FederatedConfig(
         aggregator=parse_aggregator(raw.get("aggregator")),
-        dataset=_choice(raw.get("dataset", d.dataset), DATASETS, "dataset"),
+        dataset=dataset,
+        tasks=tasks,
+        head_lr=check_number(raw.get("head_lr", d.head_lr), "head_lr", low=0, low_open=True),
+        max_length=check_int(raw.get("max_length", d.max_length), "max_length", 2),
         arch=_choice(raw.get("arch", d.arch), tuple(sorted(ARCHS)), "arch"),
         clients=check_int(raw.get("clients", d.clients), "clients", 1),
         partition=parse_partition(raw.get("partition")),
@@ -315,6 +357,24 @@ def load_federated_config(
     return cfg
 
 
+def parse_tasks(raw: Any) -> tuple[str, ...]:
+    """``tasks:`` of a text run: text-suite task names, each once (default
+    :data:`~mergeforge.federated.text.DEFAULT_TASKS`)."""
+    from mergeforge.evaluate.text.tasks import TEXT_TASKS
+    from mergeforge.federated.text import DEFAULT_TASKS
+
+    if raw is None:
+        return DEFAULT_TASKS
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list | tuple) or not raw:
+        raise ConfigError(f"tasks: expected a list of text tasks, got {raw!r}")
+    names = tuple(_choice(t, tuple(TEXT_TASKS), "tasks") for t in raw)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"tasks: each task once (one client per task), got {list(names)}")
+    return names
+
+
 def with_overrides(cfg: FederatedConfig, **changes: int) -> FederatedConfig:
     """``cfg`` with ``rounds`` / ``clients`` / ``seed`` replaced (command-line flags), checked."""
     low = {"rounds": 1, "clients": 1, "seed": 0}
@@ -331,6 +391,22 @@ def check_against_clients(cfg: FederatedConfig) -> None:
     """What depends on the number of clients: shards and the method's model count."""
     from mergeforge.methods import get_method
 
+    if cfg.dataset == "text":
+        if cfg.clients != len(cfg.tasks):
+            raise ConfigError(f"--clients: a text run has one client per task "
+                              f"({len(cfg.tasks)}: {', '.join(cfg.tasks)})")  # fmt: skip
+        if cfg.aggregator.fusion is not None:
+            raise ConfigError(
+                "aggregator: neuron_fusion fuses the vision models on a server fusion set; a "
+                "text run cannot use it yet: use a merge method (fedavg, task_arithmetic, "
+                "ties, dare_ties, swudi, ...)"
+            )
+        if cfg.aggregator.stats is not None:
+            raise ConfigError(
+                f"aggregator: {cfg.aggregator.label} needs client statistics, which text "
+                "clients do not send yet; use a data-free method (fedavg, task_arithmetic, "
+                "ties, dare_ties, swudi, ...)"
+            )
     if cfg.partition.kind != "iid" and cfg.clients < 2:
         raise ConfigError(f"partition: {cfg.partition.kind} needs clients >= 2; use iid for one")
     fusion = cfg.aggregator.fusion

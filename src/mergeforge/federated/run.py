@@ -222,6 +222,8 @@ def write_outputs(out: Path, cfg: FederatedConfig, result: FederatedResult) -> N
            "rounds": result.rows}  # fmt: skip
     write_results(out / "results.json", doc)
     plot_accuracy(out / "accuracy.png", {result.aggregator: result.rows},
-                  title=f"{cfg.dataset}, {cfg.clients} clients, {cfg.partition.kind}")  # fmt: skip
+                  title=f"text: {', '.join(cfg.tasks)}, one client each"
+                  if cfg.dataset == "text"
+                  else f"{cfg.dataset}, {cfg.clients} clients, {cfg.partition.kind}")  # fmt: skip
     write_model(out / "model.safetensors", result.state_dict,
                 {"aggregator": result.aggregator, "rounds": str(cfg.rounds)})  # fmt: skip

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
 from mergeforge.evaluate.vision.models import build_model
+from mergeforge.federated import text
 from mergeforge.federated.aggregate import Aggregator
 from mergeforge.federated.client import TASK_KEY, ClientTask, load_data, score
 from mergeforge.federated.config import FederatedConfig
@@ -30,8 +31,12 @@ from mergeforge.federated.strategy import MergeStrategy, RoundReport
 
 def initial_model(cfg: FederatedConfig) -> dict[str, torch.Tensor]:
     """The round-0 global model: ``arch`` initialised from ``seed`` (fixed by the config)."""
-    torch.manual_seed(cfg.seed)
-    return {k: t.detach().clone() for k, t in build_model(cfg.arch).state_dict().items()}
+    if cfg.dataset == text.TEXT:  # the bundled MiniLM, heads initialised from seed
+        model = text.model_for(cfg)
+    else:
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.arch)
+    return {k: t.detach().clone() for k, t in model.state_dict().items()}
 
 
 @dataclass
@@ -50,10 +55,16 @@ class Tracker:
         self.reports[r.round] = r
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        data = load_data(self.cfg.dataset, self.cfg.n_train, self.cfg.n_test, self.cfg.seed)
-        model = build_model(self.cfg.arch)
-        model.load_state_dict(arrays.to_torch_state_dict())
-        acc, loss = score(model, data.test_x, data.test_y)
+        per_task = None
+        if self.cfg.dataset == text.TEXT:  # the mean over the tasks' test splits
+            model = text.model_for(self.cfg)
+            model.load_state_dict(arrays.to_torch_state_dict())
+            acc, loss, per_task = text.score_tasks(model, self.cfg)
+        else:
+            data = load_data(self.cfg.dataset, self.cfg.n_train, self.cfg.n_test, self.cfg.seed)
+            model = build_model(self.cfg.arch)
+            model.load_state_dict(arrays.to_torch_state_dict())
+            acc, loss = score(model, data.test_x, data.test_y)
         now = time.perf_counter()
         if server_round == 0:  # the clock of the rounds starts with them (not with Ray)
             self.started = now
@@ -66,6 +77,8 @@ class Tracker:
             "aggregate_s": round(rep.aggregate_s, 4) if rep else 0.0,
             "train": rep.train_metrics if rep else {},
         }  # fmt: skip
+        if per_task is not None:
+            row["tasks"] = per_task
         self.rows.append(row)
         if self.on_round is not None and server_round > 0:
             self.on_round(row)
