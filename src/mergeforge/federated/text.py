@@ -109,43 +109,33 @@ def client_task(task, partition_id: int):
 def local_train(model: TextModel, data, task, *, mu: float, seed: int) -> float:
     """Train the encoder and ``data``'s head for ``task.local_epochs`` (module docstring);
     returns the mean cross-entropy of the steps (without FedProx's proximal term)."""
-    params = [*model.encoder.parameters(), *model.heads[data.name].parameters()]
-    anchor = [p.detach().clone() for p in params]
+    from mergeforge.evaluate.text.eval import tokenize
+    from mergeforge.federated.client import run_steps
+
     head = list(model.heads[data.name].parameters())
-    groups = [{"params": list(model.encoder.parameters()), "lr": task.lr},
-              {"params": head, "lr": task.head_lr}]  # fmt: skip
+    encoder = list(model.encoder.parameters())
+    groups = [{"params": encoder, "lr": task.lr}, {"params": head, "lr": task.head_lr}]
     if task.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(groups, momentum=task.momentum,
                                                      weight_decay=task.weight_decay)  # fmt: skip
     else:  # adam: AdamW, decoupled weight decay, as the text suite
         opt = torch.optim.AdamW(groups, weight_decay=task.weight_decay)
-    gen = torch.Generator().manual_seed(seed)
+
+    def cross_entropy(idx: Tensor) -> Tensor:
+        texts = [data.train[i][0] for i in idx.tolist()]
+        labels = torch.tensor([data.train[i][1] for i in idx.tolist()])
+        batch = tokenize(tokenizer(), texts, max_length=task.max_length)
+        return F.cross_entropy(model(batch, data.name), labels)
+
+    gen, n = torch.Generator().manual_seed(seed), len(data.train)
+    batches = (idx for _ in range(task.local_epochs)
+               for idx in torch.randperm(n, generator=gen).split(task.batch_size))  # fmt: skip
     model.train()
-    losses = []
     with torch.random.fork_rng(devices=[]):  # dropout's draws from seed, the caller's RNG kept
         torch.manual_seed(seed)
-        _epochs(model, data, task, opt, gen, params, anchor, mu, losses)
+        losses = run_steps(opt, batches, cross_entropy, [*encoder, *head], mu=mu)
     model.eval()
     return float(np.mean(losses)) if losses else 0.0
-
-
-def _epochs(model, data, task, opt, gen, params, anchor, mu, losses) -> None:
-    from mergeforge.evaluate.text.eval import tokenize
-
-    for _ in range(task.local_epochs):
-        for idx in torch.randperm(len(data.train), generator=gen).split(task.batch_size):
-            texts = [data.train[i][0] for i in idx.tolist()]
-            labels = torch.tensor([data.train[i][1] for i in idx.tolist()])
-            batch = tokenize(tokenizer(), texts, max_length=task.max_length)
-            ce = F.cross_entropy(model(batch, data.name), labels)
-            loss = ce
-            if mu > 0:
-                prox = sum((p - a).pow(2).sum() for p, a in zip(params, anchor, strict=True))
-                loss = ce + mu / 2 * prox
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(ce.item())
 
 
 @torch.no_grad()
