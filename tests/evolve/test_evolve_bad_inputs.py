@@ -66,6 +66,17 @@ def test_suite_fitness_optimizer_is_checked():
         load_evolve_config({**genome(), "fitness": {"suite": "text", "optimizer": "sgd"}})
 
 
+def test_suite_fitness_takes_a_task_subset():
+    """Beside ``suite: text``, ``tasks:`` is the suite's subset (it was taken for a second
+    fitness kind, a pool of one's own, and refused); a name the suite lacks is refused."""
+    cfg = load_evolve_config(
+        {**genome(), "fitness": {"suite": "text", "tasks": ["polarity", "news_topic"]}}
+    )
+    assert (cfg.fitness.kind, cfg.fitness.options["tasks"]) == ("suite", ["polarity", "news_topic"])
+    with pytest.raises(ConfigError, match=r"fitness.tasks: \['polarty'\]; a non-empty list"):
+        load_evolve_config({**genome(), "fitness": {"suite": "text", "tasks": ["polarty"]}})
+
+
 def test_a_budget_below_one_generation(tiny):
     with pytest.raises(ConfigError, match="search.evaluations: 5 is less than one generation of 8"):
         evolve(tiny.config(evaluations=5), fitness=tiny, models=tiny.models)

@@ -344,7 +344,8 @@ def parse_fitness(raw: Any) -> FitnessSpec | None:
     if raw is None:
         return None
     f = _mapping(raw, "fitness")
-    kinds = [k for k in FITNESS_KINDS if k in f]
+    # beside 'suite: text', 'tasks:' is the suite's task subset, not a pool of your own
+    kinds = [k for k in FITNESS_KINDS if k in f and not (k == "tasks" and "suite" in f)]
     if len(kinds) != 1:
         raise ConfigError(
             "fitness: give exactly one of 'suite: text' (the text suite's tasks), 'tasks:' (your "
