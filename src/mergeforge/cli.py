@@ -741,8 +741,9 @@ def build_parser() -> argparse.ArgumentParser:
     fe = sub.add_parser(
         "federated", help="federated learning on Flower with a merge method as the aggregator",
         description="A Flower simulation on one machine (Ray): clients train on partitions of "
-        "a bundled vision dataset, the server merges their models each round with the "
-        "config's aggregator (fedavg, fedprox, median, trimmed_mean or any merge method). "
+        "a bundled vision dataset (or, with 'dataset: text', one MiniLM client per text task), "
+        "the server merges their models each round with the config's aggregator (fedavg, "
+        "fedprox, median, trimmed_mean, neuron_fusion or any merge method). "
         "Writes OUT/results.json, accuracy.png and model.safetensors. See the README's "
         "'Federated learning'.",
     )  # fmt: skip
