@@ -129,19 +129,15 @@ def main() -> None:
                 if text and (name.startswith("neuron_fusion") or name == "regmean"):
                     print(f"skipped {name}: not available to text runs (README)", flush=True)
                     continue
-                if text:
-                    cfg = {"dataset": "text", "rounds": args.rounds, "lr": args.text_lr,
-                           "local_epochs": args.local_epochs, "batch_size": args.batch_size,
-                           "n_train": args.n_train, "n_test": args.n_test, "seed": args.seed,
-                           "evaluate_clients": False, "aggregator": agg}  # fmt: skip
-                    if args.tasks:
-                        cfg["tasks"] = args.tasks
+                cfg = {"dataset": dataset, "rounds": args.rounds,
+                       "local_epochs": args.local_epochs, "batch_size": args.batch_size,
+                       "n_train": args.n_train, "n_test": args.n_test, "seed": args.seed,
+                       "evaluate_clients": False, "aggregator": agg}  # fmt: skip
+                if text:  # one client per task; the text suite's recipe
+                    cfg |= {"lr": args.text_lr, **({"tasks": args.tasks} if args.tasks else {})}
                 else:
-                    cfg = {"dataset": dataset, "arch": args.arch, "clients": args.clients,
-                           "partition": part, "rounds": args.rounds, "lr": args.lr,
-                           "local_epochs": args.local_epochs, "batch_size": args.batch_size,
-                           "n_train": args.n_train, "n_test": args.n_test, "seed": args.seed,
-                           "evaluate_clients": False, "aggregator": agg}  # fmt: skip
+                    cfg |= {"arch": args.arch, "clients": args.clients, "partition": part,
+                            "lr": args.lr}  # fmt: skip
                 t0 = time.perf_counter()
                 res = run_federated(cfg, out=out / tag / dataset / regime / name,
                                     progress=False, client_app=app,

@@ -99,13 +99,13 @@ class Aggregator:
         fusion = cfg.aggregator.fusion
         if fusion is None:
             return cls(cfg.aggregator, cfg.seed)
-        from mergeforge.evaluate.vision.models import build_model
+        from mergeforge.federated.client import make_model
         from mergeforge.federated.neuron_fusion import server_fusion_set
 
         data = functools.partial(server_fusion_set, cfg.dataset, cfg.n_train, cfg.n_test,
                                  cfg.seed, fusion.examples)  # fmt: skip
         return cls(cfg.aggregator, cfg.seed, fusion_data=data,
-                   make_model=functools.partial(build_model, cfg.arch))  # fmt: skip
+                   make_model=functools.partial(make_model, cfg))  # fmt: skip
 
     @property
     def min_models(self) -> int:

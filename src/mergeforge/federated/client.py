@@ -32,13 +32,12 @@ from torch import Tensor, nn
 from mergeforge.evaluate.vision.data import NUM_CLASSES, ImageSplit, load_dataset
 from mergeforge.evaluate.vision.models import build_model
 from mergeforge.federated import text
-from mergeforge.federated.config import FederatedConfig, PartitionSpec
+from mergeforge.federated.config import TEXT, FederatedConfig, PartitionSpec
 from mergeforge.federated.neuron_fusion import CLASS_COUNTS
 from mergeforge.federated.partition import partition
 from mergeforge.federated.replies import CLIENT_RECORD, STATS_PREFIX, WEIGHT_KEY
 
 TASK_KEY = "mergeforge-task"
-TEXT = text.TEXT
 
 Transform = Callable[[int, int, dict[str, Tensor], dict[str, Tensor]], dict[str, Tensor]]
 """``(partition id, round, trained state dict, global state dict) -> state dict to send``: a
@@ -86,6 +85,12 @@ class ClientTask:
     @property
     def is_text(self) -> bool:
         return self.dataset == TEXT
+
+
+def make_model(task: ClientTask | FederatedConfig) -> nn.Module:
+    """A fresh model of the run (its weights to be loaded): the ``arch`` of a vision run, or
+    the text run's MiniLM with its tasks' heads. Clients and server build it here alike."""
+    return text.model_for(task) if task.is_text else build_model(task.arch)
 
 
 @lru_cache(maxsize=2)
@@ -181,7 +186,7 @@ def _setup(msg: Message, context: Context) -> tuple[ClientTask, int, nn.Module, 
                          f"'partition-id=K num-partitions={task.clients}'")  # fmt: skip
     pid = int(context.node_config["partition-id"])
     global_sd = dict(msg.content["arrays"].to_torch_state_dict())
-    model = text.model_for(task) if task.is_text else build_model(task.arch)
+    model = make_model(task)
     model.load_state_dict(global_sd)
     return task, pid, model, global_sd
 

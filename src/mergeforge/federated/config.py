@@ -62,7 +62,9 @@ ROBUST = ("median", "trimmed_mean")
 FUSION = "neuron_fusion"
 NAMED = ("fedavg", "fedprox", *ROBUST, FUSION)
 PARTITIONS = ("iid", "dirichlet", "shards")
-DATASETS = ("fashion_mnist", "mnist", "digits", "text")
+TEXT = "text"
+"""``dataset: text``: MiniLM clients, one per text task (``text.py``)."""
+DATASETS = ("fashion_mnist", "mnist", "digits", TEXT)
 STATS_METHODS = {"regmean": "regmean"}
 """Merge methods that read per-model statistics, and the statistics kind the clients send."""
 
@@ -177,6 +179,10 @@ class FederatedConfig:
     max_length: int = 64
     """``dataset: text``: tokens per text."""
     text: str = ""
+
+    @property
+    def is_text(self) -> bool:
+        return self.dataset == TEXT
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -303,7 +309,7 @@ def load_federated_config(
     check_keys(raw, TOP_KEYS, where, see=DOCS)
     d = FederatedConfig()
     dataset = _choice(raw.get("dataset", d.dataset), DATASETS, "dataset")
-    text_run = dataset == "text"
+    text_run = dataset == TEXT
     for key in TEXT_ONLY if not text_run else VISION_ONLY:
         if key in raw:
             raise ConfigError(
@@ -391,7 +397,7 @@ def check_against_clients(cfg: FederatedConfig) -> None:
     """What depends on the number of clients: shards and the method's model count."""
     from mergeforge.methods import get_method
 
-    if cfg.dataset == "text":
+    if cfg.is_text:
         if cfg.clients != len(cfg.tasks):
             raise ConfigError(f"--clients: a text run has one client per task "
                               f"({len(cfg.tasks)}: {', '.join(cfg.tasks)})")  # fmt: skip

@@ -223,7 +223,7 @@ def write_outputs(out: Path, cfg: FederatedConfig, result: FederatedResult) -> N
     write_results(out / "results.json", doc)
     plot_accuracy(out / "accuracy.png", {result.aggregator: result.rows},
                   title=f"text: {', '.join(cfg.tasks)}, one client each"
-                  if cfg.dataset == "text"
+                  if cfg.is_text
                   else f"{cfg.dataset}, {cfg.clients} clients, {cfg.partition.kind}")  # fmt: skip
     write_model(out / "model.safetensors", result.state_dict,
                 {"aggregator": result.aggregator, "rounds": str(cfg.rounds)})  # fmt: skip

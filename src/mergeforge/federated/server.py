@@ -21,21 +21,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
-from mergeforge.evaluate.vision.models import build_model
 from mergeforge.federated import text
 from mergeforge.federated.aggregate import Aggregator
-from mergeforge.federated.client import TASK_KEY, ClientTask, load_data, score
+from mergeforge.federated.client import TASK_KEY, ClientTask, load_data, make_model, score
 from mergeforge.federated.config import FederatedConfig
 from mergeforge.federated.strategy import MergeStrategy, RoundReport
 
 
 def initial_model(cfg: FederatedConfig) -> dict[str, torch.Tensor]:
     """The round-0 global model: ``arch`` initialised from ``seed`` (fixed by the config)."""
-    if cfg.dataset == text.TEXT:  # the bundled MiniLM, heads initialised from seed
-        model = text.model_for(cfg)
-    else:
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.arch)
+    torch.manual_seed(cfg.seed)  # a vision model's initialisation (text heads: their own seed)
+    model = make_model(cfg)
     return {k: t.detach().clone() for k, t in model.state_dict().items()}
 
 
@@ -56,14 +52,12 @@ class Tracker:
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         per_task = None
-        if self.cfg.dataset == text.TEXT:  # the mean over the tasks' test splits
-            model = text.model_for(self.cfg)
-            model.load_state_dict(arrays.to_torch_state_dict())
+        model = make_model(self.cfg)
+        model.load_state_dict(arrays.to_torch_state_dict())
+        if self.cfg.is_text:  # the mean over the tasks' test splits
             acc, loss, per_task = text.score_tasks(model, self.cfg)
         else:
             data = load_data(self.cfg.dataset, self.cfg.n_train, self.cfg.n_test, self.cfg.seed)
-            model = build_model(self.cfg.arch)
-            model.load_state_dict(arrays.to_torch_state_dict())
             acc, loss = score(model, data.test_x, data.test_y)
         now = time.perf_counter()
         if server_round == 0:  # the clock of the rounds starts with them (not with Ray)

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-TEXT = "text"
+from mergeforge.federated.config import TEXT  # noqa: F401  (re-exported)
+
 DEFAULT_TASKS = ("polarity", "news_topic", "tweet_sentiment")
 """Three tasks of three packages and domains (reviews, news, tweets): a run of minutes."""
 
