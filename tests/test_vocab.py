@@ -166,6 +166,41 @@ def test_token_sources_force_and_padding_by_hand(fam, tmp_path):
                                atol=1e-6, rtol=0)  # fmt: skip
 
 
+def test_realigned_rows_in_blocks_equal_the_whole_realignment(fam):
+    """An element-wise merge reads a vocabulary tensor a block of rows at a time
+    (``VocabPlan.realign_rows``): every block size and compute dtype gives exactly the rows
+    that re-laying each whole input gives (own rows, copied, mean and zero fills, forced)."""
+    cfg = {
+        "merge_method": "linear", "dtype": "float32",
+        "models": [_m(fam["shuffled"], weight=0.5), _m(fam["tied"], weight=0.3),
+                   _m(fam["added"], weight=0.2)],
+        "tokenizer": {"source": "union", "tokens": {
+            "w12": {"source": {"kind": "zero"}, "force": True},
+            "w3": {"source": {"kind": "model_token", "model": fam["shuffled"], "token": "w30"}},
+            "<new>": {}}},
+    }  # fmt: skip
+    plan = prepare(cfg)
+    try:
+        assert plan.vocab.size == plan.vocab.n_tokens
+        for name in (EMB, HEAD):
+            job = next(j for j in plan.jobs if j.out_name == name)
+            refs = ([job.base] if job.base is not None else []) + list(job.inputs)
+            models = [r.model for r in refs]
+            raws = [plan.checkpoints[r.model].get(r.name) for r in refs]
+            n = plan.vocab.size
+            for dtype in (None, torch.bfloat16):
+                conv = raws if dtype is None else [t.to(dtype) for t in raws]
+                whole = plan.vocab.realign(name, models, conv)
+                rows = plan.vocab.realign_rows(name, models, raws, dtype)
+                for step in (1, 5, 16, n):
+                    blocks = [rows(s, min(n, s + step)) for s in range(0, n, step)]
+                    for k, want in enumerate(whole):
+                        got = torch.cat([b[k] for b in blocks])
+                        assert got.dtype == want.dtype and torch.equal(got, want), (name, step)
+    finally:
+        plan.close()
+
+
 def test_only_the_vocabulary_tensors_are_realigned(fam, tmp_path):
     """Every other tensor equals a merge that realigns nothing; the plan realigns only the
     embedding and the head."""

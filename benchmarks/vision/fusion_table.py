@@ -197,6 +197,10 @@ def main() -> None:
     ap.add_argument("--regimes", nargs="+", default=list(REGIMES))
     ap.add_argument("--seeds", type=int, default=1, help="seeds per family (not Fashion-MNIST)")
     ap.add_argument("--fashion-seeds", type=int, default=3)
+    ap.add_argument("--only-seeds", type=int, nargs="+", default=None,
+                    help="run just these seeds (of those --seeds / --fashion-seeds give), e.g. "
+                         "to run seeds in parallel processes; the report still covers every "
+                         "folder under --out")  # fmt: skip
     ap.add_argument("--out", default=str(HERE / "results" / "fusion"))
     ap.add_argument("--cache", default=None)
     ap.add_argument("--threads", type=int, default=1)
@@ -213,6 +217,8 @@ def main() -> None:
         for dataset in args.datasets:
             seeds = args.fashion_seeds if dataset == "fashion_mnist" else args.seeds
             for seed in range(seeds):
+                if args.only_seeds is not None and seed not in args.only_seeds:
+                    continue
                 for arch in args.archs:
                     for regime in args.regimes:
                         family = f"{dataset}/{arch}/{regime}"

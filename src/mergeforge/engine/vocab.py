@@ -38,7 +38,7 @@ import os
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -470,21 +470,26 @@ class VocabPlan:
 
     # -- run time ----------------------------------------------------------------------------
 
-    def realign(
-        self, out_name: str, models: Sequence[int], tensors: Sequence[Tensor]
-    ) -> list[Tensor]:
-        """``tensors`` (one per job input, of models ``models``; a model may repeat) rebuilt on
-        the output vocabulary: ``[size, *rest]`` each, in their dtype."""
+    def _inputs(self, out_name: str, models: Sequence[int], tensors: Sequence[Tensor],
+                dtype: torch.dtype | None) -> tuple[Fill, list[Tensor], torch.dtype]:  # fmt: skip
+        """The fill of ``out_name``, its inputs in the fill's order (each model once) and the
+        dtype of the rebuilt rows (``dtype``, else the inputs' promoted dtype)."""
         fill = self.fills[out_name]
         first: dict[int, Tensor] = {}
         for m, t in zip(models, tensors, strict=True):
             first.setdefault(m, t)
         by_pos = [first[m] for m in fill.models]
+        if dtype is None:
+            dtype = by_pos[0].dtype
+            for t in by_pos[1:]:
+                dtype = torch.promote_types(dtype, t.dtype)
+        return fill, by_pos, dtype
+
+    def _default_rows(self, fill: Fill, by_pos: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+        """The fill rows: ``[len(fill.ids), *rest]``, row k the fill of token ``fill.ids[k]``
+        (copied from one input, the mean of those that have it, or zero)."""
         t0 = by_pos[0]
-        rest, dtype = t0.shape[1:], t0.dtype
-        for t in by_pos[1:]:
-            dtype = torch.promote_types(dtype, t.dtype)
-        dev = t0.device
+        rest, dev = t0.shape[1:], t0.device
         ids = fill.ids.to(dev)
         default = torch.zeros((ids.numel(), *rest), dtype=dtype, device=dev)
         for p, ks, rows in fill.from_row:
@@ -502,6 +507,18 @@ class VocabPlan:
                                         torch.zeros((), dtype=dtype, device=dev))  # fmt: skip
                 count += has
             default[ks] = acc / count.view(-1, *([1] * len(rest))).to(dtype)
+        return default
+
+    def realign(
+        self, out_name: str, models: Sequence[int], tensors: Sequence[Tensor]
+    ) -> list[Tensor]:
+        """``tensors`` (one per job input, of models ``models``; a model may repeat) rebuilt on
+        the output vocabulary: ``[size, *rest]`` each, in their dtype."""
+        fill, by_pos, dtype = self._inputs(out_name, models, tensors, None)
+        t0 = by_pos[0]
+        rest, dev = t0.shape[1:], t0.device
+        ids = fill.ids.to(dev)
+        default = self._default_rows(fill, by_pos, dtype)
         out: dict[int, Tensor] = {}
         for p, (m, t) in enumerate(zip(fill.models, by_pos, strict=True)):
             mp = self._map(m).to(dev)
@@ -517,6 +534,41 @@ class VocabPlan:
                 new[self.n_tokens :] = torch.mean(new[: self.n_tokens], dim=0)
             out[m] = new
         return [out[m] for m in models]
+
+    def realign_rows(self, out_name: str, models: Sequence[int], tensors: Sequence[Tensor],
+                     dtype: torch.dtype | None) -> Callable[[int, int], list[Tensor]]:  # fmt: skip
+        """What :meth:`realign` gives, a block of rows at a time: ``rows(start, end)`` is rows
+        ``start:end`` of each rebuilt tensor (in ``dtype``, else the inputs' promoted dtype),
+        gathered from ``tensors`` (the stored ones, unconverted) on demand. For an element-wise
+        merge (``engine.execute.merge_chunked``): no input is re-laid whole, so no fresh
+        matrix per input is allocated and written. Only for plans without padding rows
+        (``size == n_tokens``: a padding row is the mean of every row)."""
+        assert self.size == self.n_tokens
+        fill, by_pos, dtype = self._inputs(out_name, models, tensors, dtype)
+        dev = by_pos[0].device
+        default = self._default_rows(fill, by_pos, dtype)
+        ids = fill.ids.to(dev)
+        maps = [self._map(m).to(dev).clamp(min=0) for m in fill.models]
+        takes = []  # per input: the output ids that take a fill row (ascending), their rows
+        for p in range(len(fill.models)):
+            pos = (~fill.own[p].to(dev)).nonzero().flatten()
+            takes.append((ids[pos], pos))
+
+        def rows(start: int, end: int) -> list[Tensor]:
+            got: dict[int, Tensor] = {}
+            bounds = torch.tensor([start, end], device=dev)
+            for p, m in enumerate(fill.models):
+                sel = torch.index_select(by_pos[p], 0, maps[p][start:end])
+                if sel.dtype != dtype:
+                    sel = sel.to(dtype)
+                tid, pos = takes[p]
+                lo, hi = torch.searchsorted(tid, bounds).tolist()
+                if hi > lo:
+                    sel[tid[lo:hi] - start] = default[pos[lo:hi]]
+                got[m] = sel
+            return [got[m] for m in models]
+
+        return rows
 
     # -- the output folder ---------------------------------------------------------------------
 

@@ -2,8 +2,9 @@
 
 A :class:`VisionRecipe` fixes everything that determines a family of parents: dataset and
 subsample, architecture, regime (see :func:`mergeforge.evaluate.vision.data.make_regime`) and the
-training hyper-parameters. Parent ``k`` is initialised and shuffled from seed ``recipe.seed + k``,
-so parents are independent (different inits) even on the same data. Parents are cached under
+training hyper-parameters. Parent ``k`` of ``P`` is initialised and shuffled from seed
+``recipe.seed * P + k``, so parents are independent (different inits) even on the same data,
+and the parents of two recipe seeds never share a seed. Parents are cached under
 ``$MERGEFORGE_CACHE/vision/<recipe hash>/`` (default ``~/.cache/mergeforge/vision``):
 ``parent<k>.safetensors`` (the state dict) and ``parent<k>.json`` (recipe, arch, dataset, regime,
 parent index, class shares/fractions, test accuracy, training time).
@@ -242,7 +243,8 @@ def get_parents(
         if weights_file.is_file() and meta_file.is_file():
             parents.append(Parent(load_file(weights_file), json.loads(meta_file.read_text())))
             continue
-        model = new_parent(recipe.arch, recipe.seed + k)
+        seed = recipe.seed * len(split.indices) + k  # seed 0: k; seeds never shared
+        model = new_parent(recipe.arch, seed)
         idx_t = torch.as_tensor(idx)
         per_epoch = -(-len(idx) // recipe.batch_size)
         epochs = recipe.epochs if recipe.steps is None else -(-recipe.steps // per_epoch)
@@ -259,7 +261,7 @@ def get_parents(
             lr=recipe.lr,
             optimizer=recipe.optimizer,
             weight_decay=recipe.weight_decay,
-            seed=recipe.seed + k,
+            seed=seed,
             max_steps=recipe.steps,
             schedule=recipe.schedule,
             on_step=None if on_step is None else lambda s, loss, k=k: on_step(k, s, loss),
@@ -272,7 +274,7 @@ def get_parents(
             "dataset": recipe.dataset,
             "regime": split.regime,
             "parent": k,
-            "seed": recipe.seed + k,
+            "seed": seed,
             "n_train": len(idx),
             "class_share": split.class_share[k].tolist(),
             "class_fractions": split.class_fractions[k].tolist(),
