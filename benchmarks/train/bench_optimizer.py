@@ -186,6 +186,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    ap.add_argument("--stem", default=None,
+                    help="results file stem under benchmarks/train/results (default "
+                         "optimizer_<backbone>)")  # fmt: skip
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--base-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -219,7 +222,7 @@ def main() -> None:
         "rows": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"optimizer_{args.backbone}"
+    stem = RESULTS / (args.stem or f"optimizer_{args.backbone}")
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     md = table(rows)
     stem.with_suffix(".md").write_text(md + "\n")
