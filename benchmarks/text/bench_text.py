@@ -36,6 +36,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="encoder learning rate")
+    p.add_argument("--seed", type=int, default=None,
+                   help="training seed (head init, batch order, dropout); default 0")  # fmt: skip
     p.add_argument("--n-train", type=int, default=N_TRAIN)
     p.add_argument("--n-test", type=int, default=None)
     p.add_argument("--tasks", default=None, help="comma-separated subset")
@@ -51,7 +53,7 @@ def main() -> None:
     a = p.parse_args()
     backbone = BACKBONES[a.backbone]
     given = {"steps": a.steps, "batch_size": a.batch_size, "max_length": a.max_length, "lr": a.lr,
-             "optimizer": a.optimizer}  # fmt: skip
+             "optimizer": a.optimizer, "seed": a.seed}  # fmt: skip
     recipe = replace(backbone.recipe, **{k: v for k, v in given.items() if v is not None})
 
     def suite(**kw):
