@@ -589,3 +589,47 @@ def test_output_never_inside_or_over_the_tokenizer_source(fam, tmp_path, capsys)
     with pytest.raises(ConfigError, match="tokenizer_source"):
         mergeforge.merge(cfg, tsrc / "x", progress=False)
     assert sha_tree(tsrc) == before
+
+
+# ---- the tokenizer class decision, cached -----------------------------------------------------
+
+_LOAD = (
+    "import sys; from pathlib import Path; "
+    "from mergeforge.checkpoint.tokenizer import load_tokenizer; "
+    "t = load_tokenizer(Path(sys.argv[1]), 'm'); "
+    "print(type(t).__name__, len(t.get_vocab()), "
+    "'transformers.models.auto.tokenization_auto' in sys.modules)"
+)
+
+
+def _load_in_child(folder: str, cache: Path) -> list[str]:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MERGEFORGE_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", _LOAD, folder], env=env, check=True,
+                         capture_output=True, text=True).stdout  # fmt: skip
+    return out.split()
+
+
+def test_the_generic_tokenizer_decision_is_kept_per_transformers_version(fam, tmp_path):
+    """Whether AutoTokenizer honours a declared generic class is read from transformers'
+    tables once, then from the cache home: the second process loads the same tokenizer
+    without importing ``tokenization_auto``; a false answer in the cache sends the load to
+    ``AutoTokenizer`` (which imports it), and a corrupt cache file is answered afresh and
+    rewritten."""
+    from mergeforge.checkpoint.tokenizer import GENERIC_DECISIONS
+
+    cache = tmp_path / "cache"
+    first = _load_in_child(fam["base"], cache)
+    assert first == ["TokenizersBackend", "33", "True"]
+    path = cache / GENERIC_DECISIONS.format(version=transformers.__version__)
+    assert json.loads(path.read_text()) == {"llama": True}
+    assert _load_in_child(fam["base"], cache) == ["TokenizersBackend", "33", "False"]
+    path.write_text(json.dumps({"llama": False}))
+    # AutoTokenizer (which imports tokenization_auto) loads it, as the same class here
+    assert _load_in_child(fam["base"], cache) == ["TokenizersBackend", "33", "True"]
+    path.write_text("{not json")
+    assert _load_in_child(fam["base"], cache) == first
+    assert json.loads(path.read_text()) == {"llama": True}

@@ -9,7 +9,9 @@ error names the model, its folder and the file, and says what to do.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -142,14 +144,57 @@ def _generic_backend(folder: Path) -> Any:
         return None
     try:
         from transformers import TokenizersBackend
-        from transformers.models.auto import tokenization_auto as auto
     except ImportError:  # another transformers: let AutoTokenizer decide
         return None
+    return TokenizersBackend if _declared_generic_honoured(model_type) else None
+
+
+GENERIC_DECISIONS = "transformers-generic-tokenizer-{version}.json"
+"""The file under the cache home (``mergeforge.cache``) that keeps, per ``transformers``
+version, which model types :func:`_declared_generic_honoured` answered for."""
+
+
+def _declared_generic_honoured(model_type: str) -> bool:
+    """Whether ``AutoTokenizer`` loads a tokenizer that declares the generic class as that class
+    for ``model_type`` (not listed as declaring a wrong class, not sent to Mistral's backend).
+    The answer is a fact of the installed ``transformers`` (two tables of
+    ``transformers.models.auto.tokenization_auto``), but importing that module costs ~0.45 s
+    of every merge that reads a tokenizer; so each answer is kept in the cache home, keyed by
+    the ``transformers`` version, and read back (~1 ms) by later runs. An unreadable or
+    unwritable cache only means importing the module again."""
+    import transformers
+
+    from mergeforge.cache import cache_home
+
+    path = cache_home() / GENERIC_DECISIONS.format(version=transformers.__version__)
+    known: dict[str, bool] = {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(doc, dict):
+            known = {k: v for k, v in doc.items() if isinstance(v, bool)}
+    except (OSError, UnicodeDecodeError, ValueError):
+        pass
+    if model_type in known:
+        return known[model_type]
+    try:
+        from transformers.models.auto import tokenization_auto as auto
+    except ImportError:
+        return False
     incorrect = getattr(auto, "MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS", None)
     registered = getattr(auto, "TOKENIZER_MAPPING_NAMES", {}).get(model_type) or ""
-    if incorrect is None or model_type in incorrect or "Mistral" in registered:
-        return None
-    return TokenizersBackend
+    honoured = not (incorrect is None or model_type in incorrect or "Mistral" in registered)
+    if incorrect is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent,
+                                             prefix=path.name, suffix=".tmp",
+                                             delete=False) as f:  # fmt: skip
+                json.dump({**known, model_type: honoured}, f, indent=1, sort_keys=True)
+            os.replace(f.name, path)
+        except OSError:
+            with contextlib.suppress(OSError, NameError):
+                os.unlink(f.name)
+    return honoured
 
 
 def strip_tokenizer(tokenizer: Any, vocab_size: int, model: str) -> Any:
