@@ -11,7 +11,7 @@ Each run is a subprocess started by ``timed_run.py`` (wall clock around it, the 
 ``ru_maxrss`` from ``os.wait4``), the tools alternating, page cache warm, outputs removed
 between runs (untimed). Both get the same thread settings (``--threads``: OMP/MKL threads,
 default 1). mergekit runs with its defaults but ``--quiet``; mergeforge with ``--no-progress``
-and each ``--svd`` method (``exact``, mergekit's maths, is the default), plus ``exact`` with
+and each ``--svd`` method (``gram`` is the default; ``exact`` is mergekit's maths), plus ``exact`` with
 one worker (mergeforge decomposes two matrices at a time on a multi-core machine; mergekit's
 executor one). Every mergeforge adapter is compared with mergekit's: the applied update
 ``B·A`` per module (relative Frobenius difference) and the modules saved whole (bitwise).
