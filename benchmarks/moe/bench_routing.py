@@ -59,7 +59,14 @@ DEFAULT_TIES_DENSITIES = (0.2, 0.5)
 N_PROMPTS = 8
 PROMPT_CHARS = 300
 MAJORITY = 0.5
-ROUTE_MODES = ("hidden", "hidden_avg", "cheap_embed", "router_input", "router_input_avg")
+ROUTE_MODES = (
+    "hidden",
+    "hidden_avg",
+    "cheap_embed",
+    "router_input",
+    "router_input_avg",
+    "router_fit",
+)
 
 
 @dataclass(frozen=True)

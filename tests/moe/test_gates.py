@@ -6,6 +6,8 @@
 * router_input / router_input_avg: on a base whose MLPs are zero, the residual leaving layer i
   is h_i + attention_i(h_i), so the MLP's input is ``post_attention_layernorm(hidden_states[i +
   1])``, read from transformers' own hidden states;
+* router_fit: :func:`fit_router` against scipy's L-BFGS-B on the same objective, and the gates
+  against that fit of the MLP inputs read from transformers' hidden states (as above);
 * degenerate layers: equal rows are flagged, orthonormal rows are not;
 * forward.py (a Llama base without transformers' modelling code): its gates and hidden states
   equal transformers' bit for bit (padded and unpadded batches, GQA / MHA / MQA, bfloat16 and
@@ -23,8 +25,10 @@ from tests.moe._family import save, tiny_llama
 from mergeforge.checkpoint import open_checkpoint
 from mergeforge.moe import load_moe_config
 from mergeforge.moe.gates import (
+    ROUTER_FIT_L2,
     compute_gates,
     degenerate_layers,
+    fit_router,
     load_gate_model,
     random_gates,
     unit,
@@ -104,6 +108,84 @@ def test_router_input_is_the_normalised_input_of_the_mlp(no_mlp_base, mode):
     torch.testing.assert_close(g[:, 0], expect, atol=1e-6, rtol=1e-5)
 
 
+def _objective(W: torch.Tensor, feats: list[torch.Tensor], l2: float) -> torch.Tensor:
+    """router_fit's objective, written out: per class the mean cross-entropy, classes averaged."""
+    total = torch.zeros((), dtype=torch.float64)
+    for e, f in enumerate(feats):
+        logp = torch.log_softmax(f.double() @ W.T, dim=1)[:, e]
+        total = total - logp.mean() / len(feats)
+    return total + 0.5 * l2 * (W * W).sum()
+
+
+def test_fit_router_is_scipys_minimum_of_the_same_objective():
+    scipy_optimize = pytest.importorskip("scipy.optimize")
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 6, generator=g)
+    feats = [centres[e] + 0.8 * torch.randn(n, 6, generator=g) for e, n in enumerate((7, 20, 3))]
+    got = fit_router(feats, l2=0.05)
+
+    def fun(v):
+        W = torch.tensor(v, dtype=torch.float64).reshape(3, 6).requires_grad_()
+        loss = _objective(W, feats, 0.05)
+        loss.backward()
+        return float(loss.detach()), W.grad.numpy().ravel().copy()
+
+    opts = {"gtol": 1e-12, "ftol": 1e-15, "maxiter": 5000}
+    ref = scipy_optimize.minimize(fun, [0.0] * 18, jac=True, method="L-BFGS-B", options=opts)
+    want = torch.tensor(ref.x, dtype=torch.float32).reshape(3, 6)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    # the class weighting: repeating one class's rows does not move the fit
+    torch.testing.assert_close(fit_router([feats[0].repeat(3, 1), *feats[1:]], l2=0.05), got,
+                               atol=1e-5, rtol=1e-4)  # fmt: skip
+    with pytest.raises(ValueError, match="two or more classes"):
+        fit_router([feats[0]])
+
+
+def test_router_fit_gates_fit_the_mlp_inputs_of_the_prompt_tokens(no_mlp_base):
+    """Each layer's routed rows are fit_router of the MLP inputs of every prompt token but BOS
+    (read here from transformers' hidden states); a shared expert gets router_input_avg's
+    row; the fitted router sends the prompts' own tokens to their expert."""
+    base, model = no_mlp_base
+    experts = [{"source_model": "a", "positive_prompts": ["w5 w6 w7", "w8 w9"]},
+               {"source_model": "b", "positive_prompts": ["w1 w2", "w3"]},
+               {"source_model": "c", "positive_prompts": ["w20 w21 w22"]}]  # fmt: skip
+    shared = [{"source_model": "d", "positive_prompts": ["w10 w11"]}]
+    g = _gates(base, "router_fit", experts, shared_experts=shared)
+    assert g.shape == (2, 4, 32)
+    model = model.to(torch.bfloat16)
+
+    def inputs(prompt: str) -> list[torch.Tensor]:  # per layer (T, H), BOS first
+        ids = torch.tensor([[1] + [int(w[1:]) + 3 for w in prompt.split()]])
+        with torch.no_grad():
+            hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+            return [layer.post_attention_layernorm(hs[i + 1])[0].float()
+                    for i, layer in enumerate(model.model.layers)]  # fmt: skip
+
+    for i in range(2):
+        feats = [torch.cat([inputs(p)[i][1:] for p in e["positive_prompts"]]) for e in experts]
+        want = fit_router(feats, l2=ROUTER_FIT_L2)
+        # on separable tokens the objective is curved mostly by its small L2 term, so rounding
+        # differences between the two forward paths move W by up to ~1e-3: compare the
+        # objective's values, and W loosely
+        at_g = float(_objective(g[i, :3].double(), feats, ROUTER_FIT_L2))
+        at_want = float(_objective(want.double(), feats, ROUTER_FIT_L2))
+        assert at_g <= at_want + 1e-6 and at_want <= at_g + 1e-6, (at_g, at_want)
+        torch.testing.assert_close(g[i, :3], want, atol=5e-3, rtol=0)
+        picked = [int(f.argmax()) for f in (torch.cat(feats) @ g[i, :3].T)]
+        labels = [e for e, f in enumerate(feats) for _ in range(len(f))]
+        assert sum(p == t for p, t in zip(picked, labels, strict=True)) >= 0.75 * len(labels)
+        torch.testing.assert_close(g[i, 3], unit(inputs("w10 w11")[i].mean(0)),
+                                   atol=1e-6, rtol=1e-5)  # fmt: skip
+
+
+def test_router_fit_warns_that_negative_prompts_are_unused(no_mlp_base):
+    base, _ = no_mlp_base
+    experts = [{"source_model": "a", "positive_prompts": ["w1"], "negative_prompts": ["w2"]},
+               {"source_model": "b", "positive_prompts": ["w3"]}]  # fmt: skip
+    cfg = load_moe_config({"base_model": str(base), "gate_mode": "router_fit", "experts": experts})
+    assert any("negative_prompts are not used" in w for w in cfg.warnings)
+
+
 def test_hidden_gate_reads_the_residual_entering_each_layer(no_mlp_base):
     base, model = no_mlp_base
     g = _gates(base, "hidden", [{"source_model": "a", "positive_prompts": ["w5 w6"]},
@@ -161,7 +243,9 @@ def _both_ways(base, cfg, layers: int, monkeypatch) -> tuple[torch.Tensor, torch
 
 
 @pytest.mark.parametrize("kind", list(NATIVE_BASES))
-@pytest.mark.parametrize("mode", ["hidden", "hidden_avg", "router_input", "router_input_avg"])
+@pytest.mark.parametrize(
+    "mode", ["hidden", "hidden_avg", "router_input", "router_input_avg", "router_fit"]
+)
 def test_native_forward_gates_are_transformers_bit_for_bit(native_bases, kind, mode, monkeypatch):
     base, config = native_bases[kind]
     cfg = load_moe_config({"base_model": str(base), "gate_mode": mode, "experts_per_token": 1,

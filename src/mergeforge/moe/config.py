@@ -8,9 +8,10 @@ gates are taken from), ``experts`` (each ``source_model``, ``positive_prompts``,
 ``mixtral``, ``qwen``, ``qwen3``, ``deepseek``; unset: the first that fits, Mixtral preferred).
 
 mergeforge additions (optional): ``gate_mode: router_input`` / ``router_input_avg`` (the gate from
-the normalised input the router really sees, see ``gates.py``), ``seed`` (random gates and
-``noise_scale``, default 0), ``gate_dtype`` (the base model's dtype while it runs the prompts,
-default bfloat16 as mergekit), ``out_shard_size``.
+the normalised input the router really sees, see ``gates.py``), ``gate_mode: router_fit`` (each
+layer's router fitted to tell the experts' prompt tokens apart, see ``gates.py``), ``seed``
+(random gates and ``noise_scale``, default 0), ``gate_dtype`` (the base model's dtype while it
+runs the prompts, default bfloat16 as mergekit), ``out_shard_size``.
 
 Checked here, before any model is opened (ALGORITHMS.md §6.1): keys (mergekit ignores unknown
 keys; a typo such as ``postive_prompts`` is an error here), types, the gate mode, prompts for
@@ -35,7 +36,7 @@ from mergeforge.config import (  # mergekit's model reference, one reader
 from mergeforge.errors import ConfigError
 
 MERGEKIT_GATE_MODES = ("hidden", "hidden_avg", "cheap_embed", "random", "uniform_random")
-GATE_MODES = (*MERGEKIT_GATE_MODES, "router_input", "router_input_avg")
+GATE_MODES = (*MERGEKIT_GATE_MODES, "router_input", "router_input_avg", "router_fit")
 RANDOM_MODES = ("random", "uniform_random")
 GATE_ALIASES = {"hidden_last": "hidden"}
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float64": "float64",
@@ -218,6 +219,9 @@ def _check(cfg: MoEConfig, where: str, allow_same_experts: bool) -> list[str]:
                 "(mergekit refuses this too); give each expert prompts of what it should get"
             )
     warnings = []
+    if cfg.gate_mode == "router_fit" and any(e.negative_prompts for e in cfg.experts):
+        warnings.append("gate_mode router_fit fits each router to the experts' positive prompts; "
+                        "negative_prompts are not used")  # fmt: skip
     if cfg.uses_prompts:
         seen: dict[tuple, int] = {}
         for i, e in enumerate(cfg.experts):

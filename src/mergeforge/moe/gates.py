@@ -24,6 +24,16 @@ experts; the router of layer i is ``gates[i, :E]`` (no scale, no bias). The base
   ``post_attention_layernorm(h + attention(h))``. These modes record that input (a hook on
   each layer's MLP) at the last token or averaged over the prompt's own tokens; each prompt runs
   alone, so no padding shifts positions or enters the mean. Then as ``hidden``.
+* mergeforge: ``router_fit``: a router fitted to tell the experts' prompts apart, token by token.
+  Prompt means of related domains are nearly collinear in a model's later layers, so a gate
+  equal to one expert's mean direction routes poorly (BENCHMARKS.md §14: 17.5 % of the reviews
+  domain's tokens to its expert). Here each layer's router is the multinomial logistic
+  regression, without bias as the router has none, of the MLP inputs of every token of every
+  positive prompt (BOS excluded) labelled with their expert: :func:`fit_router`, L-BFGS in
+  float64, each expert's tokens weighted equally in total, an L2 penalty ``ROUTER_FIT_L2``.
+  The rows are not unit vectors: their scale is the fit's, so the softmax weights of the
+  top-k experts are calibrated probabilities. Shared experts (no routing) get the
+  ``router_input_avg`` row; negative prompts are not used (a warning says so).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from mergeforge.checkpoint import Checkpoint
 from mergeforge.errors import CheckpointError, ValidationError
@@ -40,6 +51,10 @@ from mergeforge.moe import forward
 from mergeforge.moe.config import Expert, MoEConfig
 
 EMBED = "model.embed_tokens.weight"
+ROUTER_FIT_L2 = 1e-3
+"""``router_fit``'s L2 penalty (on the sum of squared router weights; the data term is a mean
+cross-entropy): small enough not to bias a well-separated fit, large enough to keep separable
+prompts' weights finite."""
 
 
 def unit(v: torch.Tensor) -> torch.Tensor:
@@ -136,7 +151,7 @@ def load_gate_model(cfg: MoEConfig, base: Checkpoint, device: torch.device):
         return None
     dtype = getattr(torch, cfg.gate_dtype)
     if base.config is not None and forward.supported(base.config):
-        router = cfg.gate_mode.startswith("router_input")
+        router = cfg.gate_mode.startswith("router_")
         return forward.LlamaForward(base, base.config, dtype, device, mlp_inputs=router)
     return load_base_model(base, dtype, device)
 
@@ -181,30 +196,35 @@ class _Runner:
         return hs.mean(dim=1)
 
     @torch.no_grad()
-    def _router_input(self, prompts: Sequence[str]) -> torch.Tensor:
+    def router_inputs(self, prompts: Sequence[str]) -> list[torch.Tensor]:
+        """Per prompt (run alone: no padding), the MLP input of every layer at every position
+        (BOS included): (L, T, H) float32 each."""
         if self.native is not None:
-            rows = []
-            for p in prompts:  # one at a time: no padding
+            out = []
+            for p in prompts:
                 enc = _batch(self.tok, [p])
                 seen = self.native.mlp_inputs(enc["input_ids"], enc["attention_mask"])
-                h = torch.stack([x[0] for x in seen]).float().cpu()
-                rows.append(h.mean(dim=1) if self.mode == "router_input_avg" else h[:, -1])
-            return torch.stack(rows).mean(dim=0)
+                out.append(torch.stack([x[0] for x in seen]).float().cpu())
+            return out
         seen: dict[int, torch.Tensor] = {}
         mlps = [self.model.model.layers[i].mlp for i in range(self.layers)]
         hooks = [m.register_forward_pre_hook(lambda _m, a, i=i: seen.__setitem__(i, a[0]))
                  for i, m in enumerate(mlps)]  # fmt: skip
         try:
-            rows = []
-            for p in prompts:  # one at a time: no padding
+            out = []
+            for p in prompts:
                 enc = _batch(self.tok, [p]).to(self.device)
                 self.model.model(**enc)
-                h = torch.stack([seen[i][0] for i in range(self.layers)]).float().cpu()
-                rows.append(h.mean(dim=1) if self.mode == "router_input_avg" else h[:, -1])
-            return torch.stack(rows).mean(dim=0)
+                out.append(torch.stack([seen[i][0] for i in range(self.layers)]).float().cpu())
+            return out
         finally:
             for h in hooks:
                 h.remove()
+
+    def _router_input(self, prompts: Sequence[str]) -> torch.Tensor:
+        rows = [h.mean(dim=1) if self.mode != "router_input" else h[:, -1]
+                for h in self.router_inputs(prompts)]  # fmt: skip
+        return torch.stack(rows).mean(dim=0)
 
 
 def prompt_gates(
@@ -218,6 +238,8 @@ def prompt_gates(
     """(L, N, H) for the prompt modes: per expert, unit(f(positive) - f(negative)); ``model``:
     :func:`load_gate_model`'s, when already loaded."""
     run = _Runner(cfg, base, layers, device, model)
+    if cfg.gate_mode == "router_fit":
+        return _fitted_gates(run, cfg, experts)
     rows = []
     for e in experts:
         v = run(e.positive_prompts)
@@ -225,6 +247,49 @@ def prompt_gates(
             v = v - run(e.negative_prompts)
         rows.append(unit(v))
     return torch.stack(rows, dim=1)
+
+
+def _fitted_gates(run: _Runner, cfg: MoEConfig, experts: Sequence[Expert]) -> torch.Tensor:
+    """``router_fit`` (module docstring): the routed experts' rows fitted layer by layer, the
+    shared experts' rows as ``router_input_avg``."""
+    n = len(cfg.experts)
+    feats = []  # per routed expert: (L, T_e, H), every prompt token but BOS
+    for e in experts[:n]:
+        feats.append(torch.cat([h[:, 1:] for h in run.router_inputs(e.positive_prompts)], dim=1))
+    rows = torch.stack([fit_router([f[i] for f in feats]) for i in range(run.layers)])
+    if len(experts) > n:
+        shared = [unit(run._router_input(e.positive_prompts)) for e in experts[n:]]
+        rows = torch.cat([rows, torch.stack(shared, dim=1)], dim=1)
+    return rows
+
+
+def fit_router(features: Sequence[torch.Tensor], l2: float = ROUTER_FIT_L2,
+               max_iter: int = 500) -> torch.Tensor:  # fmt: skip
+    """The (E, H) router W minimising ``sum_e mean_{x in features[e]} CE(softmax(W x), e) / E +
+    l2 / 2 * |W|^2`` (no bias; each class weighs the same whatever its token count): strictly
+    convex, solved by L-BFGS in float64 from W = 0. ``features[e]``: (T_e, H), T_e >= 1."""
+    E = len(features)
+    if E < 2 or any(f.ndim != 2 or f.shape[0] == 0 for f in features):
+        raise ValueError("fit_router needs two or more classes, each with at least one row")
+    x = torch.cat([f.detach().double() for f in features])
+    y = torch.cat([torch.full((len(f),), e, dtype=torch.long) for e, f in enumerate(features)])
+    w = torch.cat([torch.full((len(f),), 1.0 / (E * len(f)), dtype=torch.float64)
+                   for f in features])  # fmt: skip
+    W = torch.zeros(E, x.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W], lr=1.0, max_iter=max_iter, history_size=20,
+                            tolerance_grad=1e-10, tolerance_change=1e-14,
+                            line_search_fn="strong_wolfe")  # fmt: skip
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        ce = F.cross_entropy(x @ W.T, y, reduction="none")
+        loss = (w * ce).sum() + 0.5 * l2 * (W * W).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return W.detach().float()
 
 
 def compute_gates(
