@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -158,6 +159,74 @@ def seed_checks(out: Path) -> list[str]:
     return lines
 
 
+COMPACT = (
+    ("best parent", ("parent",)),
+    ("ensemble", ("ensemble",)),
+    ("average", ("average",)),
+    ("last-layer KD", ("last_layer_kd",)),
+    ("best OT-Fusion", ("ot_fusion",)),
+    ("best Re-Basin", ("rebasin_weight", "rebasin_activation")),
+    ("ZipIt", ("zipit",)),
+    ("KF U", ("kf U",)),
+    ("HF U", ("hf U",)),
+    ("KF-grad U", ("kf_gradient U",)),
+    ("best ours", ("kf", "hf", "kf_gradient")),
+)
+"""The compact table's columns: (heading, row names or row-name prefixes it takes the best of;
+a prefix without a space matches a method's rows, ``parent`` every parent)."""
+
+
+def _pick(acc: dict[str, float], keys: tuple[str, ...]) -> float:
+    def hit(n: str) -> bool:
+        return (
+            n in keys or n.split(" ")[0] in keys or (keys == ("parent",) and n.startswith("parent"))
+        )
+
+    got = [a for n, a in acc.items() if hit(n)]
+    return max(got) if got else float("nan")
+
+
+def compact(out: Path, dataset: str) -> list[str]:
+    """One line per family of ``dataset`` with finished seeds: the main rows' accuracy, mean ±
+    std over the seeds, and the issue's two checks counted seed by seed."""
+    fams: dict[str, dict[int, dict[str, float]]] = {}
+    for res in sorted(out.glob(f"{dataset}-*-s*/results.json")):
+        doc = json.loads(res.read_text())
+        acc = {r["name"]: r["average"] for r in doc["runs"] if r.get("average") is not None}
+        if not any(n.startswith("kf_gradient") for n in acc):  # unfinished folder
+            continue
+        seed = int(res.parent.name.rsplit("-s", 1)[1])
+        fams.setdefault(doc["settings"]["family"], {})[seed] = acc
+    if not fams:
+        return []
+    lines = ["| family | seeds | " + " | ".join(h for h, _ in COMPACT)
+             + " | ours > OT / Re-Basin | best fused > best parent |",
+             "|---|---:|" + "---:|" * len(COMPACT) + "---|---|"]  # fmt: skip
+    for family, seeds in sorted(fams.items()):
+        cells = []
+        for _, keys in COMPACT:
+            v = [100 * _pick(seeds[k], keys) for k in sorted(seeds)]
+            if any(math.isnan(x) for x in v):
+                cells.append("–")
+            elif len(v) > 1:
+                cells.append(f"{statistics.fmean(v):.1f} ± {statistics.stdev(v):.1f}")
+            else:
+                cells.append(f"{v[0]:.1f}")
+        checks = ["–", "–"]
+        if any(family.split("/")[2].startswith(r) for r in NON_IID):
+            ours = [_pick(a, ("kf", "hf", "kf_gradient")) for a in seeds.values()]
+            rivals = [_pick(a, ("ot_fusion", "rebasin_weight", "rebasin_activation"))
+                      for a in seeds.values()]  # fmt: skip
+            fused = [max(v for n, v in a.items() if n not in REFERENCES
+                         and not n.startswith("parent")) for a in seeds.values()]  # fmt: skip
+            parents = [_pick(a, ("parent",)) for a in seeds.values()]
+            n = len(seeds)
+            checks = [f"{sum(o > r for o, r in zip(ours, rivals, strict=True))}/{n}",
+                      f"{sum(f > p for f, p in zip(fused, parents, strict=True))}/{n}"]  # fmt: skip
+        lines.append(f"| {family} | {len(seeds)} | " + " | ".join(cells + checks) + " |")
+    return lines
+
+
 def render(table: dict, out: Path) -> str:
     families = sorted(table)
     names: list[str] = []
@@ -192,6 +261,11 @@ def render(table: dict, out: Path) -> str:
     per_seed = seed_checks(out)
     if per_seed:
         md += ["", "Seed by seed:", "", *per_seed]
+    for dataset in DATASETS:
+        lines = compact(out, dataset)
+        if lines:
+            md += ["", f"Compact, {dataset} (accuracy %, mean ± std over the finished seeds):",
+                   "", *lines]  # fmt: skip
     text = "\n".join(md) + "\n"
     (out / "table.md").write_text(text)
     (out / "table.json").write_text(json.dumps(table, indent=1))
