@@ -59,14 +59,10 @@ DEFAULT_TIES_DENSITIES = (0.2, 0.5)
 N_PROMPTS = 8
 PROMPT_CHARS = 300
 MAJORITY = 0.5
-ROUTE_MODES = (
-    "hidden",
-    "hidden_avg",
-    "cheap_embed",
-    "router_input",
-    "router_input_avg",
-    "router_fit",
-)
+from mergeforge.moe.config import GATE_MODES, RANDOM_MODES  # noqa: E402
+
+ROUTE_MODES = tuple(m for m in GATE_MODES if m not in RANDOM_MODES)
+"""The prompt gate modes (a random router has nothing to route by)."""
 
 
 @dataclass(frozen=True)

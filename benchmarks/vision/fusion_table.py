@@ -125,40 +125,6 @@ def checks(table: dict) -> list[str]:
     return lines
 
 
-def seed_checks(out: Path) -> list[str]:
-    """The same two checks seed by seed (families with more than one seed): how many of the
-    seeds pass each, so a mean that passes by a hair is not mistaken for a steady win."""
-    per: dict[str, list[tuple[int, bool, bool]]] = {}
-    for res in sorted(out.glob("*-s*/results.json")):
-        doc = json.loads(res.read_text())
-        family = doc["settings"]["family"]
-        if not any(family.split("/")[2].startswith(r) for r in NON_IID):
-            continue
-        acc = {r["name"]: r["average"] for r in doc["runs"] if r.get("average") is not None}
-
-        def best(prefixes: tuple[str, ...], acc: dict = acc) -> float:
-            return max((a for n, a in acc.items() if n.split(" ")[0] in prefixes), default=-1.0)
-
-        parent = max(a for n, a in acc.items() if n.startswith("parent"))
-        fused = max(a for n, a in acc.items() if n not in REFERENCES and not n.startswith("parent"))
-        seed = int(res.parent.name.rsplit("-s", 1)[1])
-        ours = best(("kf", "hf", "kf_gradient"))
-        rivals = best(("ot_fusion", "rebasin_weight", "rebasin_activation"))
-        per.setdefault(family, []).append((seed, ours > rivals, fused > parent))
-    lines = []
-    for family, seeds in sorted(per.items()):
-        if len(seeds) < 2:
-            continue
-        n = len(seeds)
-        above = sum(a for _, a, _ in seeds)
-        fused = sum(f for _, _, f in seeds)
-        lines.append(f"| {family} | {n} | {above}/{n} | {fused}/{n} |")
-    if lines:
-        head = "| non-IID family | seeds | KF/HF above OT / Re-Basin | fused above best parent |"
-        lines = [head, "|---|---:|---:|---:|", *lines]
-    return lines
-
-
 COMPACT = (
     ("best parent", ("parent",)),
     ("ensemble", ("ensemble",)),
@@ -258,9 +224,6 @@ def render(table: dict, out: Path) -> str:
            "best parent | best fused | fused above parent |",
            "|---|---|---|---|---|---|---|"]  # fmt: skip
     md += checks(table)
-    per_seed = seed_checks(out)
-    if per_seed:
-        md += ["", "Seed by seed:", "", *per_seed]
     for dataset in DATASETS:
         lines = compact(out, dataset)
         if lines:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -184,16 +183,12 @@ def _declared_generic_honoured(model_type: str) -> bool:
     registered = getattr(auto, "TOKENIZER_MAPPING_NAMES", {}).get(model_type) or ""
     honoured = not (incorrect is None or model_type in incorrect or "Mistral" in registered)
     if incorrect is not None:
-        try:
+        from mergeforge.checkpoint.atomic import write_text_atomic
+
+        with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent,
-                                             prefix=path.name, suffix=".tmp",
-                                             delete=False) as f:  # fmt: skip
-                json.dump({**known, model_type: honoured}, f, indent=1, sort_keys=True)
-            os.replace(f.name, path)
-        except OSError:
-            with contextlib.suppress(OSError, NameError):
-                os.unlink(f.name)
+            write_text_atomic(path, json.dumps({**known, model_type: honoured}, indent=1,
+                                               sort_keys=True))  # fmt: skip
     return honoured
 
 

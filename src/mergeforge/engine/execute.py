@@ -154,16 +154,10 @@ def merge_chunked(job: Job, loader: Loader, plan: MergePlan) -> Tensor:
     if realigned(plan, job):
         return _merge_realigned_chunked(job, refs, loader, plan)
     raws = [loader.raw(r).reshape(-1) for r in refs]
-    n = raws[0].numel()
-    out = torch.empty(n, dtype=job.out_dtype)
-    names = tuple(_stream_name(plan, r.model) for r in job.inputs)
-    ctx = TensorContext(key=job.out_name, model_names=names)
     dt = plan.compute_dtype
-    for s in range(0, n, CHUNK):
-        e = min(n, s + CHUNK)
-        parts = [loader.prepare(x[s:e], r, dt) for x, r in zip(raws, refs, strict=True)]
-        base, tensors = (parts[0], parts[1:]) if job.base is not None else (None, parts)
-        out[s:e].copy_(call.method.fn(base, tensors, call.params, call.model_params, ctx))
+    out = torch.empty(raws[0].numel(), dtype=job.out_dtype)
+    _merge_in_chunks(job, plan, out, CHUNK, lambda s, e: [
+        loader.prepare(x[s:e], r, dt) for x, r in zip(raws, refs, strict=True)])  # fmt: skip
     return out.view(job.shape)
 
 
@@ -172,23 +166,30 @@ def _merge_realigned_chunked(job: Job, refs: list, loader: Loader, plan: MergePl
     gathered from the stored inputs (``VocabPlan.realign_rows``) instead of a re-laid copy of
     each whole input (a fresh 131 MB matrix per input of a 32k x 1024 embedding). The stored
     inputs are checked whole, as :meth:`Loader.job` checks them."""
-    call = job.call
-    assert call is not None and plan.vocab is not None
+    assert plan.vocab is not None
     raws = [loader.raw(r) for r in refs]
     for x, r in zip(raws, refs, strict=True):
         loader.check(x, r)
     rows = plan.vocab.realign_rows(job.out_name, [r.model for r in refs], raws,
                                    plan.compute_dtype)  # fmt: skip
     out = torch.empty(job.shape, dtype=job.out_dtype)
-    width = max(1, math.prod(job.shape[1:]))
-    step = max(1, CHUNK // width)
+    _merge_in_chunks(job, plan, out, max(1, CHUNK // max(1, math.prod(job.shape[1:]))), rows)
+    return out
+
+
+def _merge_in_chunks(job: Job, plan: MergePlan, out: Tensor, step: int,
+                     parts: Callable[[int, int], list[Tensor]]) -> None:  # fmt: skip
+    """``out[s:e]`` = the method on ``parts(s, e)`` (base first when the job has one), for
+    blocks of ``step`` along ``out``'s first dimension."""
+    call = job.call
+    assert call is not None
     names = tuple(_stream_name(plan, r.model) for r in job.inputs)
     ctx = TensorContext(key=job.out_name, model_names=names)
-    for s in range(0, job.shape[0], step):
-        parts = rows(s, min(job.shape[0], s + step))
-        base, tensors = (parts[0], parts[1:]) if job.base is not None else (None, parts)
+    n = out.shape[0]
+    for s in range(0, n, step):
+        got = parts(s, min(n, s + step))
+        base, tensors = (got[0], got[1:]) if job.base is not None else (None, got)
         out[s : s + step].copy_(call.method.fn(base, tensors, call.params, call.model_params, ctx))
-    return out
 
 
 def process(job: Job, loader: Loader, plan: MergePlan, fitted, device, writer) -> Job:
