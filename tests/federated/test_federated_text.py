@@ -2,7 +2,7 @@
 named), and a short in-process run (Flower's real ``Strategy.start`` loop and ClientApp, no
 Ray) against an oracle built outside Flower: the same local training by hand, then the merge
 of the clients' models (FedAvg halves each client's move, its own head's included; task
-arithmetic with λ 2 keeps it whole)."""
+arithmetic with λ 2 keeps it whole; RegMean is the closed form over Grams recorded by hand)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,6 @@ def test_a_text_config_takes_the_suites_recipe_and_one_client_per_task():
     ({"tasks": ["polarity", "polarity"]}, "tasks: each task once"),
     ({"tasks": []}, "tasks: expected a list of text tasks"),
     ({"clients": 3}, "clients: a text run has one client per task (2: polarity, news_topic)"),
-    ({"aggregator": "regmean"}, "regmean needs client statistics, which text clients do not"),
     ({"aggregator": "neuron_fusion"}, "a text run cannot use it yet"),
 ])  # fmt: skip
 def test_bad_text_configs_name_the_key(change, message):
@@ -93,3 +92,59 @@ def test_a_text_round_is_the_merge_of_the_clients_trained_by_hand(aggregator, sc
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["config"]["tasks"] == ["polarity", "news_topic"] and doc["rounds"][1]["tasks"]
     assert (tmp_path / "accuracy.png").stat().st_size > 0
+
+
+def _grams_by_hand(model, texts, max_length):
+    """XᵀX / n of every linear layer's input in ``model.encoder``, padding rows left out,
+    recorded with plain forward hooks (not mergeforge's GramRecorder)."""
+    from mergeforge.evaluate.text.eval import tokenize
+
+    sums, counts, mask = {}, {}, {}
+
+    def hook(name):
+        def f(_module, inputs, _output):
+            x = inputs[0].detach().float()
+            x = x[mask["m"].bool()] if x.dim() == 3 else x
+            sums[name] = sums.get(name, 0) + (x.T @ x).double()
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return f
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.encoder.named_modules()
+               if isinstance(m, torch.nn.Linear)]  # fmt: skip
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, len(texts), 32):
+            batch = tokenize(fedtext.tokenizer(), texts[s : s + 32], max_length=max_length)
+            mask["m"] = batch["attention_mask"]
+            model.encoder(**batch)
+    for h in handles:
+        h.remove()
+    return {f"encoder.{n}.weight": (sums[n] / counts[n]).float() for n in sums}
+
+
+def test_a_text_regmean_round_solves_each_linear_layer_on_the_clients_grams(tmp_path):
+    """Each text client sends its encoder's input Grams; the round's linear weights are
+    (Σ W_i G̃_i)(Σ G̃_i)⁻¹ (G̃ = α G + (1 − α) diag G, α 0.1), everything else is averaged."""
+    cfg = load_federated_config({**TEXT, "aggregator": "regmean", "stats_examples": 12})
+    res = run_federated(cfg, in_process=True, progress=False, out=tmp_path)
+    start, clients = _by_hand(cfg)
+    task = ClientTask.from_config(cfg)
+    grams = []
+    for pid, sd in enumerate(clients):
+        model = fedtext.model_for(task)
+        model.load_state_dict(sd)
+        texts = [t for t, _ in fedtext.client_task(task, pid).train[:12]]
+        grams.append(_grams_by_hand(model, texts, cfg.max_length))
+    assert set(grams[0]) and all(k in start for k in grams[0])
+    got, solved = res.state_dict, 0
+    for k, s in start.items():
+        if k in grams[0]:
+            g = [0.1 * gr[k] + 0.9 * torch.diag(torch.diagonal(gr[k])) for gr in grams]
+            num = sum(c[k].double() @ gi.double() for c, gi in zip(clients, g, strict=True))
+            want = torch.linalg.solve(sum(g).double(), num, left=False).float()
+            solved += 1
+        else:
+            want = s + sum(c[k] - s for c in clients) / 2
+        torch.testing.assert_close(got[k], want, rtol=1e-4, atol=2e-5, msg=k)
+    assert solved == len(grams[0]) >= 36  # 6 layers x (q, k, v, out, up, down), the pooler
+    assert res.rows[1]["kept"] == ["client0", "client1"]

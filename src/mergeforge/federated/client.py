@@ -213,7 +213,9 @@ def train_reply(msg: Message, context: Context, transform: Transform | None = No
         CLIENT_RECORD: ConfigRecord({"partition-id": pid}),
     })  # fmt: skip
     if task.stats == "regmean":
-        content[STATS_PREFIX + "regmean"] = ArrayRecord(_grams(model, x, task.stats_examples))
+        grams = (text.grams(model, data, task) if task.is_text
+                 else _grams(model, x, task.stats_examples))  # fmt: skip
+        content[STATS_PREFIX + "regmean"] = ArrayRecord(grams)
     elif task.stats == CLASS_COUNTS:  # neuron_fusion's non-IID head (class_fractions: reported)
         counts = torch.bincount(y, minlength=NUM_CLASSES)
         content[STATS_PREFIX + CLASS_COUNTS] = ArrayRecord({CLASS_COUNTS: counts})

@@ -407,11 +407,12 @@ def check_against_clients(cfg: FederatedConfig) -> None:
                 "text run cannot use it yet: use a merge method (fedavg, task_arithmetic, "
                 "ties, dare_ties, swudi, ...)"
             )
-        if cfg.aggregator.stats is not None:
+        if cfg.aggregator.stats not in (None, "regmean"):
             raise ConfigError(
-                f"aggregator: {cfg.aggregator.label} needs client statistics, which text "
-                "clients do not send yet; use a data-free method (fedavg, task_arithmetic, "
-                "ties, dare_ties, swudi, ...)"
+                f"aggregator: {cfg.aggregator.label} needs client statistics "
+                f"({cfg.aggregator.stats}) that text clients do not send; use regmean (the "
+                "clients send their encoder's input Grams) or a data-free method (fedavg, "
+                "task_arithmetic, ties, dare_ties, swudi, ...)"
             )
     if cfg.partition.kind != "iid" and cfg.clients < 2:
         raise ConfigError(f"partition: {cfg.partition.kind} needs clients >= 2; use iid for one")

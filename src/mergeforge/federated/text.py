@@ -14,8 +14,12 @@ weight (1/K with equal tasks, for FedAvg and task arithmetic at λ 1 alike).
 
 The server scores the global model after each round on every task's test split (``n_test``
 texts per task) with that task's head: the round's accuracy is the mean over tasks (the text
-suite's "average"), and the row keeps each task's (``tasks``). Statistics-reading aggregators
-(RegMean's Grams, neuron_fusion) are vision-only for now (refused in the config).
+suite's "average"), and the row keeps each task's (``tasks``). With ``aggregator: regmean`` a
+client also sends the input Grams of every linear layer of the encoder (:func:`grams`: its first
+``stats_examples`` training texts, padding masked, as ``mergeforge bench text`` computes its
+experts' RegMean statistics); the heads have none, so RegMean averages them (each head moves by
+its owner's update over K, as under FedAvg). ``neuron_fusion`` stays vision-only (refused in the
+config): it fuses neurons on a server fusion set of images.
 """
 
 from __future__ import annotations
@@ -137,6 +141,22 @@ def local_train(model: TextModel, data, task, *, mu: float, seed: int) -> float:
         losses = run_steps(opt, batches, cross_entropy, [*encoder, *head], mu=mu)
     model.eval()
     return float(np.mean(losses)) if losses else 0.0
+
+
+@torch.no_grad()
+def grams(model: TextModel, data, task) -> dict[str, Tensor]:
+    """RegMean's input Grams of the encoder's linear layers on the first ``task.stats_examples``
+    training texts of ``data`` (batches of 32, padding rows masked, eval mode), keyed by the
+    global state dict's names (``encoder.<module>.weight``)."""
+    from mergeforge.evaluate.text.eval import tokenize
+    from mergeforge.stats.grams import compute_grams
+
+    texts = [t for t, _ in data.train[: task.stats_examples]]
+    batches = (tokenize(tokenizer(), texts[s : s + 32], max_length=task.max_length)
+               for s in range(0, len(texts), 32))  # fmt: skip
+    model.eval()
+    out = compute_grams(model.encoder, batches, lambda b: model.encoder(**b))
+    return {f"encoder.{k}": g for k, g in out.items()}
 
 
 @torch.no_grad()
