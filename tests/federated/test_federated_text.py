@@ -107,6 +107,7 @@ def _grams_by_hand(model, texts, max_length):
             x = x[mask["m"].bool()] if x.dim() == 3 else x
             sums[name] = sums.get(name, 0) + (x.T @ x).double()
             counts[name] = counts.get(name, 0) + x.shape[0]
+
         return f
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.encoder.named_modules()
