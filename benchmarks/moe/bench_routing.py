@@ -26,6 +26,11 @@ Writes ``results.json``, ``results.md``, ``routing_matrix.png`` and the MoE YAML
 (results.json after every step). The MoE folders and the causal-LM copies of the inputs go to
 ``--work`` (default: a temporary folder, removed at the end).
 
+``--moe-base best-dense``: the MoE's ``base_model`` (attention, norms, embeddings, and the
+hidden states the gates see) is the dense merge with the lowest mean loss on ``--n-eval``
+*validation* texts per domain instead of the pretrained base, so the MoE keeps what the experts
+learnt outside their MLPs (mergekit-moe takes any model as its base; this one is a merge).
+
 ``--smoke``: the same pipeline on tiny random Llama models and synthetic texts (seconds).
 """
 
@@ -63,18 +68,22 @@ from mergeforge.moe.config import GATE_MODES, RANDOM_MODES  # noqa: E402
 
 ROUTE_MODES = tuple(m for m in GATE_MODES if m not in RANDOM_MODES)
 """The prompt gate modes (a random router has nothing to route by)."""
+MOE_BASES = ("base", "best-dense")
+"""What the MoE's ``base_model`` is (:func:`run_routing`)."""
 
 
 @dataclass(frozen=True)
 class Inputs:
     """What the benchmark runs on: the base and one expert per domain (``LlamaModel`` folders,
     as ``base_model_dir`` / ``domain_lm_expert`` write them; the base with its tokenizer), and
-    each domain's training texts (gate prompts) and test texts (scored)."""
+    each domain's training texts (gate prompts), test texts (scored) and validation texts
+    (held out like the test texts; they choose the MoE's base with ``moe_base="best-dense"``)."""
 
     base: Path
     experts: dict[str, Path]
     train: dict[str, list[str]]
     test: dict[str, list[str]]
+    validation: dict[str, list[str]] | None = None
 
 
 # ------------------------------------------------------------------------------- the inputs
@@ -111,7 +120,8 @@ def real_inputs(domains: Sequence[str], recipe=None, *, cache_dir=None, train: b
                for d in domains}  # fmt: skip
     texts = {d: dom.domain_texts(d) for d in domains}
     return Inputs(base, experts, {d: t.train for d, t in texts.items()},
-                  {d: t.test for d, t in texts.items()})  # fmt: skip
+                  {d: t.test for d, t in texts.items()},
+                  {d: t.validation for d, t in texts.items()})  # fmt: skip
 
 
 SMOKE_SHARED = ("the", "a", "of", "and", "to", "in")
@@ -178,7 +188,8 @@ def smoke_inputs(root: str | Path, domains: Sequence[str] = DEFAULT_DOMAINS, *, 
 
     train = {d: [text(d) for _ in range(n_train)] for d in domains}
     test = {d: [text(d) for _ in range(n_test)] for d in domains}
-    return Inputs(base, experts, train, test)
+    validation = {d: [text(d) for _ in range(n_test)] for d in domains}
+    return Inputs(base, experts, train, test, validation)
 
 
 def _say(console, msg: str) -> None:
@@ -199,18 +210,21 @@ def _state(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def causal_lm_folder(src: Path, dst: Path, *, tokenizer: bool) -> Path:
+def causal_lm_folder(src: Path, dst: Path, *, tokenizer: bool,
+                     state: Mapping[str, torch.Tensor] | None = None) -> Path:  # fmt: skip
     """``src`` as a causal-LM folder (``model.*`` tensor names, ``LlamaForCausalLM``): what
     ``mergeforge moe`` reads. The suite's base and experts are ``LlamaModel`` folders (no
-    ``model.`` prefix); the tensors are the same (the LM head is the tied embedding)."""
+    ``model.`` prefix); the tensors are the same (the LM head is the tied embedding).
+    ``state``: ``LlamaModel`` tensors to write instead of ``src``'s (a merge of the experts),
+    with ``src``'s config and tokenizer."""
     from safetensors.torch import save_file
 
     cfg = json.loads((Path(src) / "config.json").read_text())
-    if any(a.endswith("ForCausalLM") for a in cfg.get("architectures") or ()):
+    if state is None and any(a.endswith("ForCausalLM") for a in cfg.get("architectures") or ()):
         return Path(src)  # already one
     dst.mkdir(parents=True, exist_ok=True)
     state = {k if k.startswith(("model.", "lm_head.")) else f"model.{k}": v
-             for k, v in _state(src).items()}  # fmt: skip
+             for k, v in (_state(src) if state is None else state).items()}  # fmt: skip
     save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
     cfg["architectures"] = [f"{cfg.get('model_type', 'llama').capitalize()}ForCausalLM"]
     (dst / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -339,13 +353,22 @@ def run_routing(
     prompt_chars: int = PROMPT_CHARS,
     max_length: int = 128,
     merges: Sequence[tuple[str, dict]] | None = None,
+    moe_base: str = "base",
     meta: Mapping[str, Any] | None = None,
     console=None,
     on_update: Callable[[dict], None] | None = None,
 ) -> dict:
     """Build the MoE(s), route and score them, score base, experts and dense merges; return
     the payload (:func:`write_routing_report` writes it). ``work``: where the causal-LM copies
-    and the MoE folders go; ``out``: where the MoE YAMLs are copied (if given)."""
+    and the MoE folders go; ``out``: where the MoE YAMLs are copied (if given).
+
+    ``moe_base``: the MoE's ``base_model``, which gives every tensor that is not an expert MLP
+    (attention, norms, embeddings) and the hidden states the gates are computed from. ``base``:
+    the pretrained base (mergekit-moe's usual recipe); ``best-dense``: the dense merge (of
+    ``merges``) with the lowest mean LM loss on ``n_eval`` *validation* texts per domain, so
+    the MoE keeps what the experts learnt outside their MLPs; the test texts choose nothing."""
+    if moe_base not in MOE_BASES:
+        raise ValueError(f"moe_base: {moe_base!r} is not one of {list(MOE_BASES)}")
     import yaml
 
     from mergeforge import merge_state_dicts
@@ -375,6 +398,7 @@ def run_routing(
             "n_prompts": n_prompts,
             "prompt_chars": prompt_chars,
             "max_length": max_length,
+            "moe_base": moe_base,
         },
         "texts_scored": {d: len(v) for d, v in test.items()},
         "prompts": prompts,
@@ -399,11 +423,58 @@ def run_routing(
         update()
         return row
 
+    def merged(name: str, cfg: dict):
+        t0 = time.perf_counter()
+        try:
+            state = merge_state_dicts(cfg, states)
+        except Exception as e:  # noqa: BLE001 -- reported, the others still run
+            if name not in {n["name"] for n in payload["not_run"]}:  # once, if it fails twice
+                payload["not_run"].append({"name": name, "reason": f"{type(e).__name__}: {e}"})
+                _say(console, f"{name}: [red]not run[/] ({type(e).__name__}: {e})")
+                update()
+            return None, 0.0
+        return state, time.perf_counter() - t0
+
+    tok = _tokenizer(inputs.base)
+    states = {"base": _state(inputs.base), **{d: _state(p) for d, p in inputs.experts.items()}}
+    lm = load_causal_lm(inputs.base)
+    base_state = None
+    if moe_base == "best-dense":  # choose on the validation texts
+        if not merges:
+            raise ValueError("moe_base='best-dense' needs dense merges to choose from")
+        if not inputs.validation:
+            raise ValueError("moe_base='best-dense' needs validation texts (Inputs.validation)")
+        val = {d: inputs.validation[d][:n_eval] for d in domains}
+        chosen = {"mode": moe_base, "validation_loss": {}, "texts": {d: len(v) for d, v in
+                                                                      val.items()}}  # fmt: skip
+        for name, cfg in merges:
+            state, _ = merged(name, cfg)
+            if state is None:
+                continue
+            lm.get_decoder().load_state_dict(state, strict=True)
+            loss = {d: lm_loss(lm, tok, val[d], max_length=max_length) for d in domains}
+            chosen["validation_loss"][name] = {**loss, "mean": sum(loss.values()) / len(loss)}
+            _say(
+                console,
+                f"{name}: validation mean loss {chosen['validation_loss'][name]['mean']:.4f}",
+            )
+            if base_state is None or loss_mean(chosen, name) < loss_mean(chosen, chosen["name"]):
+                chosen["name"], base_state = name, state
+            del state
+        if base_state is None:
+            raise RuntimeError("moe_base='best-dense': no dense merge could be built")
+        payload["moe_base"] = chosen
+        _say(console, f"MoE base: {chosen['name']} (lowest mean validation loss)")
+        update()
+    else:
+        payload["moe_base"] = {"mode": moe_base, "name": "base"}
+
     # the MoE's inputs: causal-LM folders (mergeforge moe reads model.* tensor names)
-    base_c = causal_lm_folder(inputs.base, work / "inputs" / "base", tokenizer=True)
+    base_c = causal_lm_folder(inputs.base, work / "inputs" / "base", tokenizer=True,
+                              state=base_state)  # fmt: skip
+    del base_state
     experts_c = {d: causal_lm_folder(p, work / "inputs" / d, tokenizer=False)
                  for d, p in inputs.experts.items()}  # fmt: skip
-    tok = _tokenizer(inputs.base)
     for k in ks:
         name = f"moe k={k}"
         cfg = moe_config(base_c, experts_c, prompts, gate_mode=gate_mode, k=k, dtype=dtype,
@@ -431,27 +502,19 @@ def run_routing(
         _say(console, f"{name}: top-1 share to the domain's own expert: "
              + ", ".join(f"{d} {100 * v:.1f} %" for d, v in own.items()))  # fmt: skip
         update()
-        lm = load_causal_lm(res.out)
-        scored(name, "moe", lm)
-        del lm
+        moe_lm = load_causal_lm(res.out)
+        scored(name, "moe", moe_lm)
+        del moe_lm
 
     # the dense models: base, experts, merges, through one decoder
-    states = {"base": _state(inputs.base), **{d: _state(p) for d, p in inputs.experts.items()}}
-    lm = load_causal_lm(inputs.base)
     for name in ("base", *domains):
         lm.get_decoder().load_state_dict(states[name], strict=True)
         scored("base" if name == "base" else f"expert {name}", "base" if name == "base"
                else "expert", lm)  # fmt: skip
     for name, cfg in merges:
-        t0 = time.perf_counter()
-        try:
-            state = merge_state_dicts(cfg, states)
-        except Exception as e:  # noqa: BLE001 -- reported, the others still run
-            payload["not_run"].append({"name": name, "reason": f"{type(e).__name__}: {e}"})
-            _say(console, f"{name}: [red]not run[/] ({type(e).__name__}: {e})")
-            update()
+        state, merge_s = merged(name, cfg)
+        if state is None:
             continue
-        merge_s = time.perf_counter() - t0
         lm.get_decoder().load_state_dict(state, strict=True)
         del state
         scored(name, "merge", lm, cfg, {"merge_seconds": merge_s})
@@ -461,6 +524,10 @@ def run_routing(
     payload["complete"] = True
     update()
     return payload
+
+
+def loss_mean(chosen: Mapping, name: str) -> float:
+    return chosen["validation_loss"][name]["mean"]
 
 
 def verdicts(payload: Mapping) -> dict:
@@ -526,6 +593,22 @@ def markdown(payload: Mapping) -> str:
         f"Scored on {s['n_eval']} held-out test texts per domain (first {s['max_length']} "
         "tokens; routing: BOS + text, each text alone).",
     ]
+    mb = payload.get("moe_base") or {"mode": "base"}
+    if mb["mode"] == "best-dense":
+        lines.append("")
+        lines.append(f"MoE base_model (every tensor but the expert MLPs, and the gates' hidden "
+                     f"states): **{mb['name']}**, the dense merge with the lowest mean LM loss on "
+                     f"{max(mb['texts'].values())} *validation* texts per domain (the test texts "
+                     "chose nothing):")  # fmt: skip
+        lines += ["", "| dense merge | " + " | ".join(domains) + " | mean |",
+                  "|---|" + "---:|" * (len(domains) + 1)]  # fmt: skip
+        for name, v in mb["validation_loss"].items():
+            cells = [f"{v[d]:.4f}" for d in domains] + [f"{v['mean']:.4f}"]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    else:
+        lines.append("")
+        lines.append("MoE base_model: the pretrained base (mergekit-moe's usual recipe): "
+                     "attention, norms and embeddings are the base's.")  # fmt: skip
     for moe in payload["moe"]:
         experts = moe["experts"]
         lines += ["", f"## Routing: {moe['name']} (top-1 choice, % of tokens × MoE layers)", "",
@@ -670,6 +753,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n-prompts", type=int, default=N_PROMPTS, help="gate prompts per expert")
     p.add_argument("--prompt-chars", type=int, default=PROMPT_CHARS)
     p.add_argument("--n-eval", type=int, default=64, help="test texts per domain")
+    p.add_argument("--moe-base", default="base", choices=MOE_BASES,
+                   help="the MoE's base_model: the pretrained base, or the dense merge with the "
+                   "lowest validation loss (best-dense)")  # fmt: skip
     p.add_argument("--ta-lambdas", default=",".join(f"{x:g}" for x in DEFAULT_TA_LAMBDAS))
     p.add_argument("--ties-densities",
                    default=",".join(f"{x:g}" for x in DEFAULT_TIES_DENSITIES))  # fmt: skip
@@ -728,7 +814,8 @@ def main(argv: list[str] | None = None) -> dict:
         payload = run_routing(
             inputs, work=work, out=out, ks=ks, gate_mode=a.gate_mode, dtype=a.dtype,
             gate_dtype=a.gate_dtype, n_eval=n_eval, n_prompts=n_prompts,
-            prompt_chars=a.prompt_chars, max_length=max_length, merges=merges, meta=meta,
+            prompt_chars=a.prompt_chars, max_length=max_length, merges=merges,
+            moe_base=a.moe_base, meta=meta,
             console=console, on_update=lambda pl: write_routing_report(pl, out, plots=False),
         )  # fmt: skip
         if a.no_ace:

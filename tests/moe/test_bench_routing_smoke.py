@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "moe" / "bench_routing.py"
 
@@ -102,3 +103,52 @@ def test_smoke_command_writes_the_report(bench, tmp_path):
     except ImportError:
         return
     assert "routing_matrix.png" in names
+
+
+def test_best_dense_base_is_the_validation_choice_and_gives_the_shared_tensors(bench, tmp_path):
+    """``moe_base="best-dense"``: the MoE's base is the dense merge with the lowest mean loss on
+    the validation texts (recomputed here from the reported losses), and every tensor of the
+    MoE that is not an expert MLP or a gate is that merge's, bit for bit."""
+    from safetensors.torch import load_file
+
+    from mergeforge import merge_state_dicts
+
+    domains = list(bench.DEFAULT_DOMAINS)
+    inputs = bench.smoke_inputs(tmp_path / "in", domains, noise=0.2)
+    merges = bench.dense_merges(domains, ta_lambdas=(0.5, 1.0), ties_densities=(0.5,), ace=False)
+    payload = bench.run_routing(inputs, work=tmp_path / "work", ks=(1,), n_eval=4, n_prompts=3,
+                                max_length=16, merges=merges, moe_base="best-dense")  # fmt: skip
+    chosen = payload["moe_base"]
+    assert chosen["mode"] == "best-dense" and set(chosen["validation_loss"]) == {
+        n for n, _ in merges
+    }
+    means = {n: v["mean"] for n, v in chosen["validation_loss"].items()}
+    assert chosen["name"] == min(means, key=means.get)
+    for v in chosen["validation_loss"].values():
+        assert v["mean"] == pytest.approx(sum(v[d] for d in domains) / len(domains))
+    states = {"base": bench._state(inputs.base),
+              **{d: bench._state(p) for d, p in inputs.experts.items()}}  # fmt: skip
+    want = merge_state_dicts(dict(merges)[chosen["name"]], states)
+    moe = {}
+    for f in sorted(Path(payload["moe"][0]["folder"]).glob("*.safetensors")):
+        moe.update(load_file(str(f)))
+    shared = {k: v for k, v in moe.items() if ".experts." not in k and ".gate." not in k}
+    assert len(shared) > 4
+    for k, v in shared.items():
+        name = k.removeprefix("model.")
+        if name == "lm_head.weight":
+            name = "embed_tokens.weight"  # tied
+        assert torch.equal(v, want[name]), k
+    # the base's row and the report say which merge it was
+    md = bench.markdown(payload)
+    assert f"**{chosen['name']}**" in md and "validation" in md
+
+
+def test_best_dense_base_needs_validation_texts(bench, tmp_path):
+    inputs = bench.smoke_inputs(tmp_path / "in")
+    inputs = bench.Inputs(inputs.base, inputs.experts, inputs.train, inputs.test, None)
+    merges = bench.dense_merges(list(inputs.experts), ta_lambdas=(0.5,), ties_densities=(),
+                                ace=False)  # fmt: skip
+    with pytest.raises(ValueError, match="validation texts"):
+        bench.run_routing(inputs, work=tmp_path / "work", ks=(1,), n_eval=2, n_prompts=2,
+                          max_length=8, merges=merges, moe_base="best-dense")  # fmt: skip
