@@ -11,6 +11,12 @@
     python benchmarks/evolve/bench_evolve.py --evaluations 30 --modes memory,disk \
         --workers 1,2 --no-test --out benchmarks/results/evolve-speed
 
+    # the search started from the grid's best cell *on the validation split* (the grid's
+    # 9 evaluations counted in the budget: 291 searched + 9 = 300), with a larger split
+    python benchmarks/evolve/bench_evolve.py --method ties --evaluations 300 --workers 2 \
+        --validation 128 --start grid --grid-from benchmarks/text/results/results.json \
+        --out benchmarks/results/evolve-grid-start
+
     # smoke run (quick experts: 3 tasks, tiny sets; minutes)
     python benchmarks/evolve/bench_evolve.py --quick --validation 16 --evaluations 16 \
         --workers 1 --out /tmp/evolve-smoke
@@ -20,7 +26,10 @@ Each (mode, workers) pair runs the same search (same seed, budget) in its own fo
 a finished run there is reused (the search resumes). Rows go to ``OUT/results.json`` and
 ``OUT/results.md``: evaluations per hour (search wall time, workers started included), mean
 merge and fitness seconds per candidate, the best validation fitness, and the test-split
-accuracy of the best merge (never seen by the search). ``--grid`` scores the method's own grid
+accuracy of the best merge (never seen by the search). ``--start grid`` first scores the
+method's grid (below) on the *validation* split and starts CMA-ES at its best cell (``genome.init``:
+that density and lambda, equal weights), the grid's evaluations taken from the budget; the test
+split still decides nothing. ``--grid`` scores the method's own grid
 (benchmarks/text/methods.yaml's ties rows: lambda x density, weight 1) on the test split here;
 ``--grid-from`` reads the grid and the static methods (ACE, SWUDI) from a results.json of
 ``mergeforge bench text`` made with the same experts.
@@ -58,6 +67,8 @@ def config(a, in_memory: bool) -> dict:
     if a.lambda_range:
         lo, hi = (float(x) for x in a.lambda_range.split(","))
         genome["shared"] = {"lambda": [lo, hi]}  # starts at TIES's default 1 when inside
+    if getattr(a, "init", None):
+        genome["init"] = dict(a.init)
     return {
         "genome": genome,
         "fitness": fitness,
@@ -65,13 +76,14 @@ def config(a, in_memory: bool) -> dict:
     }
 
 
-def grid_rows(a, suite_fitness) -> list[dict]:
-    """The method's grid (weight 1 per expert), merged in memory, scored on the test split."""
+def grid_rows(a, suite_fitness, split: str = "test") -> list[dict]:
+    """The method's grid (weight 1 per expert), merged in memory, scored on ``split`` (``test``
+    or ``validation``, the search's fitness split)."""
     from mergeforge.config import merge_document
     from mergeforge.engine import merge_state_dicts
 
     grid, rows = GRID[a.method], []
-    test = suite_fitness.test
+    test = suite_fitness.test if split == "test" else suite_fitness.fitness
     test.setup()
     for lam, dens in itertools.product(grid["lambda"], grid["density"]):
         doc = merge_document(a.method, suite_fitness.models, base_model=suite_fitness.base_model,
@@ -79,9 +91,10 @@ def grid_rows(a, suite_fitness) -> list[dict]:
                              model_parameters={"weight": 1.0, "density": dens})  # fmt: skip
         score = test(merge_state_dicts(doc, {}))
         tasks = {t.name: score.metrics[t.name] for t in test.tasks}
-        rows.append({"name": f"{a.method} lambda={lam} density={dens}",
-                     "average": sum(tasks.values()) / len(tasks), "tasks": tasks})  # fmt: skip
-        print(f"grid {rows[-1]['name']}: test {100 * rows[-1]['average']:.1f}")
+        rows.append({"name": f"{a.method} lambda={lam} density={dens}", "lambda": lam,
+                     "density": dens, "average": sum(tasks.values()) / len(tasks),
+                     "fitness": score.value, "tasks": tasks})  # fmt: skip
+        print(f"grid {rows[-1]['name']}: {split} {100 * rows[-1]['average']:.1f}")
     return rows
 
 
@@ -133,7 +146,23 @@ def main() -> None:
     p.add_argument("--no-model", action="store_true", help="do not write the merged model")
     p.add_argument("--grid", action="store_true", help="score the method's grid here")
     p.add_argument("--grid-from", default=None, help="results.json of `mergeforge bench text`")
+    p.add_argument("--start", choices=("default", "grid"), default="default",
+                   help="grid: start at the grid's best cell on the validation split")  # fmt: skip
     a = p.parse_args()
+    a.init, start_grid = None, []
+    if a.start == "grid":
+        from mergeforge.evolve.config import load_evolve_config
+        from mergeforge.evolve.suite import text_suite_fitness
+
+        suite = text_suite_fitness(load_evolve_config(config(a, True)).fitness.options)
+        start_grid = grid_rows(a, suite, split="validation")
+        best = max(start_grid, key=lambda g: g["fitness"])
+        a.init = {"density": best["density"]}
+        if a.lambda_range:
+            a.init["lambda"] = best["lambda"]
+        a.evaluations -= len(start_grid)
+        print(f"start: {best['name']} (validation {100 * best['average']:.1f}); "
+              f"{a.evaluations} evaluations left for the search")  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +198,8 @@ def main() -> None:
 
         grid = grid_rows(a, text_suite_fitness(load_evolve_config(config(a, True)).fitness
                                                .options))  # fmt: skip
-    doc = {"args": vars(a), "runs": rows, "grid": grid, "static": static}
+    doc = {"args": vars(a), "runs": rows, "grid": grid, "static": static,
+           "start_grid_validation": start_grid}  # fmt: skip
     write_text_atomic(out / "results.json", json.dumps(doc, indent=1) + "\n")
     write_text_atomic(out / "results.md", markdown(rows, grid, static))
     print((out / "results.md").read_text())
