@@ -458,7 +458,7 @@ def build_moe(
                 writers.stop()
                 loader.join()
                 raise
-            degenerate = degenerate_layers(gates)
+            degenerate = degenerate_layers(gates, gate_mode=plan.config.gate_mode)
             if degenerate:
                 plan.warnings.append(f"layer(s) {degenerate} have near-degenerate gates "
                                      "(condition number > 5): the prompts are too alike, some "

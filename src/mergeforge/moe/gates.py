@@ -309,8 +309,15 @@ def compute_gates(
     return prompt_gates(cfg, experts, base, layers, device, model)
 
 
-def degenerate_layers(gates: torch.Tensor, threshold: float = 5.0) -> list[int]:
+def degenerate_layers(gates: torch.Tensor, threshold: float = 5.0,
+                      gate_mode: str | None = None) -> list[int]:  # fmt: skip
     """Layers whose gate matrix has condition number > ``threshold`` (mergekit's warning: the
-    prompts are too alike for the router to separate the experts)."""
+    prompts are too alike for the router to separate the experts). None for ``router_fit``:
+    at the fit's optimum the routed rows sum to zero (adding one vector to every row changes no
+    softmax, and the L2 term is least when their mean is zero), so its gate matrix has rank
+    E - 1 and an unbounded condition number by construction, however well it routes; the
+    routing report (:func:`mergeforge.moe.routing_report`) is that mode's diagnosis."""
+    if gate_mode == "router_fit":
+        return []
     return [i for i in range(gates.shape[0])
             if float(torch.linalg.cond(gates[i].float())) > threshold]  # fmt: skip
