@@ -126,7 +126,7 @@ def main() -> None:
             curves = {}
             for name in args.aggregators:
                 agg = {**AGGREGATORS, **RIDGES}[name]
-                if text and (name.startswith("neuron_fusion") or name == "regmean"):
+                if text and name.startswith("neuron_fusion"):
                     print(f"skipped {name}: not available to text runs (README)", flush=True)
                     continue
                 cfg = {"dataset": dataset, "rounds": args.rounds,
@@ -162,6 +162,8 @@ def main() -> None:
                     task_lines.append(f"| {name} | " + " | ".join(
                         f"{100 * a:.1f}" for a in per.values()
                     ) + f" | {100 * res.final_accuracy:.1f} |")  # fmt: skip
+            if not curves:  # every aggregator skipped
+                continue
             hostile = f", client 0 x{args.scaled_client:g}" if args.scaled_client else ""
             title = (f"text: {len(res.rows[-1]['tasks'])} tasks, one MiniLM client each" if text
                      else f"{dataset}, {args.clients} clients, {regime}{hostile}")  # fmt: skip
