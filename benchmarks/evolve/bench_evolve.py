@@ -83,14 +83,14 @@ def grid_rows(a, suite_fitness, split: str = "test") -> list[dict]:
     from mergeforge.engine import merge_state_dicts
 
     grid, rows = GRID[a.method], []
-    test = suite_fitness.test if split == "test" else suite_fitness.fitness
-    test.setup()
+    pool = suite_fitness.test if split == "test" else suite_fitness.fitness
+    pool.setup()
     for lam, dens in itertools.product(grid["lambda"], grid["density"]):
         doc = merge_document(a.method, suite_fitness.models, base_model=suite_fitness.base_model,
                              parameters={"lambda": lam, "normalize": True},
                              model_parameters={"weight": 1.0, "density": dens})  # fmt: skip
-        score = test(merge_state_dicts(doc, {}))
-        tasks = {t.name: score.metrics[t.name] for t in test.tasks}
+        score = pool(merge_state_dicts(doc, {}))
+        tasks = {t.name: score.metrics[t.name] for t in pool.tasks}
         rows.append({"name": f"{a.method} lambda={lam} density={dens}", "lambda": lam,
                      "density": dens, "average": sum(tasks.values()) / len(tasks),
                      "fitness": score.value, "tasks": tasks})  # fmt: skip

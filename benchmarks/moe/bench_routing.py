@@ -412,11 +412,16 @@ def run_routing(
         if on_update is not None:
             on_update(payload)
 
-    def scored(name: str, kind: str, model, config=None, extra=None) -> dict:
+    def losses(model, texts: Mapping[str, Sequence[str]]) -> tuple[dict, float]:
         t0 = time.perf_counter()
-        loss = {d: lm_loss(model, tok, test[d], max_length=max_length) for d in domains}
+        loss = {d: lm_loss(model, tok, texts[d], max_length=max_length) for d in domains}
+        return loss, time.perf_counter() - t0
+
+    def scored(name: str, kind: str, model, config=None, extra=None, measured=None) -> dict:
+        """Score ``model`` on the test texts (or take ``measured``: its (losses, seconds))."""
+        loss, seconds = losses(model, test) if measured is None else measured
         row = {"name": name, "kind": kind, "loss": loss, "mean": sum(loss.values()) / len(loss),
-               "config": config, "seconds": time.perf_counter() - t0, **(extra or {})}  # fmt: skip
+               "config": config, "seconds": seconds, **(extra or {})}  # fmt: skip
         payload["rows"].append(row)
         _say(console, f"{name}: " + ", ".join(f"{d} {v:.4f}" for d, v in loss.items())
              + f" [{row['seconds']:.0f} s]")  # fmt: skip
@@ -428,10 +433,9 @@ def run_routing(
         try:
             state = merge_state_dicts(cfg, states)
         except Exception as e:  # noqa: BLE001 -- reported, the others still run
-            if name not in {n["name"] for n in payload["not_run"]}:  # once, if it fails twice
-                payload["not_run"].append({"name": name, "reason": f"{type(e).__name__}: {e}"})
-                _say(console, f"{name}: [red]not run[/] ({type(e).__name__}: {e})")
-                update()
+            payload["not_run"].append({"name": name, "reason": f"{type(e).__name__}: {e}"})
+            _say(console, f"{name}: [red]not run[/] ({type(e).__name__}: {e})")
+            update()
             return None, 0.0
         return state, time.perf_counter() - t0
 
@@ -439,6 +443,7 @@ def run_routing(
     states = {"base": _state(inputs.base), **{d: _state(p) for d, p in inputs.experts.items()}}
     lm = load_causal_lm(inputs.base)
     base_state = None
+    held: dict[str, tuple] = {}  # best-dense: each merge's test scores, taken while it is loaded
     if moe_base == "best-dense":  # choose on the validation texts
         if not merges:
             raise ValueError("moe_base='best-dense' needs dense merges to choose from")
@@ -447,19 +452,19 @@ def run_routing(
         val = {d: inputs.validation[d][:n_eval] for d in domains}
         chosen = {"mode": moe_base, "validation_loss": {}, "texts": {d: len(v) for d, v in
                                                                       val.items()}}  # fmt: skip
+        best = float("inf")
         for name, cfg in merges:
-            state, _ = merged(name, cfg)
+            state, merge_s = merged(name, cfg)
             if state is None:
                 continue
             lm.get_decoder().load_state_dict(state, strict=True)
-            loss = {d: lm_loss(lm, tok, val[d], max_length=max_length) for d in domains}
-            chosen["validation_loss"][name] = {**loss, "mean": sum(loss.values()) / len(loss)}
-            _say(
-                console,
-                f"{name}: validation mean loss {chosen['validation_loss'][name]['mean']:.4f}",
-            )
-            if base_state is None or loss_mean(chosen, name) < loss_mean(chosen, chosen["name"]):
-                chosen["name"], base_state = name, state
+            loss, _ = losses(lm, val)
+            mean = sum(loss.values()) / len(loss)
+            chosen["validation_loss"][name] = {**loss, "mean": mean}
+            _say(console, f"{name}: validation mean loss {mean:.4f}")
+            held[name] = (losses(lm, test), merge_s)  # reported after the MoE rows
+            if mean < best:
+                best, chosen["name"], base_state = mean, name, state
             del state
         if base_state is None:
             raise RuntimeError("moe_base='best-dense': no dense merge could be built")
@@ -511,7 +516,14 @@ def run_routing(
         lm.get_decoder().load_state_dict(states[name], strict=True)
         scored("base" if name == "base" else f"expert {name}", "base" if name == "base"
                else "expert", lm)  # fmt: skip
+    failed = {n["name"] for n in payload["not_run"]}
     for name, cfg in merges:
+        if name in held:  # scored on test in the validation pass
+            measured, merge_s = held.pop(name)
+            scored(name, "merge", None, cfg, {"merge_seconds": merge_s}, measured=measured)
+            continue
+        if name in failed:
+            continue
         state, merge_s = merged(name, cfg)
         if state is None:
             continue
@@ -524,10 +536,6 @@ def run_routing(
     payload["complete"] = True
     update()
     return payload
-
-
-def loss_mean(chosen: Mapping, name: str) -> float:
-    return chosen["validation_loss"][name]["mean"]
 
 
 def verdicts(payload: Mapping) -> dict:

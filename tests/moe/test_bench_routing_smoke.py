@@ -139,6 +139,13 @@ def test_best_dense_base_is_the_validation_choice_and_gives_the_shared_tensors(b
         if name == "lm_head.weight":
             name = "embed_tokens.weight"  # tied
         assert torch.equal(v, want[name]), k
+    # the dense merges' test rows (scored while each merge was loaded for the choice) equal
+    # those of a run over the pretrained base, which merges and scores them afterwards
+    plain = bench.run_routing(inputs, work=tmp_path / "work2", ks=(1,), n_eval=4, n_prompts=3,
+                              max_length=16, merges=merges)  # fmt: skip
+    rows = {r["name"]: r["loss"] for r in payload["rows"] if r["kind"] == "merge"}
+    assert rows == {r["name"]: r["loss"] for r in plain["rows"] if r["kind"] == "merge"}
+    assert [r["name"] for r in payload["rows"]] == [r["name"] for r in plain["rows"]]
     # the base's row and the report say which merge it was
     md = bench.markdown(payload)
     assert f"**{chosen['name']}**" in md and "validation" in md
