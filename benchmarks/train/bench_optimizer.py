@@ -14,7 +14,8 @@ AdamW with a :class:`~mergeforge.train.CurvatureRecorder` beside it, as the suit
 recorder's R and C, its overhead is its step time over ``adamw``'s), ``umtam`` (the paper's
 defaults: exact SVD every step), ``umtam-stable`` (the authors' stable variant: SVD every 10
 steps, clamps), ``umtam-stable-feedback`` (the same, the gradients between refreshes kept in
-E), ``umtam-randomized`` (paper defaults, randomized rank-32 SVD). Every UMTAM
+E), ``umtam-randomized`` (paper defaults, randomized rank-32 SVD), ``umtam-subspace`` (the
+same, each refresh after the first one warm-started subspace iteration). Every UMTAM
 configuration keeps the recipe's learning rates (encoder 1e-4, head 3e-3) and weight decay, so
 only the optimizer differs; every matrix (embeddings included) takes the factored path.
 
@@ -51,6 +52,7 @@ CONFIGS = (
     "umtam-stable",
     "umtam-stable-feedback",
     "umtam-randomized",
+    "umtam-subspace",
 )
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -76,6 +78,8 @@ def make_optimizer(name: str, groups: list[dict], weight_decay: float):
         return UMTAM.stable(groups, weight_decay=weight_decay, between_refreshes="feedback")
     if name == "umtam-randomized":
         return UMTAM(groups, weight_decay=weight_decay, svd="randomized")
+    if name == "umtam-subspace":
+        return UMTAM(groups, weight_decay=weight_decay, svd="subspace")
     raise SystemExit(f"unknown configuration {name!r}; known: {CONFIGS}")
 
 

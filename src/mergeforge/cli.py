@@ -817,10 +817,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--cache", default=None, help="cache folder for the base and experts")
     b.add_argument(
-        "--optimizer", default=None, choices=("adamw", "adamw+recorder", "umtam"),
+        "--optimizer", default=None,
+        choices=("adamw", "adamw+recorder", "umtam", "umtam-subspace"),
         help="text suites: train the experts with AdamW (default), AdamW + the curvature "
-        "recorder, or the UMTAM optimizer; the last two write curvature sidecars (for umtam / "
-        "ota rows) and are cached apart",
+        "recorder, or the UMTAM optimizer (umtam-subspace: its warm-started subspace refresh); "
+        "all but adamw write curvature sidecars (for umtam / ota rows) and are cached apart",
     )  # fmt: skip
     b.add_argument(
         "--parents", default=None, choices=("short", "plateau"),

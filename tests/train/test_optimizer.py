@@ -217,7 +217,7 @@ def _train_mlp(seed: int, steps: int, **kw) -> tuple[nn.Module, UMTAM, list[floa
     return net, opt, losses
 
 
-@pytest.mark.parametrize("svd", ["exact", "randomized"])
+@pytest.mark.parametrize("svd", ["exact", "randomized", "subspace"])
 def test_same_seed_gives_bit_identical_state(svd):
     kw = dict(svd=svd, oversample=2, svd_every=2, between_refreshes="feedback")
     net_a, opt_a, losses_a = _train_mlp(0, 6, **kw)
@@ -247,13 +247,38 @@ def test_randomized_svd_is_exact_on_a_low_rank_matrix():
     torch.testing.assert_close(s, s_exact[:3], rtol=1e-9, atol=1e-10)
 
 
+def test_subspace_svd_starts_as_randomized_then_tracks_the_exact_factors():
+    gen = torch.Generator().manual_seed(1)
+    spectrum = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.5] + [0.01] * 25, dtype=F64)
+    q1 = torch.linalg.qr(torch.randn(40, 30, generator=gen, dtype=F64)).Q
+    q2 = torch.linalg.qr(torch.randn(30, 30, generator=gen, dtype=F64)).Q
+    a = (q1 * spectrum) @ q2.mT
+    kw = dict(method="subspace", oversample=2, power_iters=2, seed=3)
+    first = truncated_svd(a, 3, **kw)  # no previous factor: the randomized range finder
+    for x, y in zip(first, truncated_svd(a, 3, **{**kw, "method": "randomized"}), strict=True):
+        assert torch.equal(x, y)
+    # warm-started from the previous V, repeated refreshes of the same matrix are block power
+    # iteration: the factors converge to the exact top-3 (gap σ₄/σ₃ = 0.5 a refresh)
+    v = first[2]
+    for step in range(40):
+        u, s, v = truncated_svd(a, 3, **{**kw, "seed": step}, start=v)
+    _, s_exact, vh = torch.linalg.svd(a)
+    torch.testing.assert_close(s, s_exact[:3], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close((v.mT @ vh[:3].mT).abs(), torch.eye(3, dtype=F64), atol=1e-8, rtol=0)
+    # exact in one refresh on a matrix of rank ≤ r, whatever the start
+    low = torch.randn(40, 3, generator=gen, dtype=F64) @ torch.randn(3, 30, generator=gen, dtype=F64)
+    u, s, v = truncated_svd(low, 3, **kw, start=torch.linalg.qr(torch.randn(30, 3, dtype=F64)).Q)
+    torch.testing.assert_close((u * s) @ v.mT, low, rtol=1e-9, atol=1e-10)
+
+
 # --- convergence ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "kw",
-    [dict(), dict(svd="randomized"), {**STABLE, "lr": 1e-2, "between_refreshes": "feedback"}],
-    ids=["paper", "randomized", "stable+feedback"],
+    [dict(), dict(svd="randomized"), dict(svd="subspace"),
+     {**STABLE, "lr": 1e-2, "between_refreshes": "feedback"}],
+    ids=["paper", "randomized", "subspace", "stable+feedback"],  # fmt: skip
 )
 def test_converges_on_least_squares(kw):
     """y = A x + b with A (8, 20) of rank 3: from zero, the loss falls ≥ 100×."""

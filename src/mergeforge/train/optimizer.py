@@ -53,7 +53,8 @@ the base checkpoint on disk and the exported R, C (issue 14). ``track_saliency=T
 paper's EMA variant, at 2 m n more. Transient, per matrix and freed after it: U Σ Vᵀ and P
 (2 m n), G² (m n), and the SVD's workspace (exact: up to 2 m n; randomized: (m + n)(r + p)).
 Time: an exact SVD of every matrix on every step doubles a MiniLM fine-tuning step on CPU; the
-randomized SVD (1.19×) or ``svd_every=10`` (1.08×) stay within 1.25× of AdamW (BENCHMARKS.md §6).
+randomized SVD (1.19×) or ``svd_every=10`` (1.08×) stay within 1.25× of AdamW (BENCHMARKS.md §6);
+on SmolLM2-135M the randomized SVD is 1.34× and the warm-started ``svd="subspace"`` is cheaper.
 
 Deviations from the authors' code (``archive/src/umtam_optimizer.py`` and the stable file):
 
@@ -66,6 +67,12 @@ Deviations from the authors' code (``archive/src/umtam_optimizer.py`` and the st
   finder with ``oversample`` extra columns and ``power_iters`` subspace iterations, drawn from a
   private generator seeded by (``seed``, step, parameter index), so the user's RNG stream
   (dropout) is untouched and runs are reproducible.
+* ``svd="subspace"`` (ours, optional): the momentum moves little between refreshes, so each
+  refresh after the first runs *one* subspace iteration from the previous right factor V plus
+  ``oversample`` Gaussian columns, then a Rayleigh-Ritz step (QR of M̃ [V, Ω], SVD of the small
+  Qᵀ M̃): two products with M̃ instead of the range finder's 2 + 2 ``power_iters``. Over the
+  refreshes this is block power iteration on a slowly changing matrix; what a refresh misses
+  stays in E (error feedback), as with any truncation. The first refresh is ``randomized``'s.
 * A non-finite gradient raises :class:`~mergeforge.errors.ValidationError` naming the parameter,
   before any parameter is changed (theirs: the NaN propagates into the weights).
 * The 1-D path is torch's AdamW step (``lerp_`` first moment): the authors' ``mul_/add_`` is the
@@ -94,7 +101,7 @@ __all__ = ["UMTAM", "STABLE", "umtam", "adamw"]
 
 SOURCE = "umtam-optimizer"
 REFRESH_MODES = ("hold", "feedback")
-SVD_MODES = ("exact", "randomized")
+SVD_MODES = ("exact", "randomized", "subspace")
 _FACTORED_KEYS = ("gamma", "alpha", "svd_every", "between_refreshes", "svd", "oversample",
                   "power_iters", "stat_min", "max_precond", "max_update_norm")  # fmt: skip
 # The authors' stabilised variant (gantayatss/UMTAM: src/umtam_optimizer_stable.py).
@@ -160,18 +167,33 @@ def _clipped(g: Tensor, norm: float, grad_clip: float | None) -> Tensor:
 
 
 def truncated_svd(
-    a: Tensor, rank: int, *, method: str, oversample: int, power_iters: int, seed: int
+    a: Tensor,
+    rank: int,
+    *,
+    method: str,
+    oversample: int,
+    power_iters: int,
+    seed: int,
+    start: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(U (m, r), σ (r,), V (n, r)) of the best rank-``rank`` approximation of ``a`` (m, n):
     ``torch.linalg.svd`` (``exact``) or a randomized range finder (``randomized``, see the module
-    docstring). 16-bit inputs are factored in fp32 and the factors returned in ``a``'s dtype."""
+    docstring). ``subspace`` with ``start`` (n, r), the right factor of the previous refresh:
+    one subspace iteration warm-started from it, the test matrix ``[start, Gaussian (n,
+    oversample)]`` and no power iterations (``start=None``, the first refresh: as
+    ``randomized``). 16-bit inputs are factored in fp32 and the factors returned in ``a``'s
+    dtype."""
     x = a.float() if a.element_size() < 4 else a
     m, n = x.shape
-    if method == "randomized" and rank + oversample < min(m, n):
+    if method in ("randomized", "subspace") and rank + oversample < min(m, n):
         gen = torch.Generator(device=x.device).manual_seed(seed)
-        omega = torch.randn(n, rank + oversample, generator=gen, device=x.device, dtype=x.dtype)
+        warm = method == "subspace" and start is not None
+        cols = oversample if warm else rank + oversample
+        omega = torch.randn(n, cols, generator=gen, device=x.device, dtype=x.dtype)
+        if warm:
+            omega = torch.cat([start.to(x.dtype), omega], dim=1)
         q = torch.linalg.qr(x @ omega).Q  # (m, k): an orthonormal basis of the range
-        for _ in range(power_iters):  # subspace iteration: sharpens a slowly decaying spectrum
+        for _ in range(0 if warm else power_iters):  # sharpens a slowly decaying spectrum
             q = torch.linalg.qr(x @ torch.linalg.qr(x.mT @ q).Q).Q
         ub, s, vh = torch.linalg.svd(q.mT @ x, full_matrices=False)  # (k, n): small
         u = q @ ub[:, :rank]
@@ -222,7 +244,7 @@ def umtam(
             e.mul_(gamma).add_(momentum, alpha=beta1).add_(grad, alpha=1 - beta1)
             u_new, s_new, v_new = truncated_svd(
                 e, u.shape[1], method=svd, oversample=oversample, power_iters=power_iters,
-                seed=seed * 1_000_003 + t,
+                seed=seed * 1_000_003 + t, start=v if t > 1 else None,
             )  # fmt: skip
             u.copy_(u_new)
             sigma.copy_(s_new)

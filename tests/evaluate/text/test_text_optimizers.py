@@ -33,7 +33,7 @@ def _suite(tmp_path, **kw) -> TextSuite:
 
 def test_the_optimizer_is_in_the_expert_cache_key_and_adamw_keys_are_unchanged(tmp_path):
     folders = {o: _suite(tmp_path, optimizer=o)._expert_folder("polarity") for o in OPTIMIZERS}
-    assert len(set(folders.values())) == 3
+    assert len(set(folders.values())) == len(OPTIMIZERS) == 4
     assert _suite(tmp_path)._expert_folder("polarity") == folders["adamw"]
     keys = {o: json.loads(f.with_suffix(".json").read_text()) for o, f in folders.items()}
     assert set(keys["adamw"]["finetune"]) == OLD_RECIPE_KEYS  # the keys of existing caches
@@ -41,6 +41,8 @@ def test_the_optimizer_is_in_the_expert_cache_key_and_adamw_keys_are_unchanged(t
     assert (
         keys["umtam"]["finetune"]["optimizer"] == "umtam" and "umtam" in keys["umtam"]["finetune"]
     )
+    assert keys["umtam"]["finetune"]["umtam"]["svd"] == "randomized"
+    assert keys["umtam-subspace"]["finetune"]["umtam"]["svd"] == "subspace"
 
 
 def test_a_bad_optimizer_is_a_clear_error(tmp_path):
@@ -101,10 +103,11 @@ def test_adamw_with_recorder_writes_a_curvature_sidecar(base_dir, four_texts, tm
     assert float(stats["encoder.layer.0.attention.self.query.weight"].R.sum()) > 0
 
 
-def test_umtam_trains_and_exports(base_dir, four_texts, tmp_path):
+@pytest.mark.parametrize("optimizer", ["umtam", "umtam-subspace"])
+def test_umtam_trains_and_exports(base_dir, four_texts, tmp_path, optimizer):
     from mergeforge.train import load_curvature
 
-    summary = _train(base_dir, four_texts, tmp_path, "umtam", steps=5)
+    summary = _train(base_dir, four_texts, tmp_path, optimizer, steps=5)
     losses = summary["losses"]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     stats, meta = load_curvature(tmp_path / "encoder")

@@ -14,7 +14,8 @@ out merge-ready (a ``curvature`` sidecar in ``encoder/mergeforge-stats/``, issue
   ``exp_avg_sq`` for OTA: one float per encoder parameter on disk);
 * ``umtam``: :class:`~mergeforge.train.UMTAM` at the recipe's learning rates and weight decay
   with :data:`UMTAM_SETTINGS` (rank 32, randomized SVD every step: BENCHMARKS.md §6, 1.19×
-  AdamW's step time), its R, C exported. Encoder parameters that never had a gradient (MiniLM's
+  AdamW's step time), its R, C exported; ``umtam-subspace`` the same with the warm-started
+  subspace refresh (``svd="subspace"``, cheaper on large matrices). Encoder parameters that never had a gradient (MiniLM's
   pooler, off the mean-pooling path) are written with UMTAM's initial statistics (R, C = ε;
   ``exp_avg_sq`` = 0), so a curvature merge finds every tensor.
 
@@ -41,10 +42,13 @@ from mergeforge.evaluate.text.eval import (
 from mergeforge.evaluate.text.tasks import TextTask
 
 ENCODER_DIR = "encoder"
-OPTIMIZERS = ("adamw", "adamw+recorder", "umtam")
+OPTIMIZERS = ("adamw", "adamw+recorder", "umtam", "umtam-subspace")
 UMTAM_SETTINGS = {"rank": 32, "svd": "randomized"}
 """UMTAM's settings in the suite beyond the recipe's lr / head_lr / weight_decay (the rest are
 the paper's defaults); part of a ``umtam`` expert's cache key."""
+UMTAM_VARIANTS = {"umtam": UMTAM_SETTINGS, "umtam-subspace": {"rank": 32, "svd": "subspace"}}
+"""Each UMTAM optimizer name's settings: ``umtam-subspace`` refreshes the momentum by one
+warm-started subspace iteration (``svd="subspace"``) instead of the randomized range finder."""
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,8 @@ class FinetuneRecipe:
         out = asdict(self)
         if self.optimizer == "adamw":
             del out["optimizer"]
-        elif self.optimizer == "umtam":
-            out["umtam"] = dict(UMTAM_SETTINGS)
+        elif self.optimizer in UMTAM_VARIANTS:
+            out["umtam"] = dict(UMTAM_VARIANTS[self.optimizer])
         return out
 
 
@@ -134,7 +138,7 @@ def finetune_expert(
     if recorder is not None:
         recorder.close()
         recorder.save(out_dir / ENCODER_DIR, examples=seen)
-    elif recipe.optimizer == "umtam":
+    elif recipe.optimizer in UMTAM_VARIANTS:
         _export_umtam(optimizer, encoder, out_dir / ENCODER_DIR, examples=seen)
     return {"losses": losses, "seconds": seconds, "cpu_seconds": cpu_seconds,
             "optimizer": recipe.optimizer}  # fmt: skip
@@ -142,7 +146,7 @@ def finetune_expert(
 
 def _optimizer(recipe: FinetuneRecipe, encoder: nn.Module, head: nn.Linear):
     """The recipe's optimizer over the encoder (``lr``) and the head (``head_lr``)."""
-    if recipe.optimizer == "umtam":
+    if recipe.optimizer in UMTAM_VARIANTS:
         from mergeforge.train import UMTAM
 
         groups = [
@@ -151,7 +155,7 @@ def _optimizer(recipe: FinetuneRecipe, encoder: nn.Module, head: nn.Linear):
              "lr": recipe.head_lr},
         ]  # fmt: skip
         return UMTAM(groups, lr=recipe.lr, weight_decay=recipe.weight_decay,
-                     seed=recipe.seed, **UMTAM_SETTINGS)  # fmt: skip
+                     seed=recipe.seed, **UMTAM_VARIANTS[recipe.optimizer])  # fmt: skip
     return torch.optim.AdamW(
         [
             {"params": list(encoder.parameters()), "lr": recipe.lr},
