@@ -266,7 +266,8 @@ def test_subspace_svd_starts_as_randomized_then_tracks_the_exact_factors():
     torch.testing.assert_close(s, s_exact[:3], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close((v.mT @ vh[:3].mT).abs(), torch.eye(3, dtype=F64), atol=1e-8, rtol=0)
     # exact in one refresh on a matrix of rank ≤ r, whatever the start
-    low = torch.randn(40, 3, generator=gen, dtype=F64) @ torch.randn(3, 30, generator=gen, dtype=F64)
+    low = torch.randn(40, 3, generator=gen, dtype=F64)
+    low = low @ torch.randn(3, 30, generator=gen, dtype=F64)
     u, s, v = truncated_svd(low, 3, **kw, start=torch.linalg.qr(torch.randn(30, 3, dtype=F64)).Q)
     torch.testing.assert_close((u * s) @ v.mT, low, rtol=1e-9, atol=1e-10)
 
