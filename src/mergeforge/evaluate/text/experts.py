@@ -16,8 +16,8 @@ out merge-ready (a ``curvature`` sidecar in ``encoder/mergeforge-stats/``, issue
   with :data:`UMTAM_SETTINGS` (rank 32, randomized SVD every step: BENCHMARKS.md §6, 1.19×
   AdamW's step time), its R, C exported; ``umtam-subspace`` the same with the warm-started
   subspace refresh (``svd="subspace"``, cheaper on large matrices). Encoder parameters that
-  never had a gradient (MiniLM's pooler, off the mean-pooling path) are written with UMTAM's initial statistics (R, C = ε;
-  ``exp_avg_sq`` = 0), so a curvature merge finds every tensor.
+  never had a gradient (MiniLM's pooler, off the mean-pooling path) are written with UMTAM's
+  initial statistics (R, C = ε; ``exp_avg_sq`` = 0), so a curvature merge finds every tensor.
 
 Only the encoder's statistics are written: the head is not merged.
 """
