@@ -277,8 +277,12 @@ def test_subspace_svd_starts_as_randomized_then_tracks_the_exact_factors():
 
 @pytest.mark.parametrize(
     "kw",
-    [dict(), dict(svd="randomized"), dict(svd="subspace"),
-     {**STABLE, "lr": 1e-2, "between_refreshes": "feedback"}],
+    [
+        dict(),
+        dict(svd="randomized"),
+        dict(svd="subspace"),
+        {**STABLE, "lr": 1e-2, "between_refreshes": "feedback"},
+    ],
     ids=["paper", "randomized", "subspace", "stable+feedback"],  # fmt: skip
 )
 def test_converges_on_least_squares(kw):
