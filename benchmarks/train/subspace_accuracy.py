@@ -35,7 +35,8 @@ def main() -> None:
             u, s, v = truncated_svd(mom, a.rank, method=method, oversample=8, power_iters=2,
                                     seed=t, start=v)  # fmt: skip
             errs.append(float((mom - (u * s) @ v.mT).norm() / mom.norm()))
-        print(f"{method:>10}: " + " ".join(f"{e:.4f}" for e in errs[::5]) + f" | end {errs[-1]:.4f}")
+        every = " ".join(f"{e:.4f}" for e in errs[::5])
+        print(f"{method:>10}: {every} | end {errs[-1]:.4f}")
 
 
 if __name__ == "__main__":
