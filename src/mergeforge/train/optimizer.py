@@ -340,7 +340,8 @@ class UMTAM(torch.optim.Optimizer):
     parameters. Every hyper-parameter is keyword-only and can be set per parameter group;
     ``factored=False`` in a group sends its matrices down the AdamW path (an embedding whose SVD
     you do not want to pay for, say). ``grad_clip``, ``max_precond``, ``max_update_norm``:
-    ``None`` turns the clamp off. ``seed`` seeds the randomized SVD only.
+    ``None`` turns the clamp off. ``seed`` seeds the randomized SVD only (``svd="randomized"``
+    or ``"subspace"``).
     """
 
     def __init__(
