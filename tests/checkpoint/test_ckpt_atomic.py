@@ -56,3 +56,26 @@ def test_a_failed_folder_build_keeps_the_old_folder(tmp_path: Path):
         atomic_folder(dest, build)
     assert [p.name for p in dest.iterdir()] == ["old.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["expert"]
+
+
+def test_the_next_write_removes_what_a_killed_process_left(tmp_path: Path):
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    dead = int(child.stdout)  # exited and reaped: a dead pid
+    live = os.getppid()  # this test's parent process: alive
+    (tmp_path / f"expert.tmp-{dead}").mkdir()
+    (tmp_path / f"expert.tmp-{dead}" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / f"expert.tmp-{live}").mkdir()  # another live process's build: left alone
+    (tmp_path / f"r.json.tmp-{dead}").write_text("half")
+    (tmp_path / "other.tmp-x").write_text("not ours")
+    atomic_folder(tmp_path / "expert", lambda d: (d / "a").write_text("1"))
+    write_text_atomic(tmp_path / "r.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "expert",
+        f"expert.tmp-{live}",
+        "other.tmp-x",
+        "r.json",
+    ]

@@ -5,7 +5,9 @@ staging folder (``_staging.py``: overwrite rules, stale-folder clean-up). Everyt
 must never be seen half-written — sidecars, results files, trained experts and parents in the
 cache — goes through here: write a temporary sibling (named with the pid, so two processes never
 share one), then ``os.replace`` it onto the target. A run killed meanwhile leaves only the
-temporary sibling, never a truncated target. No fsync: these survive a killed process, not a
+temporary sibling, never a truncated target, and the next write of that target removes the
+siblings of processes that are no longer alive (SIGKILL, or a script that installs no signal
+handler, leaves them behind). No fsync: these survive a killed process, not a
 power cut (they are rebuilt or rewritten by the next run).
 """
 
@@ -21,7 +23,27 @@ from mergeforge._signals import deferred
 
 
 def _sibling(path: Path) -> Path:
+    _remove_stale(path)
     return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove ``path``'s temporary siblings left by processes that have died."""
+    from mergeforge.checkpoint._staging import _pid_alive
+
+    prefix = f"{path.name}.tmp-"
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:  # no parent yet: nothing to clean
+        return
+    for entry in entries:
+        pid = entry.name[len(prefix) :] if entry.name.startswith(prefix) else ""
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 @contextmanager
