@@ -54,7 +54,7 @@ paper's EMA variant, at 2 m n more. Transient, per matrix and freed after it: U 
 (2 m n), G² (m n), and the SVD's workspace (exact: up to 2 m n; randomized: (m + n)(r + p)).
 Time: an exact SVD of every matrix on every step doubles a MiniLM fine-tuning step on CPU; the
 randomized SVD (1.19×) or ``svd_every=10`` (1.08×) stay within 1.25× of AdamW (BENCHMARKS.md §6);
-on SmolLM2-135M the randomized SVD is 1.34× and the warm-started ``svd="subspace"`` is cheaper.
+on SmolLM2-135M the randomized SVD is 1.34–1.40× and the warm-started ``svd="subspace"`` 1.22×.
 
 Deviations from the authors' code (``archive/src/umtam_optimizer.py`` and the stable file):
 

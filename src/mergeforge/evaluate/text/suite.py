@@ -8,10 +8,10 @@ loaders of :data:`~mergeforge.evaluate.text.tasks.TEXT_TASKS`, seeded subsamples
 expert per task with the backbone's :class:`~mergeforge.evaluate.text.experts.FinetuneRecipe`,
 cached per task under ``$MERGEFORGE_CACHE/text-suite/`` by a hash of everything it depends on.
 Merges read the experts' ``encoder/`` folders; every task keeps its own head. ``optimizer``
-(``--optimizer``: ``adamw``, ``adamw+recorder``, ``umtam``;
+(``--optimizer``: ``adamw``, ``adamw+recorder``, ``umtam``, ``umtam-subspace``;
 :data:`~mergeforge.evaluate.text.experts.OPTIMIZERS`) trains the experts with AdamW, AdamW beside
-the curvature recorder, or the merge-ready UMTAM optimizer; the last two leave a curvature sidecar
-in each ``encoder/`` (what ``umtam`` / ``ota`` merges read), and each choice has its own cache keys
+the curvature recorder, or the merge-ready UMTAM optimizer (its randomized or warm-started
+subspace refresh); all but AdamW leave a curvature sidecar in each ``encoder/`` (what ``umtam`` / ``ota`` merges read), and each choice has its own cache keys
 (AdamW's are those from before the choice existed).
 
 MiniLM budget (2 CPU cores, ~1.7 s a step at batch 32 x 64 tokens): 7 x 200 steps ~ 40 min to
