@@ -11,8 +11,9 @@ Merges read the experts' ``encoder/`` folders; every task keeps its own head. ``
 (``--optimizer``: ``adamw``, ``adamw+recorder``, ``umtam``, ``umtam-subspace``;
 :data:`~mergeforge.evaluate.text.experts.OPTIMIZERS`) trains the experts with AdamW, AdamW beside
 the curvature recorder, or the merge-ready UMTAM optimizer (its randomized or warm-started
-subspace refresh); all but AdamW leave a curvature sidecar in each ``encoder/`` (what ``umtam`` / ``ota`` merges read), and each choice has its own cache keys
-(AdamW's are those from before the choice existed).
+subspace refresh); all but AdamW leave a curvature sidecar in each ``encoder/`` (what
+``umtam`` / ``ota`` merges read), and each choice has its own cache keys (AdamW's are those from
+before the choice existed).
 
 MiniLM budget (2 CPU cores, ~1.7 s a step at batch 32 x 64 tokens): 7 x 200 steps ~ 40 min to
 build the experts once; one merged encoder on the 7 x 500 test texts takes well under 3 minutes.
