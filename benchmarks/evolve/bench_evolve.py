@@ -17,6 +17,11 @@
         --validation 128 --start grid --grid-from benchmarks/text/results/results.json \
         --out benchmarks/results/evolve-grid-start
 
+    # the same over DARE-TIES (its grid: lambda 0.6 and 1, density 0.5)
+    python benchmarks/evolve/bench_evolve.py --method dare_ties --evaluations 300 --workers 2 \
+        --validation 128 --start grid --grid-from benchmarks/text/results/results.json \
+        --out benchmarks/results/evolve-dare-ties
+
     # smoke run (quick experts: 3 tasks, tiny sets; minutes)
     python benchmarks/evolve/bench_evolve.py --quick --validation 16 --evaluations 16 \
         --workers 1 --out /tmp/evolve-smoke
