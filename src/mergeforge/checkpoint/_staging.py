@@ -64,8 +64,9 @@ def _is_nonempty_dir(path: Path) -> bool:
 
 
 def _remove(path: Path) -> None:
-    """Remove a folder tree, or just the link if ``path`` is a symlink (never its target)."""
-    if path.is_symlink():
+    """Remove a folder tree, a file, or just the link if ``path`` is a symlink (never its
+    target)."""
+    if path.is_symlink() or path.is_file():
         path.unlink(missing_ok=True)
     else:
         shutil.rmtree(path, ignore_errors=True)

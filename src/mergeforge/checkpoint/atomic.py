@@ -29,7 +29,7 @@ def _sibling(path: Path) -> Path:
 
 def _remove_stale(path: Path) -> None:
     """Remove ``path``'s temporary siblings left by processes that have died."""
-    from mergeforge.checkpoint._staging import _pid_alive
+    from mergeforge.checkpoint._staging import _pid_alive, _remove
 
     prefix = f"{path.name}.tmp-"
     try:
@@ -38,12 +38,8 @@ def _remove_stale(path: Path) -> None:
         return
     for entry in entries:
         pid = entry.name[len(prefix) :] if entry.name.startswith(prefix) else ""
-        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            _remove(entry)
 
 
 @contextmanager

@@ -46,7 +46,7 @@ OPTIMIZERS = ("adamw", "adamw+recorder", "umtam", "umtam-subspace")
 UMTAM_SETTINGS = {"rank": 32, "svd": "randomized"}
 """UMTAM's settings in the suite beyond the recipe's lr / head_lr / weight_decay (the rest are
 the paper's defaults); part of a ``umtam`` expert's cache key."""
-UMTAM_VARIANTS = {"umtam": UMTAM_SETTINGS, "umtam-subspace": {"rank": 32, "svd": "subspace"}}
+UMTAM_VARIANTS = {"umtam": UMTAM_SETTINGS, "umtam-subspace": {**UMTAM_SETTINGS, "svd": "subspace"}}
 """Each UMTAM optimizer name's settings: ``umtam-subspace`` refreshes the momentum by one
 warm-started subspace iteration (``svd="subspace"``) instead of the randomized range finder."""
 
