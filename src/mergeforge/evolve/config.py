@@ -45,7 +45,7 @@ GENOME_KEYS = {
     "dtype", "seed",
 }  # fmt: skip
 SEARCH_KEYS = {"evaluations", "population", "sigma0", "seed", "workers", "cpus_per_worker",
-               "address", "in_memory", "start_timeout"}  # fmt: skip
+               "address", "in_memory", "start_timeout", "reselect"}  # fmt: skip
 FITNESS_KINDS = ("suite", "tasks", "texts")
 DEFAULT_GENES = ("weight", "density")  # mergekit-evolve's METHOD_PARAM_MAPS (ties, dare_ties)
 DEFAULT_RANGES = {"weight": (0.0, 1.0), "density": (0.0, 1.0)}
@@ -110,6 +110,12 @@ class SearchSpec:
     for measuring what the in-memory merge saves."""
     start_timeout: float = 300.0
     """Seconds the workers may take to start (load the models, set the fitness up)."""
+    reselect: int = 0
+    """After the search, score its ``reselect`` best candidates (by the search's fitness) again
+    on a *selection* split the search never saw, and report the best there instead of the
+    search's best (whose fitness is the maximum of many noisy scores, so biased upwards);
+    0: off. The text suite draws the split itself (``fitness.selection``); other fitnesses
+    pass ``selection=`` to :func:`~mergeforge.evolve.search.evolve`."""
 
 
 @dataclass(frozen=True)
@@ -333,6 +339,7 @@ def parse_search(raw: Any) -> SearchSpec:
         workers=None if workers is None else check_int(workers, "search.workers", 0),
         cpus_per_worker=check_int(s.get("cpus_per_worker", 1), "search.cpus_per_worker", 1),
         address=address, in_memory=bool(s.get("in_memory", True)), start_timeout=timeout,
+        reselect=check_int(s.get("reselect", 0), "search.reselect", 0),
     )  # fmt: skip
 
 

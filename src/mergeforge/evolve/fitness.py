@@ -34,7 +34,7 @@ from mergeforge.errors import ConfigError
 
 METRICS = ("accuracy", "loss")
 SUITE_KEYS = {"suite", "tasks", "validation", "quick", "backbone", "n_train", "n_test", "cache",
-              "metric", "seed", "batch_size", "optimizer"}  # fmt: skip
+              "metric", "seed", "batch_size", "optimizer", "selection"}  # fmt: skip
 POOL_KEYS = {"tasks", "model", "tokenizer", "max_length", "batch_size", "metric"}
 TASK_KEYS = {"name", "examples", "head", "weight"}
 TEXTS_KEYS = {"texts", "model", "tokenizer", "max_length", "batch_size"}
@@ -273,6 +273,7 @@ def check_fitness_options(kind: str, f: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"fitness.tasks: {tasks!r}; a non-empty list of text tasks: "
                               f"{', '.join(TEXT_TASKS)}")  # fmt: skip
         _positive_int(f, "validation", 64, "fitness")
+        _positive_int(f, "selection", 256, "fitness")
         from mergeforge.evaluate.text.experts import OPTIMIZERS
 
         if f.get("optimizer") is not None and f["optimizer"] not in OPTIMIZERS:

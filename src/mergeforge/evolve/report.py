@@ -45,12 +45,13 @@ def write_history(path: Path, history: Sequence[Mapping], settings: Mapping[str,
     write_text_atomic(path, json.dumps(doc, indent=1, default=str) + "\n")
 
 
-def write_best(path: Path, doc: Mapping[str, Any], record: Mapping[str, Any], total: int) -> None:
+def write_best(path: Path, doc: Mapping[str, Any], record: Mapping[str, Any], total: int,
+               note: str = "") -> None:  # fmt: skip
     """The best recipe, with a comment saying where it came from (YAML comments are ignored
-    by both mergeforge and mergekit)."""
+    by both mergeforge and mergekit); ``note``: more comment lines (``# ...\\n``)."""
     head = (f"# mergeforge evolve: best of {total} evaluations (generation "
             f"{record['generation'] + 1}, candidate {record['candidate'] + 1}), fitness "
-            f"{record['fitness']:.6g} on the validation data\n")  # fmt: skip
+            f"{record['fitness']:.6g} on the validation data\n{note}")  # fmt: skip
     text = yaml.safe_dump(dict(doc), sort_keys=False, default_flow_style=None)
     write_text_atomic(path, head + text)
 

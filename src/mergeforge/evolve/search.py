@@ -12,6 +12,12 @@ and ends with the same result, as one never stopped (given a deterministic fitne
 A failed candidate (its merge or fitness raised, or its worker died) is recorded with its error
 and told to CMA-ES as worse than the generation's worst; a generation where every candidate
 fails stops the search (a systematic error), with nothing of it saved.
+
+The search's best fitness is the maximum of hundreds of noisy scores on one validation split,
+so it is biased upwards, and the candidate holding it is partly the split's luck. With
+``search.reselect: K`` the K best distinct candidates are scored again, after the search, on a
+*selection* split it never saw (:func:`reselect`), and the best there is the result
+(``best.yaml``, the model, the test score); every re-scored row goes to ``selection.json``.
 """
 
 from __future__ import annotations
@@ -50,13 +56,16 @@ log = logging.getLogger("mergeforge")
 
 STATE_FILE, HISTORY_FILE, BEST_FILE = "evolve-state.pkl", "history.json", "best.yaml"
 PLOT_FILE, MODEL_DIR, TEST_FILE = "fitness.png", "model", "test.json"
-OUR_FILES = (STATE_FILE, HISTORY_FILE, BEST_FILE, PLOT_FILE, MODEL_DIR, TEST_FILE)
+SELECTION_FILE = "selection.json"
+OUR_FILES = (STATE_FILE, HISTORY_FILE, BEST_FILE, PLOT_FILE, MODEL_DIR, TEST_FILE, SELECTION_FILE)
 STATE_VERSION = 1
 
 
 @dataclass(frozen=True)
 class EvolveResult:
     best_fitness: float
+    """The search's fitness of the reported candidate (with ``reselect``: of the one chosen on
+    the selection split, not necessarily the highest)."""
     best_config: dict
     """The best recipe as a plain mergekit-style mapping (``best.yaml``)."""
     best_metrics: Mapping[str, float]
@@ -80,6 +89,8 @@ class EvolveResult:
     """Starting the workers (Ray, loading the models, the fitness's setup) in this run."""
     generation_seconds: float = 0.0
     """The generations of this run (what evaluations per hour divide by)."""
+    selection: list[dict] | None = None
+    """``search.reselect``: the re-scored candidates, best on the selection split first."""
 
 
 def default_population(n_genes: int) -> int:
@@ -99,6 +110,8 @@ class _Setup:
     suite: Any = None
     fingerprint: str = ""
     settings: dict = field(default_factory=dict)
+    selection: Any = None
+    """What ``search.reselect`` scores the top candidates with (``None``: reselect is off)."""
 
 
 def _resolve_models(cfg: EvolveConfig, given: Mapping[str, Any], suite) -> tuple[list, Any]:
@@ -126,17 +139,34 @@ def _layers(ref: str, given: Mapping[str, Any]) -> int:
         ck.close()
 
 
-def _setup(cfg: EvolveConfig, fitness, given: Mapping[str, Any], console) -> _Setup:
+def _setup(cfg: EvolveConfig, fitness, given: Mapping[str, Any], console,
+           selection=None) -> _Setup:  # fmt: skip
     from mergeforge.engine import prepare
 
-    suite = None
+    suite, reselect = None, cfg.search.reselect > 0
     if fitness is None and cfg.fitness is None:
         raise ConfigError("no fitness: add 'fitness:' to the config (suite: text, tasks: or "
                           "texts:) or pass fitness= to evolve() in Python")  # fmt: skip
     if fitness is None and cfg.fitness.kind == "suite":
         from mergeforge.evolve.suite import text_suite_fitness
 
-        suite = text_suite_fitness(cfg.fitness.options, console=console)
+        suite = text_suite_fitness(cfg.fitness.options, console=console,
+                                   with_selection=reselect and selection is None)  # fmt: skip
+    if reselect and selection is None and suite is None:
+        raise ConfigError(
+            f"search.reselect: {cfg.search.reselect} re-scores the best candidates on a "
+            "selection split; the text suite (fitness: suite: text) draws one itself, any other "
+            "fitness needs it given: evolve(..., selection=f) with f(state_dict) -> score on "
+            "data the search's fitness does not use"
+        )
+    if reselect and selection is None and suite.selection is None:
+        raise ConfigError("search.reselect: no training text of these tasks is left for a "
+                          "selection split (every unseen one is in the validation split); "
+                          "lower fitness.validation or set search.reselect: 0")  # fmt: skip
+    if selection is not None:
+        selection = selection if hasattr(selection, "setup") else CallableFitness(selection)
+    elif reselect:
+        selection = suite.selection
     models, base = _resolve_models(cfg, given, suite)
     for m in [*models, *([base] if base else [])]:
         if m not in given:
@@ -148,8 +178,12 @@ def _setup(cfg: EvolveConfig, fitness, given: Mapping[str, Any], console) -> _Se
     if fitness is not None:
         fit = fitness if hasattr(fitness, "setup") else CallableFitness(fitness)
         fit_key = getattr(fitness, "__qualname__", type(fitness).__qualname__)
-    elif suite is not None:
-        fit, fit_key = suite.fitness, cfg.fitness.options
+    elif suite is not None:  # the selection split does not change the search
+        from mergeforge.evolve.suite import SPLITS
+
+        fit = suite.fitness
+        fit_key = {**{k: v for k, v in cfg.fitness.options.items() if k != "selection"},
+                   "splits": SPLITS}  # fmt: skip
     else:
         default = base if base and base not in given else None
         fit = build_fitness(cfg.fitness, root=cfg.root, default_model=default)
@@ -164,7 +198,7 @@ def _setup(cfg: EvolveConfig, fitness, given: Mapping[str, Any], console) -> _Se
     }  # fmt: skip
     text = json.dumps(settings, sort_keys=True, default=str)
     return _Setup(genome, sources, fit, suite, hashlib.sha256(text.encode()).hexdigest(),
-                  settings)  # fmt: skip
+                  settings, selection if reselect else None)  # fmt: skip
 
 
 def _foreign(out: Path) -> list[str]:
@@ -288,6 +322,7 @@ def evolve(
     progress: bool | None = None,
     console=None,
     on_generation: Callable[[int, dict], None] | None = None,
+    selection: Callable | None = None,
     **search: Any,
 ) -> EvolveResult:
     """Search the merge recipe ``config`` describes; see the module docstring and the README's
@@ -302,6 +337,8 @@ def evolve(
     of the config's ``search:`` keys (``workers``, ``address``, ``evaluations``, ``seed``, ...).
     ``on_generation(g, summary)``: called after generation ``g`` is saved. ``test``: score
     the text suite's test split on the best merge at the end (``EvolveResult.test``).
+    ``selection``: with ``search.reselect`` and a fitness other than the text suite's, what
+    scores the top candidates again (a callable as ``fitness``, on data it does not use).
     """
     t0 = time.perf_counter()
     cfg = load_evolve_config(config)
@@ -317,7 +354,7 @@ def evolve(
             "without Ray; give --workers N (or leave it out) to use the cluster"
         )
     given = dict(models or {})
-    setup = _setup(cfg, fitness, given, console)
+    setup = _setup(cfg, fitness, given, console, selection)
     genome, s = setup.genome, cfg.search
     if not s.in_memory and given:
         raise ConfigError("search.in_memory: false writes candidates through the files' writer; "
@@ -404,30 +441,122 @@ def evolve(
         if pool is not None:
             pool.close()
     res = _finish(cfg, setup, out, history, state, resumed, notes, write_model, test, t0,
-                  pool.workers if pool is not None else 0, progress)  # fmt: skip
+                  pool.workers if pool is not None else 0, progress, given, console)  # fmt: skip
     return dataclasses.replace(res, **timings)
 
 
-def _write_files(out: Path, genome: Genome, history: list, settings: dict) -> None:
+def _write_files(out: Path, genome: Genome, history: list, settings: dict,
+                 chosen: Mapping[str, Any] | None = None, note: str = "") -> None:  # fmt: skip
     write_history(out / HISTORY_FILE, history, settings)
-    best = best_of(history)
+    best = chosen or best_of(history)
     if best is not None:
         write_best(out / BEST_FILE, genome.document(genome.decode(best["genes"])), best,
-                   len(history))  # fmt: skip
+                   len(history), note=note)  # fmt: skip
+
+
+def top_candidates(history: list[Mapping[str, Any]], k: int) -> list[Mapping[str, Any]]:
+    """The ``k`` best successful records by fitness, one per distinct genome (the earliest of
+    equal ones first, as :func:`best_of` picks)."""
+    ok = (r for r in history if r["fitness"] is not None)
+    ranked = sorted(ok, key=lambda r: -r["fitness"])  # stable: the earliest of equals first
+    out, seen = [], set()
+    for r in ranked:
+        key = tuple(r["genes"])
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+        if len(out) == k:
+            break
+    return out
+
+
+def reselect(history: list[Mapping[str, Any]], genome: Genome, selection, k: int, *,
+             models: Mapping[str, Any] | None = None, say=None) -> list[dict]:  # fmt: skip
+    """Score the ``k`` best distinct candidates of ``history`` (:func:`top_candidates`) with
+    ``selection`` (a fitness as the search's: ``setup()``, then ``f(state_dict)``), each merged
+    in memory through the engine. Returns one row per candidate, best on the selection split
+    first (a tie: the higher search fitness, then the earlier), with its ``generation``,
+    ``candidate``, ``fitness`` (the search's), ``selection`` and ``selection_metrics``; a
+    candidate whose merge or score fails is kept with ``selection: None`` and its error."""
+    from mergeforge.engine import merge_state_dicts
+    from mergeforge.evolve.fitness import as_score
+
+    top = top_candidates(history, k)
+    if not top:
+        raise MergeforgeError("reselect: the search has no successful candidate")
+    selection.setup()
+    rows = []
+    for i, r in enumerate(top):
+        row = {"rank": i + 1, "generation": r["generation"], "candidate": r["candidate"],
+               "fitness": r["fitness"], "selection": None, "selection_metrics": {},
+               "error": None, "genes": list(r["genes"])}  # fmt: skip
+        try:
+            merged = merge_state_dicts(genome.document(genome.decode(r["genes"])), models or {})
+            score = as_score(selection(merged))
+            row["selection"], row["selection_metrics"] = score.value, dict(score.metrics)
+        except Exception as e:  # noqa: BLE001 - reported per candidate, as in the search
+            row["error"] = f"{type(e).__name__}: {e}"
+        rows.append(row)
+        if say is not None:
+            shown = "failed" if row["selection"] is None else f"{row['selection']:.4f}"
+            say(
+                f"reselect {i + 1}/{len(top)}: generation {r['generation'] + 1} candidate "
+                f"{r['candidate'] + 1}, search fitness {r['fitness']:.4f}, selection {shown}"
+            )
+    ok = [r for r in rows if r["selection"] is not None]
+    if not ok:
+        raise MergeforgeError(f"reselect: every candidate failed on the selection split; the "
+                              f"first: {rows[0]['error']}")  # fmt: skip
+    order = sorted(
+        range(len(rows)),
+        key=lambda i: (
+            rows[i]["selection"] is None,
+            -(rows[i]["selection"] or 0.0),
+            -rows[i]["fitness"],
+            i,
+        ),
+    )
+    return [rows[i] for i in order]
 
 
 def _finish(cfg, setup: _Setup, out, history, state, resumed, notes, write_model, score_test,
-            t0, workers, progress) -> EvolveResult:  # fmt: skip
+            t0, workers, progress, given, console) -> EvolveResult:  # fmt: skip
     from mergeforge.engine import merge_state_dicts, run_merge
 
     genome = setup.genome
     best = best_of(history)
     if best is None:
         raise MergeforgeError("the search has no successful candidate to report")
+    rows, note, k = None, "", cfg.search.reselect
+    if setup.selection is not None:
+        saved = state.get("selection")
+        if saved is not None and saved["k"] == k and saved["evaluations"] == len(history):
+            rows = saved["rows"]  # a finished search asked again: already re-scored
+        else:
+            bar = _Bar(progress, console, 0, 0)
+            try:
+                rows = reselect(history, genome, setup.selection, k, models=given, say=bar.say)
+            finally:
+                bar.close()
+            state["selection"] = {"k": k, "evaluations": len(history), "rows": rows}
+            if out is not None:
+                _save_state(out, state)
+        chosen = rows[0]
+        best = next(r for r in history if r["generation"] == chosen["generation"]
+                    and r["candidate"] == chosen["candidate"])  # fmt: skip
+        note = (f"# chosen among the {len(rows)} best by their score on the selection split "
+                f"({chosen['selection']:.6g}), which the search never saw\n")  # fmt: skip
+        notes.append(f"reselect: the {len(rows)} best candidates scored on the selection split; "
+                     f"chosen: generation {best['generation'] + 1} candidate "
+                     f"{best['candidate'] + 1} (search fitness {best['fitness']:.4f}, rank "
+                     f"{chosen['rank']}; selection {chosen['selection']:.4f})")  # fmt: skip
     doc = genome.document(genome.decode(best["genes"]))
     model = test = None
     if out is not None:
-        _write_files(out, genome, history, setup.settings)
+        _write_files(out, genome, history, setup.settings, best if rows else None, note)
+        if rows is not None:
+            write_text_atomic(out / SELECTION_FILE, json.dumps(
+                {"k": k, "chosen": rows[0], "rows": rows}, indent=1) + "\n")  # fmt: skip
         plot_fitness(out / PLOT_FILE, history,
                      title=f"mergeforge evolve: {', '.join(genome.methods)}")  # fmt: skip
         on_disk = all(isinstance(v, str) for v in setup.sources.values())
@@ -444,6 +573,8 @@ def _finish(cfg, setup: _Setup, out, history, state, resumed, notes, write_model
         tasks = {t.name: score.metrics[t.name] for t in setup.suite.test.tasks}
         test = {"tasks": tasks, "average": sum(tasks.values()) / len(tasks),
                 "validation_fitness": best["fitness"]}  # fmt: skip
+        if rows is not None:
+            test["selection_fitness"] = rows[0]["selection"]
         if out is not None:
             write_text_atomic(out / TEST_FILE, json.dumps(test, indent=1) + "\n")
     return EvolveResult(
@@ -451,5 +582,5 @@ def _finish(cfg, setup: _Setup, out, history, state, resumed, notes, write_model
         best_generation=best["generation"], generations=state["generation"],
         evaluations=len(history), failed=sum(r["fitness"] is None for r in history),
         history=history, seconds=time.perf_counter() - t0, resumed_from=resumed, out=out,
-        model=model, test=test, notes=tuple(notes), workers=workers,
+        model=model, test=test, notes=tuple(notes), workers=workers, selection=rows,
     )  # fmt: skip

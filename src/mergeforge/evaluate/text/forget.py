@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mergeforge.evaluate.editing import (
     FORGET_MARGIN,
     KEEP,
@@ -38,6 +36,7 @@ from mergeforge.evaluate.editing import (
     negation_config,
     select_forget_lambda,
 )
+from mergeforge.evaluate.text.tasks import held_out_split
 
 DEFAULT_MULTITASK: Mapping[str, Any] = {
     "method": "task_arithmetic",
@@ -52,40 +51,10 @@ VERSION = 1  # bump when what a result means changes (--resume then recomputes)
 
 def validation_split(suite, task: str, n: int, seed: int = 0) -> tuple[list, str | None]:
     """``n`` seeded ``(text, label)`` examples of ``task`` with the class proportions of its test
-    split (largest remainders), drawn from its training pool: texts the suite's expert did not
-    train on (the full pool minus the suite's subsample), topped up per class with trained-on
-    texts only when too few; never a test text. Returns ``(examples, note or None)`` (the note
-    says when trained-on texts were added)."""
-    from collections import Counter
-
-    from mergeforge.evaluate.text.tasks import TEXT_TASKS
-
-    data = suite.data[task]
-    test, seen = {t for t, _ in data.test}, {t for t, _ in data.train}
-    full = TEXT_TASKS[task](n_train=None, n_test=suite.n_test, seed=0)
-    unseen = [ex for ex in full.train if ex[0] not in seen and ex[0] not in test]
-    trained = [ex for ex in data.train if ex[0] not in test]
-    counts = Counter(y for _, y in data.test)
-    exact = {c: n * k / len(data.test) for c, k in counts.items()}
-    quota = {c: int(q) for c, q in exact.items()}
-    for c in sorted(exact, key=lambda c: (quota[c] - exact[c], c))[: n - sum(quota.values())]:
-        quota[c] += 1
-    rng = np.random.default_rng([seed, 17])
-    out, topped = [], 0
-    for c in sorted(quota):
-        pool = [ex for ex in unseen if ex[1] == c]
-        k = min(quota[c], len(pool))
-        out += [pool[i] for i in sorted(rng.choice(len(pool), k, replace=False).tolist())]
-        if k < quota[c]:  # every unseen text of the class is in; the rest from trained-on ones
-            extra = [ex for ex in trained if ex[1] == c]
-            more = min(quota[c] - k, len(extra))
-            out += [extra[i] for i in sorted(rng.choice(len(extra), more, replace=False).tolist())]
-            topped += more
-    note = None
-    if topped:
-        note = (f"{task}: the validation split has {topped} texts the expert trained on "
-                "(too few unseen ones in some class)")  # fmt: skip
-    return [out[i] for i in rng.permutation(len(out))], note
+    split, from training texts its expert did not train on (topped up per class with trained-on
+    ones only when too few; never a test text): :func:`~mergeforge.evaluate.text.tasks.
+    held_out_split`. Returns ``(examples, note or None)``."""
+    return held_out_split(suite, task, n, seed)
 
 
 @dataclass

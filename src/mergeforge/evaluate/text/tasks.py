@@ -31,7 +31,7 @@ import importlib.util
 import io
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +82,62 @@ def package_dir(module: str) -> Path:
 def _share(n: int, n_classes: int, label: int) -> int:
     """Class ``label``'s share of ``n`` examples split evenly; the first ``n % K`` get one more."""
     return n // n_classes + (label < n % n_classes)
+
+
+def held_out_split(
+    suite,
+    task: str,
+    n: int,
+    seed: int = 0,
+    *,
+    exclude: Collection[str] = (),
+    top_up: bool = True,
+    stream: int = 17,
+    what: str = "validation",
+) -> tuple[list[Example], str | None]:
+    """``n`` seeded ``(text, label)`` examples of ``task`` with the class proportions of its test
+    split (largest remainders), drawn from its training pool: texts the suite's expert did not
+    train on (the full pool minus the suite's subsample) and not in ``exclude`` (texts of
+    another held-out split); never a test text. A class with too few such texts is topped up
+    with trained-on ones (``top_up``; a *selection* split must not be: it then holds fewer).
+    ``stream`` separates the random draws of different splits. Returns ``(examples, note or
+    None)``; the note says what was topped up or missing. ``suite``: anything with ``data``
+    (task -> :class:`TextTask`) and ``n_test``, as :class:`~mergeforge.evaluate.text.suite.
+    TextSuite`."""
+    from collections import Counter
+
+    data = suite.data[task]
+    test, seen = {t for t, _ in data.test}, {t for t, _ in data.train}
+    skip = test | set(exclude)
+    full = TEXT_TASKS[task](n_train=None, n_test=suite.n_test, seed=0)
+    unseen = [ex for ex in full.train if ex[0] not in seen and ex[0] not in skip]
+    trained = [ex for ex in data.train if ex[0] not in skip]
+    counts = Counter(y for _, y in data.test)
+    exact = {c: n * k / len(data.test) for c, k in counts.items()}
+    quota = {c: int(q) for c, q in exact.items()}
+    for c in sorted(exact, key=lambda c: (quota[c] - exact[c], c))[: n - sum(quota.values())]:
+        quota[c] += 1
+    rng = np.random.default_rng([seed, stream])
+    out, topped, missing = [], 0, 0
+    for c in sorted(quota):
+        pool = [ex for ex in unseen if ex[1] == c]
+        k = min(quota[c], len(pool))
+        out += [pool[i] for i in sorted(rng.choice(len(pool), k, replace=False).tolist())]
+        if k < quota[c] and top_up:  # every unseen text of the class is in: trained-on ones
+            extra = [ex for ex in trained if ex[1] == c]
+            more = min(quota[c] - k, len(extra))
+            out += [extra[i] for i in sorted(rng.choice(len(extra), more, replace=False).tolist())]
+            topped += more
+        elif k < quota[c]:
+            missing += quota[c] - k
+    note = None
+    if topped:
+        note = (f"{task}: the {what} split has {topped} texts the expert trained on "
+                "(too few unseen ones in some class)")  # fmt: skip
+    elif missing:
+        note = (f"{task}: the {what} split has {len(out)} texts, not {n} (too few unseen ones "
+                "in some class)")  # fmt: skip
+    return [out[i] for i in rng.permutation(len(out))], note
 
 
 def balanced_split(
