@@ -530,7 +530,9 @@ def _finish(cfg, setup: _Setup, out, history, state, resumed, notes, write_model
     rows, note, k = None, "", cfg.search.reselect
     if setup.selection is not None:
         saved = state.get("selection")
-        if saved is not None and saved["k"] == k and saved["evaluations"] == len(history):
+        size = cfg.fitness.options.get("selection") if cfg.fitness is not None else None
+        same = saved is not None and saved.get("size") == size
+        if same and saved["k"] == k and saved["evaluations"] == len(history):
             rows = saved["rows"]  # a finished search asked again: already re-scored
         else:
             bar = _Bar(progress, console, 0, 0)
@@ -538,7 +540,8 @@ def _finish(cfg, setup: _Setup, out, history, state, resumed, notes, write_model
                 rows = reselect(history, genome, setup.selection, k, models=given, say=bar.say)
             finally:
                 bar.close()
-            state["selection"] = {"k": k, "evaluations": len(history), "rows": rows}
+            state["selection"] = {"k": k, "evaluations": len(history), "rows": rows,
+                                  "size": size}  # fmt: skip
             if out is not None:
                 _save_state(out, state)
         chosen = rows[0]
