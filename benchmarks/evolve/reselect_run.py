@@ -1,12 +1,16 @@
 """Re-select a finished evolve run of ``bench_evolve.py`` from its ``history.json``: its K best
 distinct candidates (by validation fitness) scored on a selection split the search never saw
 (``search.reselect``'s :func:`mergeforge.evolve.search.reselect`, the same code), the best there
-scored once on the test split. For runs whose saved state is gone (a resumed ``bench_evolve.py
---reselect K`` does the same on a run that still has it).
+scored once on the test split (and the search's own best, for the analysis). For runs whose
+saved state is gone (a resumed ``bench_evolve.py --reselect K`` does the same on a run that
+still has it).
 
     # session 13's TIES run: 9 grid + 285 searched, the budget's 6 left for re-selection
     python benchmarks/evolve/reselect_run.py --method ties --validation 128 --k 6 \\
         --run benchmarks/results/evolve-grid-start/run-memory-w2
+    # session 15's runs (their selection.json made again, and the search's best on test)
+    python benchmarks/evolve/reselect_run.py --method dare_ties --validation 128 --k 13 \\
+        --run benchmarks/results/evolve-dare-ties-stratified/run-memory-w2
 
 The rule (K = what the 300-evaluation budget leaves, 256 selection texts per task, the best on
 the selection split is the result) is fixed before any test number is seen. Writes
@@ -49,10 +53,10 @@ def main() -> None:
     a = p.parse_args()
     a.evaluations, a.seed, a.reselect, a.init = 300, 0, a.k, None
     run = Path(a.run)
-    history = json.loads((run / "history.json").read_text())["candidates"]
-    cfg = load_evolve_config(config(a, True))
-    setup = _setup(cfg, None, {}, None)
-    if setup.genome.labels() != json.loads((run / "history.json").read_text())["settings"]["genes"]:
+    saved = json.loads((run / "history.json").read_text())
+    history = saved["candidates"]
+    setup = _setup(load_evolve_config(config(a, True)), None, {}, None)
+    if setup.genome.labels() != saved["settings"]["genes"]:
         raise SystemExit(f"{run}: its genes are not this genome's; check --method, --layer-groups")
     t0 = time.perf_counter()
     rows = reselect(history, setup.genome, setup.selection, a.k, say=print)
@@ -61,12 +65,13 @@ def main() -> None:
     write_text_atomic(run / SELECTION_FILE, json.dumps(doc, indent=1) + "\n")
     pool = setup.suite.test
     pool.setup()
+    picks = {"chosen": rows[0], "search_best": next(r for r in rows if r["rank"] == 1)}
     tests = {}
-    for r in rows[:1] + [r for r in rows if r["rank"] == 1 and r is not rows[0]]:
+    for name, r in picks.items():  # the search's own best: for the analysis, never the result
         doc = setup.genome.document(setup.genome.decode(r["genes"]))
         score = pool(merge_state_dicts(doc, {}))
         tasks = {t.name: score.metrics[t.name] for t in pool.tasks}
-        tests["chosen" if r is rows[0] else "search_best"] = {
+        tests[name] = {
             "generation": r["generation"], "candidate": r["candidate"], "tasks": tasks,
             "average": sum(tasks.values()) / len(tasks), "validation_fitness": r["fitness"],
             "selection_fitness": r["selection"]}  # fmt: skip
