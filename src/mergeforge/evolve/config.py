@@ -8,6 +8,8 @@ mergeforge additions are ``layer_groups``, ``merge_method`` as a list (a method 
 ``per_model`` (which per-model parameters are genes), ``shared`` (shared parameters searched in
 a range), ``ranges``, ``init``, ``parameters`` / ``model_parameters`` (fixed values), ``dtype``,
 ``seed``. mergekit-evolve's ``tasks:`` (lm-eval tasks) becomes ``fitness:`` (task pools).
+``space: dataflow`` searches the paper's other space instead (:class:`DataFlowSpec`: ``models``,
+``repeats``, ``start_model``, ``dtype``).
 
 Everything a config can get wrong by itself is checked here, before any model is opened: keys
 (with "did you mean"), method names against the registry, parameter names against the methods,
@@ -36,13 +38,15 @@ from mergeforge.config import (  # _model_ref: mergekit's
 from mergeforge.errors import ConfigError
 
 TOP_KEYS = {"genome", "fitness", "search", "out"}
+SPACES = ("parameters", "dataflow")
+DATAFLOW_KEYS = {"space", "models", "merge_method", "repeats", "start_model", "dtype"}
 GENOME_KEYS = {
     # mergekit-evolve's genome keys
     "models", "merge_method", "base_model", "layer_granularity", "normalize",
     "allow_negative_weights", "filters", "smooth", "tokenizer_source",
     # mergeforge
     "layer_groups", "per_model", "shared", "ranges", "init", "parameters", "model_parameters",
-    "dtype", "seed",
+    "dtype", "seed", "space",
 }  # fmt: skip
 SEARCH_KEYS = {"evaluations", "population", "sigma0", "seed", "workers", "cpus_per_worker",
                "address", "in_memory", "start_timeout", "reselect"}  # fmt: skip
@@ -75,6 +79,27 @@ class GenomeSpec:
     tokenizer_source: str | None = None
     dtype: str | None = None
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataFlowSpec:
+    """The data-flow space of the evolutionary model merge paper (arXiv 2403.13187, §3.2):
+    which layers, from which models, in which order, make the merged model's stack. The layers
+    of every model, model after model, repeated ``repeats`` times, form a sequence of T
+    candidates; one gene each (kept when > 1/2), the kept ones in sequence order are the new
+    stack (a mergekit ``passthrough`` of ``slices``). The search starts from ``start_model``'s
+    own stack in the first repeat."""
+
+    models: tuple[str, ...]
+    repeats: int = 1
+    start_model: str | None = None
+    """``None``: the first model."""
+    dtype: str | None = None
+    space: str = "dataflow"
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return ("passthrough",)
 
 
 @dataclass(frozen=True)
@@ -120,7 +145,7 @@ class SearchSpec:
 
 @dataclass(frozen=True)
 class EvolveConfig:
-    genome: GenomeSpec
+    genome: GenomeSpec | DataFlowSpec
     fitness: FitnessSpec | None
     search: SearchSpec = SearchSpec()
     out: str | None = None
@@ -216,10 +241,55 @@ def _check_names(names, known: dict, where: str, scope: str, methods, searched: 
                               "value under genome.parameters instead")  # fmt: skip
 
 
-def parse_genome(raw: Any, *, suite_models: bool) -> GenomeSpec:
-    """``genome:`` as :class:`GenomeSpec`; ``suite_models``: models and base may be left out
-    (the text suite's experts and base are then used)."""
+def _dtype_and_tokenizer(g: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    dtype = g.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"genome.dtype: {dtype!r} is not a dtype; use float32, bfloat16, "
+                          "float16 or float64")  # fmt: skip
+    tok = g.get("tokenizer_source")
+    if tok is not None and tok != "base":
+        raise ConfigError("genome.tokenizer_source: only 'base' is supported (as in `mergeforge "
+                          "merge`)")  # fmt: skip
+    return dtype, tok
+
+
+def parse_dataflow(g: Mapping[str, Any], *, suite_models: bool) -> DataFlowSpec:
+    """``genome:`` with ``space: dataflow`` as :class:`DataFlowSpec`."""
+    check_keys(g, DATAFLOW_KEYS, "genome (space: dataflow)", see=DOCS)
+    method = g.get("merge_method", "passthrough")
+    if method != "passthrough":
+        raise ConfigError(
+            f"genome.merge_method: {method!r} with space: dataflow; the data-flow space stacks "
+            "whole layers (passthrough): leave merge_method out, or search the parameters "
+            "(space: parameters, the default) to blend them"
+        )
+    models = _model_list(g.get("models"), "genome.models")
+    if not models and not suite_models:
+        raise ConfigError("genome: missing 'models:' (the models whose layers are stacked), "
+                          "e.g. models: [./expert1, ./expert2]")  # fmt: skip
+    repeats = check_int(g.get("repeats", 1), "genome.repeats", 1)
+    start = g.get("start_model")
+    if start is not None:
+        start = _model_ref(start, "genome.start_model")
+        if models and start not in models:
+            raise ConfigError(f"genome.start_model: {start!r} is not one of genome.models "
+                              f"{list(models)}")  # fmt: skip
+    dtype, _ = _dtype_and_tokenizer(g)
+    return DataFlowSpec(models=models, repeats=repeats, start_model=start, dtype=dtype)
+
+
+def parse_genome(raw: Any, *, suite_models: bool) -> GenomeSpec | DataFlowSpec:
+    """``genome:`` as :class:`GenomeSpec` (``space: parameters``, the default) or
+    :class:`DataFlowSpec` (``space: dataflow``); ``suite_models``: models and base may be left
+    out (the text suite's experts and base are then used)."""
     g = _mapping(raw, "genome")
+    space = g.get("space", "parameters")
+    if space not in SPACES:
+        raise ConfigError(f"genome.space: {space!r}; use 'parameters' (merge weights, "
+                          "densities ...: the default) or 'dataflow' (which layers, in which "
+                          "order)")  # fmt: skip
+    if space == "dataflow":
+        return parse_dataflow(g, suite_models=suite_models)
     check_keys(g, GENOME_KEYS, "genome", see=DOCS)
     if "merge_method" not in g:
         raise ConfigError("genome: missing 'merge_method:' (e.g. ties, or [ties, dare_ties] to "
@@ -301,14 +371,7 @@ def parse_genome(raw: Any, *, suite_models: bool) -> GenomeSpec:
     if not isinstance(filters, list) or not all(isinstance(f, str) and f for f in filters):
         raise ConfigError("genome.filters: expected a list of tensor-name substrings, e.g. "
                           "[mlp, self_attn]")  # fmt: skip
-    dtype = g.get("dtype")
-    if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(f"genome.dtype: {dtype!r} is not a dtype; use float32, bfloat16, "
-                          "float16 or float64")  # fmt: skip
-    tok = g.get("tokenizer_source")
-    if tok is not None and tok != "base":
-        raise ConfigError("genome.tokenizer_source: only 'base' is supported (as in `mergeforge "
-                          "merge`)")  # fmt: skip
+    dtype, tok = _dtype_and_tokenizer(g)
     return GenomeSpec(
         models=models, methods=methods, base_model=base, layer_groups=groups,
         layer_granularity=gran, per_model=tuple(per_model), shared=shared, ranges=ranges,
@@ -387,4 +450,11 @@ def load_evolve_config(source: str | Path | Mapping[str, Any] | EvolveConfig) ->
                         out=out, root=root, text=text)  # fmt: skip
 
 
-__all__ = ["EvolveConfig", "FitnessSpec", "GenomeSpec", "SearchSpec", "load_evolve_config"]
+__all__ = [
+    "DataFlowSpec",
+    "EvolveConfig",
+    "FitnessSpec",
+    "GenomeSpec",
+    "SearchSpec",
+    "load_evolve_config",
+]

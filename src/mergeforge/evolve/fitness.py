@@ -93,28 +93,66 @@ class PoolTask:
 
 
 class _Skeleton:
-    """A model built once per worker; each candidate's tensors are loaded into it."""
+    """A model built once per worker; each candidate's tensors are loaded into it. A candidate
+    with another number of layers (the data-flow space stacks layers) gets a model of that
+    depth, built from the same config once and kept (the last :attr:`KEEP` depths)."""
 
     model: str
     _net: Any = None
+    KEEP = 4
 
     def _load(self, state_dict: Mapping[str, Tensor]) -> None:
+        from mergeforge.evolve.genome import count_layers, layer_pattern
+
+        depth = count_layers(state_dict.keys())
+        self._net = self._nets[depth] if depth in self._nets else self._deeper(depth)
         missing, unexpected = self._net.load_state_dict(dict(state_dict), strict=False)
-        if unexpected or set(missing) - self._optional:
+        missing = {n for n in missing if layer_pattern(n) not in self._optional}
+        if unexpected or missing:
             raise ValueError(
                 f"the merged tensors do not fit the model built from {self.model}: unexpected "
-                f"{sorted(unexpected)[:3]}, missing {sorted(set(missing) - self._optional)[:3]}"
+                f"{sorted(unexpected)[:3]}, missing {sorted(missing)[:3]}"
             )
+
+    def _deeper(self, depth: int):
+        """A model of ``depth`` layers from the first model's config (random weights: every
+        merged tensor is loaded over them, the others are buffers and tied weights)."""
+        import copy
+
+        from mergeforge.evolve.genome import NUM_LAYERS_KEYS
+
+        config = copy.deepcopy(self._nets[self._depth].config)
+        key = next((k for k in NUM_LAYERS_KEYS if isinstance(getattr(config, k, None), int)),
+                   None)  # fmt: skip
+        if key is None or depth < 1:
+            raise ValueError(f"the merged model has {depth} layers and the config of "
+                             f"{self.model} names no layer count to set")  # fmt: skip
+        setattr(config, key, depth)
+        kinds = getattr(config, "layer_types", None)
+        if isinstance(kinds, list) and kinds:
+            if len(set(kinds)) > 1:
+                raise ValueError(f"{self.model} mixes layer types {sorted(set(kinds))}: a stack "
+                                 "of another depth has no defined type per layer")  # fmt: skip
+            config.layer_types = [kinds[0]] * depth
+        net = type(self._nets[self._depth])(config).eval()
+        extra = [d for d in self._nets if d != self._depth]
+        if len(extra) >= self.KEEP:
+            del self._nets[extra[0]]
+        self._nets[depth] = net
+        return net
 
     def _built(self, net) -> None:
         from mergeforge.checkpoint import open_checkpoint
+        from mergeforge.evolve.genome import count_layers, layer_pattern
 
         ck = open_checkpoint(self.model)
         try:  # buffers and tied weights the files do not store need not be merged
-            self._optional = set(net.state_dict()) - set(ck.keys())
+            self._optional = {layer_pattern(n) for n in set(net.state_dict()) - set(ck.keys())}
         finally:
             ck.close()
         self._net = net.eval()
+        self._depth = count_layers(net.state_dict().keys())
+        self._nets = {self._depth: self._net}
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}

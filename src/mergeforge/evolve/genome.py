@@ -27,7 +27,7 @@ import numpy as np
 
 from mergeforge.config import yaml_field_map
 from mergeforge.errors import ConfigError
-from mergeforge.evolve.config import DOCS, GenomeSpec, param_defaults
+from mergeforge.evolve.config import DOCS, DataFlowSpec, GenomeSpec, param_defaults
 
 DECIMALS = 6  # decoded values are rounded: the YAML written is exactly what was evaluated
 NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -47,6 +47,13 @@ def count_layers(names: Iterable[str], config: Mapping[str, Any] | None = None) 
             counts[m["prefix"]] += 1
             top[m["prefix"]] = max(top.get(m["prefix"], -1), int(m["idx"]))
     return top[counts.most_common(1)[0][0]] + 1 if counts else 0
+
+
+def layer_pattern(name: str) -> str:
+    """``name`` with its layer index as ``*`` (``model.layers.3.w`` -> ``model.layers.*.w``); a
+    name outside the numbered layers is returned as it is."""
+    m = _LAYER.match(name)
+    return f"{m['prefix']}*.{name[m.end() :]}" if m else name
 
 
 def layer_groups(num_layers: int, groups: int | None, granularity: int | None) -> list[tuple]:
@@ -235,6 +242,100 @@ class Genome:
                 doc[key] = getattr(self.spec, key)
         if self.spec.seed:
             doc["seed"] = self.spec.seed
+        return doc
+
+
+@dataclass(frozen=True)
+class LayerRecipe:
+    """One data-flow candidate: the merged stack, as ``(model index, layer index)`` in order."""
+
+    method: str
+    layers: tuple[tuple[int, int], ...]
+
+
+class DataFlowGenome:
+    """The data-flow space (:class:`~mergeforge.evolve.config.DataFlowSpec`; arXiv 2403.13187
+    §3.2): gene t of T = repeats × Σ layers says whether the t-th layer of the sequence
+    "model 0's layers, model 1's layers, ..." (repeated) is kept; kept layers, in sequence
+    order, are the new stack. A gene > 1/2 keeps its layer; a vector that keeps none keeps the
+    layer of its largest gene (the search never proposes an empty model). Decoded as a mergekit
+    ``passthrough`` of ``slices``, one slice per run of consecutive layers of one model; the
+    tensors before the layers (embeddings) come from the first slice's model, those after them
+    (final norm, heads) from the last slice's (the engine's rule for slices, as mergekit's).
+
+    Not searched: the paper's scaling matrix W (the input of a layer reached from another
+    model's layer multiplied by a learnt scalar): a checkpoint cannot hold it without a custom
+    architecture, and the merged model must load as its own architecture."""
+
+    THRESHOLD = 0.5
+
+    def __init__(self, spec: DataFlowSpec, *, models: Sequence[str],
+                 num_layers: Sequence[int]) -> None:  # fmt: skip
+        self.spec = spec
+        self.models = tuple(models)
+        self.base_model = None
+        self.methods = spec.methods
+        self.num_layers = tuple(int(n) for n in num_layers)
+        if len(self.num_layers) != len(self.models):
+            raise ValueError("one layer count per model")
+        empty = [m for m, n in zip(self.models, self.num_layers, strict=True) if n < 1]
+        if empty:
+            raise ConfigError(f"genome (space: dataflow): {empty[0]} has no numbered layers "
+                              "(<prefix>.<i>.) to stack")  # fmt: skip
+        self.sequence = tuple((m, layer) for _ in range(spec.repeats)
+                              for m, n in enumerate(self.num_layers)
+                              for layer in range(n))  # fmt: skip
+        self.size = len(self.sequence)
+        self.start = self.models.index(spec.start_model) if spec.start_model else 0
+
+    def decode(self, x: Sequence[float]) -> LayerRecipe:
+        x = np.clip(np.asarray(x, dtype=np.float64).reshape(-1), 0.0, 1.0)
+        if x.size != self.size:
+            raise ConfigError(f"genome: a vector of {x.size} genes for a genome of {self.size}")
+        kept = [t for t in range(self.size) if x[t] > self.THRESHOLD] or [int(np.argmax(x))]
+        return LayerRecipe("passthrough", tuple(self.sequence[t] for t in kept))
+
+    def encode(self, recipe: LayerRecipe) -> np.ndarray:
+        """The vector of ``recipe``: its layers matched to the sequence in order (first
+        occurrence after the previous one), kept genes at 3/4, the others at 1/4."""
+        x, t = np.full(self.size, 0.25), 0
+        for layer in recipe.layers:
+            while t < self.size and self.sequence[t] != tuple(layer):
+                t += 1
+            if t == self.size:
+                raise ConfigError(f"genome: the stack {list(recipe.layers)} is not a "
+                                  "subsequence of the data-flow sequence")  # fmt: skip
+            x[t], t = 0.75, t + 1
+        return x
+
+    def initial(self) -> np.ndarray:
+        """``start_model``'s own stack (its layers in the first repeat), encoded as
+        :meth:`encode` does: 1.5 σ₀ from the threshold (σ₀ = 1/6), so each gene of a
+        first-generation candidate flips with probability ≈ 7 %."""
+        n = self.num_layers[self.start]
+        return self.encode(LayerRecipe("passthrough", tuple((self.start, i) for i in range(n))))
+
+    def _names(self) -> list[str]:
+        return [m.rstrip("/").rsplit("/", 1)[-1] for m in self.models]
+
+    def labels(self) -> list[str]:
+        """One name per gene: ``r0/MODEL/L3`` (repeat, model, layer)."""
+        names, per = self._names(), sum(self.num_layers)
+        return [f"r{t // per}/{names[m]}/L{layer}" for t, (m, layer) in enumerate(self.sequence)]
+
+    def document(self, recipe: LayerRecipe) -> dict[str, Any]:
+        runs: list[list[int]] = []  # [model, start, end)
+        for m, layer in recipe.layers:
+            if runs and runs[-1][0] == m and runs[-1][2] == layer:
+                runs[-1][2] += 1
+            else:
+                runs.append([m, layer, layer + 1])
+        doc: dict[str, Any] = {
+            "merge_method": "passthrough",
+            "slices": [{"sources": [_source(self.models[m], {}, [a, b])]} for m, a, b in runs],
+        }
+        if self.spec.dtype is not None:
+            doc["dtype"] = self.spec.dtype
         return doc
 
 

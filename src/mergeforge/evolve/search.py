@@ -30,7 +30,7 @@ import math
 import pickle
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,9 +40,9 @@ import yaml
 
 from mergeforge.checkpoint.atomic import atomic_file, write_text_atomic
 from mergeforge.errors import ConfigError, MergeforgeError
-from mergeforge.evolve.config import EvolveConfig, load_evolve_config
+from mergeforge.evolve.config import DataFlowSpec, EvolveConfig, load_evolve_config
 from mergeforge.evolve.fitness import CallableFitness, build_fitness, local_path
-from mergeforge.evolve.genome import Genome, count_layers
+from mergeforge.evolve.genome import DataFlowGenome, Genome, count_layers, layer_pattern
 from mergeforge.evolve.report import (
     best_of,
     generation_rows,
@@ -119,7 +119,9 @@ def _resolve_models(cfg: EvolveConfig, given: Mapping[str, Any], suite) -> tuple
     given, paths made absolute against the YAML's folder, Hub ids as written."""
     spec = cfg.genome
     models = list(spec.models) or list(suite.models if suite else [])
-    base = spec.base_model or (suite.base_model if suite and not spec.models else None)
+    base = getattr(spec, "base_model", None)  # the data-flow space has none
+    if base is None and suite and not spec.models and not isinstance(spec, DataFlowSpec):
+        base = suite.base_model
 
     def ref(m: str) -> str:
         return m if m in given else local_path(m, cfg.root)
@@ -137,6 +139,40 @@ def _layers(ref: str, given: Mapping[str, Any]) -> int:
         return count_layers(ck.keys(), ck.config)
     finally:
         ck.close()
+
+
+def _shapes(ref: str, given: Mapping[str, Any]) -> dict[str, str]:
+    """Tensor name pattern (the layer index as ``*``) -> its shape(s) over a model's layers."""
+    from mergeforge.checkpoint import open_checkpoint
+
+    out: dict[str, set] = {}
+    if ref in given:
+        for k, v in given[ref].items():
+            out.setdefault(layer_pattern(k), set()).add(tuple(v.shape))
+    else:
+        ck = open_checkpoint(ref)
+        try:
+            for k in ck.keys():
+                out.setdefault(layer_pattern(k), set()).add(tuple(ck.info(k).shape))
+        finally:
+            ck.close()
+    return {k: " or ".join(str(s) for s in sorted(v)) for k, v in out.items()}
+
+
+def _check_stackable(models: Sequence[str], given: Mapping[str, Any]) -> None:
+    """The data-flow space stacks layers of different models: every model must have the same
+    tensors (up to the layer count) with the same shapes."""
+    first = _shapes(models[0], given)
+    for m in models[1:]:
+        other = _shapes(m, given)
+        for name in sorted(set(first) | set(other)):
+            a, b = first.get(name), other.get(name)
+            if a != b:
+                raise ConfigError(
+                    f"genome (space: dataflow): {name!r} is {a or 'missing'} in {models[0]} but "
+                    f"{b or 'missing'} in {m}; the data-flow space stacks layers of one "
+                    "architecture (same tensors and shapes; the layer counts may differ)"
+                )
 
 
 def _setup(cfg: EvolveConfig, fitness, given: Mapping[str, Any], console,
@@ -171,8 +207,13 @@ def _setup(cfg: EvolveConfig, fitness, given: Mapping[str, Any], console,
     for m in [*models, *([base] if base else [])]:
         if m not in given:
             _layers(m, given)  # opens every path first: a missing model fails here, by name
-    genome = Genome(cfg.genome, models=models, base_model=base,
-                    num_layers=_layers(base or models[0], given))  # fmt: skip
+    if isinstance(cfg.genome, DataFlowSpec):
+        _check_stackable(models, given)
+        genome = DataFlowGenome(cfg.genome, models=models,
+                                num_layers=[_layers(m, given) for m in models])  # fmt: skip
+    else:
+        genome = Genome(cfg.genome, models=models, base_model=base,
+                        num_layers=_layers(base or models[0], given))  # fmt: skip
     doc = genome.document(genome.decode(genome.initial()))
     prepare(doc, models=given).close()  # shapes, methods, parameter values: before Ray starts
     if fitness is not None:
@@ -185,7 +226,8 @@ def _setup(cfg: EvolveConfig, fitness, given: Mapping[str, Any], console,
         fit_key = {**{k: v for k, v in cfg.fitness.options.items() if k != "selection"},
                    "splits": SPLITS}  # fmt: skip
     else:
-        default = base if base and base not in given else None
+        skeleton = models[0] if isinstance(cfg.genome, DataFlowSpec) else base  # no base there
+        default = skeleton if skeleton and skeleton not in given else None
         fit = build_fitness(cfg.fitness, root=cfg.root, default_model=default)
         fit_key = cfg.fitness.options
     sources = {m: given.get(m, m) for m in [*models, *([base] if base else [])]}
